@@ -1,0 +1,1 @@
+"""The `tlfeat` command line: thin click adapters over the `tlfeat` library."""

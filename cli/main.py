@@ -1,0 +1,190 @@
+"""`tlfeat` commands. Each parses options, builds a config, calls one library function and prints
+a short summary. Heavy imports (torch) happen inside the commands so `tlfeat --help` is instant."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tlfeat.errors import TlfeatError
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TlfeatError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: completed chunks are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="TLFEAT_CACHE_DIR",
+    default="features_cache", show_default=True, help="Where feature files live (env TLFEAT_CACHE_DIR).")
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="TLFEAT_DATA_DIR", default=None,
+    help="Where named datasets are read from and downloaded to (env TLFEAT_DATA_DIR; default ~/.cache/tlfeat/data).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="Log what happens (-v info, -vv debug).")
+@click.version_option(package_name="tlfeat")
+def cli(verbose: int) -> None:
+    """Transfer learning on images with frozen pretrained CNNs.
+
+    \b
+    tlfeat models                                    list backbones
+    tlfeat extract --model mobilenet_v2 --data digits  cache features (works offline)
+    tlfeat ls                                        list cached feature sets
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Every torchvision classifier, not only the studied ones.")
+@click.option("--layers", "layers_of", metavar="MODEL", help="List the layer names MODEL accepts for --layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_user_errors
+def models(show_all: bool, layers_of: str | None, as_json: bool) -> None:
+    """List backbones: feature dim, layer used, weights entry, weights found locally."""
+    from tlfeat import backbones, weights
+
+    if layers_of:
+        names = backbones.layer_names(backbones.build(layers_of, device="meta"))
+        click.echo(json.dumps(names) if as_json else "\n".join(names))
+        return
+    names = backbones.available_models() if show_all else backbones.STUDIED
+    rows = []
+    for name in names:
+        fam = backbones.family(name)
+        wid = backbones.default_weights_id(name)
+        path, source = weights.locate(name, wid)
+        if path is not None:
+            local = source
+        elif source.startswith("registry:"):
+            local = f"{source} (fetched on first use)"
+        else:
+            local = "no (download, --weights FILE or --untrained)"
+        rows.append({"model": name, "feature_dim": backbones.feature_dim(name),
+                     "layer": f"input of {fam.head}", "weights_id": wid, "weights_local": local})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(_table([list(r.values()) for r in rows], ["model", "dim", "layer", "weights", "weights found locally"]))
+    if not show_all:
+        click.echo(f"\n{len(backbones.available_models())} models in all: `tlfeat models --all`.")
+
+
+@cli.command("datasets")
+@data_dir_option
+@_user_errors
+def datasets_cmd(data_dir: Path | None) -> None:
+    """List named datasets and where each is read from. Any image folder tree works too."""
+    from tlfeat import datasets
+
+    root = data_dir or datasets.default_data_dir()
+    rows = [(d.name, d.description, d.where(root)) for d in datasets.named_datasets().values()]
+    click.echo(_table(rows, ["name", "what", "read from"]))
+    click.echo("\nAny folder works too: root/train/<class>/*, root/val|test/<class>/*, or root/<class>/* "
+               "(split 80/20, stratified, fixed seed).")
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="torchvision model name, e.g. resnet50 (see `tlfeat models`).")
+@click.option("--data", "-d", required=True, help="Dataset name (see `tlfeat datasets`) or an image folder.")
+@click.option("--split", "splits", multiple=True, help="Split(s) to extract; default: all the dataset has.")
+@click.option("--layer", default=None, help="Named layer to pool instead of the penultimate one (`tlfeat models --layers MODEL`).")
+@click.option("--weights-id", default=None, help="torchvision weights entry, e.g. IMAGENET1K_V2 (default IMAGENET1K_V1).")
+@click.option("--weights", "weights_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Explicit weights file (torchvision state dict or a tlfeat fine-tune checkpoint).")
+@click.option("--untrained", is_flag=True, help="Random weights (seeded): a no-transfer baseline, marked as such.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --untrained weights.")
+@click.option("--image-size", type=int, default=None, help="Crop size in pixels (default: the weights' own, e.g. 224).")
+@click.option("--limit", type=int, default=None, help="Fixed stratified subset of N images per split.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader worker processes (default: CPUs - 1).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@cache_dir_option
+@data_dir_option
+@_user_errors
+def extract(model: str, data: str, splits: tuple[str, ...], layer: str | None, weights_id: str | None,
+            weights_file: Path | None, untrained: bool, seed: int, image_size: int | None, limit: int | None,
+            batch_size: int, workers: int | None, device: str, quiet: bool, cache_dir: Path,
+            data_dir: Path | None) -> None:
+    """Run a frozen pretrained CNN over a dataset once and cache its features to HDF5."""
+    from tlfeat import ExtractConfig
+    from tlfeat import extract as run
+
+    cfg = ExtractConfig(model=model, data=data, splits=splits or None, layer=layer, weights_id=weights_id,
+                        weights_file=weights_file, untrained=untrained, seed=seed, image_size=image_size,
+                        limit=limit, batch_size=batch_size, workers=workers, device=device,
+                        cache_dir=cache_dir, data_dir=data_dir, progress=not quiet)
+    for fs in run(cfg):
+        m = fs.meta
+        how = ("cached, no work done" if fs.reused else
+               f"computed in {m['extract_seconds']:.1f}s, {m['images_per_second']:.0f} img/s")
+        click.echo(f"{m['split']:>5}: {fs.X.shape[0]} x {fs.X.shape[1]}  {how}  -> {fs.path}")
+    if not fs.meta.get("pretrained", True):
+        click.echo(f"note: UNTRAINED weights ({fs.meta['weights_id']}): a no-transfer baseline, not ImageNet features")
+
+
+@cli.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@cache_dir_option
+@_user_errors
+def ls_cmd(as_json: bool, cache_dir: Path) -> None:
+    """List cached feature sets with their provenance."""
+    from tlfeat import cache
+
+    entries = cache.scan(cache_dir)
+    if as_json:
+        click.echo(json.dumps([{"path": str(e.path), "status": e.status, **e.attrs} for e in entries],
+                              indent=2, default=str))
+        return
+    if not entries:
+        click.echo(f"no cached features in {cache_dir}; run `tlfeat extract --model mobilenet_v2 --data digits`")
+        return
+    rows = []
+    for e in entries:
+        a = e.attrs
+        wid = str(a.get("weights_id", "?"))
+        rows.append((a.get("model", "?"), Path(str(a.get("dataset", "?"))).name, a.get("split", "?"),
+                     a.get("n_done", "?") if e.status != "ok" else a.get("n_images", "?"),
+                     a.get("layer", "?"), wid if a.get("pretrained", True) else f"{wid} (UNTRAINED)",
+                     a.get("image_size", "?"), a.get("limit") or "-", e.status,
+                     f"{e.path.stat().st_size / 1e6:.1f}", str(a.get("created", ""))[:19], e.path.name))
+    click.echo(_table(rows, ["model", "dataset", "split", "n", "layer", "weights", "size", "limit", "status",
+                             "MB", "created", "file"]))
+
+
+def main() -> None:
+    cli(prog_name="tlfeat")
+
+
+if __name__ == "__main__":
+    main()

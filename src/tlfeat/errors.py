@@ -1,0 +1,34 @@
+"""The one error type users see.
+
+Every mistake a user can make (unknown model, missing data, mismatched cache...) raises
+`TlfeatError` with one line that says what is wrong and how to fix it. The CLI prints that line
+and exits with code 2; Python callers catch it like any other exception.
+"""
+
+from __future__ import annotations
+
+
+class TlfeatError(Exception):
+    """A user-facing error: one line, what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class WeightsNotFound(TlfeatError):
+    """No pretrained weights file could be found or fetched."""
+
+
+class DatasetNotFound(TlfeatError):
+    """A named dataset is not on disk and could not be fetched."""
+
+
+class CacheMismatch(TlfeatError):
+    """A cache file disagrees with what was asked for."""
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """Return ' Did you mean X?' for the closest choice, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(close)}?" if close else ""

@@ -1,0 +1,237 @@
+"""Stage 1: run a frozen pretrained CNN once over a dataset and cache the features.
+
+data -> (decode, resize, normalise in DataLoader workers) -> frozen backbone, channels_last,
+inference_mode -> float32 rows streamed into an HDF5 file in chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tlfeat import __version__, backbones, cache, datasets
+from tlfeat.config import ExtractConfig
+from tlfeat.errors import CacheMismatch, TlfeatError
+from tlfeat.weights import ResolvedWeights, build_with_weights, resolve
+
+log = logging.getLogger(__name__)
+
+LAYER_DEFAULT = "penultimate"
+FLUSH_EVERY = 1024  # images between flushes: how much an interrupted run can lose
+
+
+def preprocessing(model: str, weights_id: str | None, image_size: int | None) -> dict[str, Any]:
+    """The weights entry's own eval transform, optionally scaled down to `image_size`."""
+    entry = backbones.weights_entry(model, weights_id)
+    kw = dict(getattr(entry.transforms, "keywords", {}))
+    transform = entry.transforms()
+    crop = int(transform.crop_size[0])
+    resize = int(transform.resize_size[0])
+    if image_size is not None:
+        if image_size < 16 or image_size > 2048:
+            raise TlfeatError(f"--image-size must be between 16 and 2048 pixels, got {image_size}")
+        # Keep the weights' resize/crop ratio (e.g. 256/224) at the new size.
+        resize = int(round(image_size * resize / crop))
+        crop = image_size
+    kw.update(crop_size=crop, resize_size=resize)
+    return {
+        "crop_size": crop,
+        "resize_size": resize,
+        "mean": [float(m) for m in transform.mean],
+        "std": [float(s) for s in transform.std],
+        "interpolation": str(transform.interpolation.value),
+        "antialias": bool(transform.antialias),
+    }
+
+
+def make_transform(prep: dict[str, Any]):  # type: ignore[no-untyped-def]
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    return ImageClassification(
+        crop_size=prep["crop_size"], resize_size=prep["resize_size"], mean=tuple(prep["mean"]),
+        std=tuple(prep["std"]), interpolation=InterpolationMode(prep["interpolation"]),
+        antialias=prep["antialias"],
+    )
+
+
+class _Images:
+    """torch Dataset over an ImageSplit, yielding preprocessed tensors from `start` on."""
+
+    def __init__(self, split: datasets.ImageSplit, transform: Any, start: int = 0) -> None:
+        self.split, self.transform, self.start = split, transform, start
+
+    def __len__(self) -> int:
+        return len(self.split) - self.start
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        return self.transform(self.split.image(self.start + i))
+
+
+def _weights_key(cfg: ExtractConfig) -> tuple[str, ResolvedWeights | None]:
+    """The weights id for the cache key, computed without touching the network."""
+    if cfg.untrained:
+        return f"untrained:seed{cfg.seed}", None
+    if cfg.weights_file is not None:
+        resolved = resolve(cfg.model, cfg.weights_id, cfg.weights_file)
+        return resolved.weights_id, resolved
+    return backbones.weights_entry(cfg.model, cfg.weights_id).name, None
+
+
+def plan(cfg: ExtractConfig) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(split, cache file, key fields) for every split the request covers."""
+    backbones.check_model(cfg.model)
+    dataset_id = datasets.canonical(cfg.data)
+    available = datasets.splits(cfg.data)
+    wanted = cfg.splits or available
+    for split in wanted:
+        if split not in available:
+            raise TlfeatError(f"{cfg.data} has no split {split!r}; valid: {', '.join(available)}")
+    weights_id, _ = _weights_key(cfg)
+    prep = preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
+    out = []
+    for split in wanted:
+        key_fields = {
+            "format": cache.FORMAT_VERSION, "model": cfg.model, "weights_id": weights_id,
+            "layer": cfg.layer or LAYER_DEFAULT, "pooling": "global-average", "preprocessing": prep,
+            "dataset": dataset_id, "split": split, "limit": cfg.limit, "backend": "torch",
+        }
+        key = cache.cache_key(key_fields)
+        path = cache.cache_path(cfg.resolved_cache_dir(), cfg.model, datasets.dataset_slug(dataset_id), split, key)
+        out.append((split, path, key_fields))
+    return out
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def extract(cfg: ExtractConfig) -> list[cache.FeatureSet]:
+    """Extract (or reuse) features for every requested split; one FeatureSet per split."""
+    results: list[cache.FeatureSet] = []
+    model = None
+    resolved: ResolvedWeights | None = None
+    for split, path, key_fields in plan(cfg):
+        if path.is_file():
+            fs = cache.read(path)
+            _check_same(fs, key_fields)
+            fs.reused = True
+            log.info("reusing %s", path)
+            results.append(fs)
+            continue
+        if model is None:
+            resolved = resolve(cfg.model, cfg.weights_id, cfg.weights_file, untrained=cfg.untrained, seed=cfg.seed)
+            model = _prepare_model(cfg, resolved)
+        assert resolved is not None
+        results.append(_extract_split(cfg, split, path, key_fields, model, resolved))
+    return results
+
+
+def _check_same(fs: cache.FeatureSet, key_fields: dict[str, Any]) -> None:
+    """A file found under a key's name must hold what that key describes."""
+    import json
+
+    stored = json.loads(str(fs.meta.get("key_fields", "{}")))
+    diffs = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in key_fields.items() if stored.get(k) != v]
+    if diffs or fs.meta.get("key") != cache.cache_key(key_fields):
+        raise CacheMismatch(
+            f"{fs.path} does not hold what was asked ({'; '.join(diffs) or 'key differs'}); "
+            "move it away and run extract again"
+        )
+
+
+def _prepare_model(cfg: ExtractConfig, resolved: ResolvedWeights):  # type: ignore[no-untyped-def]
+    import torch
+
+    net = build_with_weights(cfg.model, resolved)
+    extractor = backbones.feature_extractor(net, cfg.model, cfg.layer)
+    extractor = extractor.to(cfg.device, memory_format=torch.channels_last)
+    for p in extractor.parameters():
+        p.requires_grad_(False)
+    return extractor.eval()
+
+
+def _extract_split(cfg: ExtractConfig, split: str, path: Path, key_fields: dict[str, Any],
+                   model: Any, resolved: ResolvedWeights) -> cache.FeatureSet:
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    images = datasets.load_split(cfg.data, split, cfg.data_dir, cfg.limit)
+    if len(images) == 0:
+        raise TlfeatError(f"{cfg.data} split {split!r} has no images")
+    prep = key_fields["preprocessing"]
+    attrs: dict[str, Any] = {
+        "tlfeat_version": __version__, "format": cache.FORMAT_VERSION, "model": cfg.model,
+        "weights_id": resolved.weights_id, "weights_source": resolved.source,
+        "weights_sha256": resolved.sha256 or "", "pretrained": resolved.pretrained,
+        "layer": cfg.layer or LAYER_DEFAULT, "pooling": "global-average",
+        "preprocessing": _json(prep), "image_size": prep["crop_size"], "dataset": images.dataset,
+        "dataset_source": images.source, "split": split, "limit": cfg.limit or 0,
+        "split_seed": datasets.SPLIT_SEED, "backend": "torch", "device": cfg.device,
+        "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+        "python_version": platform.python_version(), "key_fields": _json(key_fields),
+    }
+    writer = cache.Writer(path, cache.cache_key(key_fields), attrs, images.labels, list(images.ids),
+                          list(images.class_names), flush_every=FLUSH_EVERY)
+    start = writer.done
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    if len(images) - start <= cfg.batch_size:
+        workers = 0  # starting worker processes costs more than decoding one batch
+    loader = DataLoader(_Images(images, make_transform(prep), start), batch_size=cfg.batch_size,
+                        num_workers=workers, shuffle=False, pin_memory=cfg.device.startswith("cuda"))
+    t0 = time.perf_counter()
+    bar = _progress(cfg, total=len(images), initial=start, desc=f"{cfg.model} {datasets.dataset_slug(images.dataset)}/{split}")
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                batch = batch.to(cfg.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                feats = model(batch).float().cpu().numpy()
+                writer.append(feats)
+                bar.update(len(feats))
+    except BaseException:
+        writer.close()  # keep the flushed chunks for `extract` to resume
+        bar.close()
+        raise
+    bar.close()
+    seconds = time.perf_counter() - t0
+    final = writer.finish({
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "extract_seconds": seconds, "images_per_second": (len(images) - start) / max(seconds, 1e-9),
+        "resumed_from": start,
+    })
+    fs = cache.read(final)
+    log.info("wrote %s (%d x %d) in %.1fs", final, fs.X.shape[0], fs.X.shape[1], seconds)
+    return fs
+
+
+def _progress(cfg: ExtractConfig, total: int, initial: int, desc: str):  # type: ignore[no-untyped-def]
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not cfg.progress,
+                dynamic_ncols=True, leave=False)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def load_features(model: str, data: str, split: str = "train", cache_dir: str | Path | None = None,
+                  *, layer: str | None = None, weights_id: str | None = None,
+                  image_size: int | None = None, limit: int | None = None) -> cache.FeatureSet:
+    """Load cached features of `model` on `data` (the same string given to `--data`).
+
+    With no selectors, the penultimate-layer set is loaded if exactly one matches; pass `layer`,
+    `weights_id`, `image_size` or `limit` to choose among several.
+    """
+    cfg = ExtractConfig(model=model, data=data, cache_dir=Path(cache_dir) if cache_dir else None)
+    path = cache.find(cfg.resolved_cache_dir(), model, datasets.canonical(data), split,
+                      layer=layer or LAYER_DEFAULT, weights_id=weights_id, image_size=image_size, limit=limit)
+    return cache.read(path)
