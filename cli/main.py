@@ -42,11 +42,20 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="TLFEAT_CACHE_DIR",
-    default="features_cache", show_default=True, help="Where feature files live (env TLFEAT_CACHE_DIR).")
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TLFEAT_CACHE_DIR",
+    default="features_cache",
+    show_default=True,
+    help="Where feature files live (env TLFEAT_CACHE_DIR).",
+)
 data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="TLFEAT_DATA_DIR", default=None,
-    help="Where named datasets are read from and downloaded to (env TLFEAT_DATA_DIR; default ~/.cache/tlfeat/data).")
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TLFEAT_DATA_DIR",
+    default=None,
+    help="Where named datasets are read from and downloaded to (env TLFEAT_DATA_DIR; default ~/.cache/tlfeat/data).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -89,8 +98,15 @@ def models(show_all: bool, layers_of: str | None, as_json: bool) -> None:
             local = f"{source} (fetched on first use)"
         else:
             local = "no (download, --weights FILE or --untrained)"
-        rows.append({"model": name, "feature_dim": backbones.feature_dim(name),
-                     "layer": f"input of {fam.head}", "weights_id": wid, "weights_local": local})
+        rows.append(
+            {
+                "model": name,
+                "feature_dim": backbones.feature_dim(name),
+                "layer": f"input of {fam.head}",
+                "weights_id": wid,
+                "weights_local": local,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -109,45 +125,89 @@ def datasets_cmd(data_dir: Path | None) -> None:
     root = data_dir or datasets.default_data_dir()
     rows = [(d.name, d.description, d.where(root)) for d in datasets.named_datasets().values()]
     click.echo(_table(rows, ["name", "what", "read from"]))
-    click.echo("\nAny folder works too: root/train/<class>/*, root/val|test/<class>/*, or root/<class>/* "
-               "(split 80/20, stratified, fixed seed).")
+    click.echo(
+        "\nAny folder works too: root/train/<class>/*, root/val|test/<class>/*, or root/<class>/* "
+        "(split 80/20, stratified, fixed seed)."
+    )
 
 
 @cli.command()
 @click.option("--model", "-m", required=True, help="torchvision model name, e.g. resnet50 (see `tlfeat models`).")
 @click.option("--data", "-d", required=True, help="Dataset name (see `tlfeat datasets`) or an image folder.")
 @click.option("--split", "splits", multiple=True, help="Split(s) to extract; default: all the dataset has.")
-@click.option("--layer", default=None, help="Named layer to pool instead of the penultimate one (`tlfeat models --layers MODEL`).")
-@click.option("--weights-id", default=None, help="torchvision weights entry, e.g. IMAGENET1K_V2 (default IMAGENET1K_V1).")
-@click.option("--weights", "weights_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Explicit weights file (torchvision state dict or a tlfeat fine-tune checkpoint).")
+@click.option(
+    "--layer", default=None, help="Named layer to pool instead of the penultimate one (`tlfeat models --layers MODEL`)."
+)
+@click.option(
+    "--weights-id", default=None, help="torchvision weights entry, e.g. IMAGENET1K_V2 (default IMAGENET1K_V1)."
+)
+@click.option(
+    "--weights",
+    "weights_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Explicit weights file (torchvision state dict or a tlfeat fine-tune checkpoint).",
+)
 @click.option("--untrained", is_flag=True, help="Random weights (seeded): a no-transfer baseline, marked as such.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --untrained weights.")
 @click.option("--image-size", type=int, default=None, help="Crop size in pixels (default: the weights' own, e.g. 224).")
 @click.option("--limit", type=int, default=None, help="Fixed stratified subset of N images per split.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader worker processes (default: CPUs - 1).")
+@click.option(
+    "--workers", type=click.IntRange(0, 64), default=None, help="DataLoader worker processes (default: CPUs - 1)."
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @cache_dir_option
 @data_dir_option
 @_user_errors
-def extract(model: str, data: str, splits: tuple[str, ...], layer: str | None, weights_id: str | None,
-            weights_file: Path | None, untrained: bool, seed: int, image_size: int | None, limit: int | None,
-            batch_size: int, workers: int | None, device: str, quiet: bool, cache_dir: Path,
-            data_dir: Path | None) -> None:
+def extract(
+    model: str,
+    data: str,
+    splits: tuple[str, ...],
+    layer: str | None,
+    weights_id: str | None,
+    weights_file: Path | None,
+    untrained: bool,
+    seed: int,
+    image_size: int | None,
+    limit: int | None,
+    batch_size: int,
+    workers: int | None,
+    device: str,
+    quiet: bool,
+    cache_dir: Path,
+    data_dir: Path | None,
+) -> None:
     """Run a frozen pretrained CNN over a dataset once and cache its features to HDF5."""
     from tlfeat import ExtractConfig
     from tlfeat import extract as run
 
-    cfg = ExtractConfig(model=model, data=data, splits=splits or None, layer=layer, weights_id=weights_id,
-                        weights_file=weights_file, untrained=untrained, seed=seed, image_size=image_size,
-                        limit=limit, batch_size=batch_size, workers=workers, device=device,
-                        cache_dir=cache_dir, data_dir=data_dir, progress=not quiet)
+    cfg = ExtractConfig(
+        model=model,
+        data=data,
+        splits=splits or None,
+        layer=layer,
+        weights_id=weights_id,
+        weights_file=weights_file,
+        untrained=untrained,
+        seed=seed,
+        image_size=image_size,
+        limit=limit,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        cache_dir=cache_dir,
+        data_dir=data_dir,
+        progress=not quiet,
+    )
     for fs in run(cfg):
         m = fs.meta
-        how = ("cached, no work done" if fs.reused else
-               f"computed in {m['extract_seconds']:.1f}s, {m['images_per_second']:.0f} img/s")
+        how = (
+            "cached, no work done"
+            if fs.reused
+            else f"computed in {m['extract_seconds']:.1f}s, {m['images_per_second']:.0f} img/s"
+        )
         click.echo(f"{m['split']:>5}: {fs.X.shape[0]} x {fs.X.shape[1]}  {how}  -> {fs.path}")
     if not fs.meta.get("pretrained", True):
         click.echo(f"note: UNTRAINED weights ({fs.meta['weights_id']}): a no-transfer baseline, not ImageNet features")
@@ -163,8 +223,9 @@ def ls_cmd(as_json: bool, cache_dir: Path) -> None:
 
     entries = cache.scan(cache_dir)
     if as_json:
-        click.echo(json.dumps([{"path": str(e.path), "status": e.status, **e.attrs} for e in entries],
-                              indent=2, default=str))
+        click.echo(
+            json.dumps([{"path": str(e.path), "status": e.status, **e.attrs} for e in entries], indent=2, default=str)
+        )
         return
     if not entries:
         click.echo(f"no cached features in {cache_dir}; run `tlfeat extract --model mobilenet_v2 --data digits`")
@@ -173,13 +234,28 @@ def ls_cmd(as_json: bool, cache_dir: Path) -> None:
     for e in entries:
         a = e.attrs
         wid = str(a.get("weights_id", "?"))
-        rows.append((a.get("model", "?"), Path(str(a.get("dataset", "?"))).name, a.get("split", "?"),
-                     a.get("n_done", "?") if e.status != "ok" else a.get("n_images", "?"),
-                     a.get("layer", "?"), wid if a.get("pretrained", True) else f"{wid} (UNTRAINED)",
-                     a.get("image_size", "?"), a.get("limit") or "-", e.status,
-                     f"{e.path.stat().st_size / 1e6:.1f}", str(a.get("created", ""))[:19], e.path.name))
-    click.echo(_table(rows, ["model", "dataset", "split", "n", "layer", "weights", "size", "limit", "status",
-                             "MB", "created", "file"]))
+        rows.append(
+            (
+                a.get("model", "?"),
+                Path(str(a.get("dataset", "?"))).name,
+                a.get("split", "?"),
+                a.get("n_done", "?") if e.status != "ok" else a.get("n_images", "?"),
+                a.get("layer", "?"),
+                wid if a.get("pretrained", True) else f"{wid} (UNTRAINED)",
+                a.get("image_size", "?"),
+                a.get("limit") or "-",
+                e.status,
+                f"{e.path.stat().st_size / 1e6:.1f}",
+                str(a.get("created", ""))[:19],
+                e.path.name,
+            )
+        )
+    click.echo(
+        _table(
+            rows,
+            ["model", "dataset", "split", "n", "layer", "weights", "size", "limit", "status", "MB", "created", "file"],
+        )
+    )
 
 
 def main() -> None:

@@ -27,8 +27,13 @@ def _pattern(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
 
 
-def make_tree(root: Path, per_class: int = 4, classes: tuple[str, ...] = ("bees", "ants", "disc"),
-              splits: tuple[str, ...] = ("train", "val"), size: int = 40) -> Path:
+def make_tree(
+    root: Path,
+    per_class: int = 4,
+    classes: tuple[str, ...] = ("bees", "ants", "disc"),
+    splits: tuple[str, ...] = ("train", "val"),
+    size: int = 40,
+) -> Path:
     """A tiny image folder tree in mixed formats: RGB JPEG, grey PNG, RGBA PNG, 16-bit PNG."""
     rng = np.random.default_rng(0)
     for split in splits:

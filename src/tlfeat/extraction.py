@@ -54,8 +54,11 @@ def make_transform(prep: dict[str, Any]):  # type: ignore[no-untyped-def]
     from torchvision.transforms._presets import ImageClassification
 
     return ImageClassification(
-        crop_size=prep["crop_size"], resize_size=prep["resize_size"], mean=tuple(prep["mean"]),
-        std=tuple(prep["std"]), interpolation=InterpolationMode(prep["interpolation"]),
+        crop_size=prep["crop_size"],
+        resize_size=prep["resize_size"],
+        mean=tuple(prep["mean"]),
+        std=tuple(prep["std"]),
+        interpolation=InterpolationMode(prep["interpolation"]),
         antialias=prep["antialias"],
     )
 
@@ -86,6 +89,10 @@ def _weights_key(cfg: ExtractConfig) -> tuple[str, ResolvedWeights | None]:
 def plan(cfg: ExtractConfig) -> list[tuple[str, Path, dict[str, Any]]]:
     """(split, cache file, key fields) for every split the request covers."""
     backbones.check_model(cfg.model)
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise TlfeatError(f"--limit must be a positive number of images, got {cfg.limit}")
+    if cfg.layer is not None:
+        backbones.feature_dim(cfg.model, cfg.layer)  # raises, naming the valid layers, before any work
     dataset_id = datasets.canonical(cfg.data)
     available = datasets.splits(cfg.data)
     wanted = cfg.splits or available
@@ -97,9 +104,16 @@ def plan(cfg: ExtractConfig) -> list[tuple[str, Path, dict[str, Any]]]:
     out = []
     for split in wanted:
         key_fields = {
-            "format": cache.FORMAT_VERSION, "model": cfg.model, "weights_id": weights_id,
-            "layer": cfg.layer or LAYER_DEFAULT, "pooling": "global-average", "preprocessing": prep,
-            "dataset": dataset_id, "split": split, "limit": cfg.limit, "backend": "torch",
+            "format": cache.FORMAT_VERSION,
+            "model": cfg.model,
+            "weights_id": weights_id,
+            "layer": cfg.layer or LAYER_DEFAULT,
+            "pooling": "global-average",
+            "preprocessing": prep,
+            "dataset": dataset_id,
+            "split": split,
+            "limit": cfg.limit,
+            "backend": "torch",
         }
         key = cache.cache_key(key_fields)
         path = cache.cache_path(cfg.resolved_cache_dir(), cfg.model, datasets.dataset_slug(dataset_id), split, key)
@@ -156,8 +170,9 @@ def _prepare_model(cfg: ExtractConfig, resolved: ResolvedWeights):  # type: igno
     return extractor.eval()
 
 
-def _extract_split(cfg: ExtractConfig, split: str, path: Path, key_fields: dict[str, Any],
-                   model: Any, resolved: ResolvedWeights) -> cache.FeatureSet:
+def _extract_split(
+    cfg: ExtractConfig, split: str, path: Path, key_fields: dict[str, Any], model: Any, resolved: ResolvedWeights
+) -> cache.FeatureSet:
     import torch
     import torchvision
     from torch.utils.data import DataLoader
@@ -167,26 +182,53 @@ def _extract_split(cfg: ExtractConfig, split: str, path: Path, key_fields: dict[
         raise TlfeatError(f"{cfg.data} split {split!r} has no images")
     prep = key_fields["preprocessing"]
     attrs: dict[str, Any] = {
-        "tlfeat_version": __version__, "format": cache.FORMAT_VERSION, "model": cfg.model,
-        "weights_id": resolved.weights_id, "weights_source": resolved.source,
-        "weights_sha256": resolved.sha256 or "", "pretrained": resolved.pretrained,
-        "layer": cfg.layer or LAYER_DEFAULT, "pooling": "global-average",
-        "preprocessing": _json(prep), "image_size": prep["crop_size"], "dataset": images.dataset,
-        "dataset_source": images.source, "split": split, "limit": cfg.limit or 0,
-        "split_seed": datasets.SPLIT_SEED, "backend": "torch", "device": cfg.device,
-        "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
-        "python_version": platform.python_version(), "key_fields": _json(key_fields),
+        "tlfeat_version": __version__,
+        "format": cache.FORMAT_VERSION,
+        "model": cfg.model,
+        "weights_id": resolved.weights_id,
+        "weights_source": resolved.source,
+        "weights_sha256": resolved.sha256 or "",
+        "pretrained": resolved.pretrained,
+        "layer": cfg.layer or LAYER_DEFAULT,
+        "pooling": "global-average",
+        "preprocessing": _json(prep),
+        "image_size": prep["crop_size"],
+        "dataset": images.dataset,
+        "dataset_source": images.source,
+        "split": split,
+        "limit": cfg.limit or 0,
+        "split_seed": datasets.SPLIT_SEED,
+        "backend": "torch",
+        "device": cfg.device,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "python_version": platform.python_version(),
+        "key_fields": _json(key_fields),
     }
-    writer = cache.Writer(path, cache.cache_key(key_fields), attrs, images.labels, list(images.ids),
-                          list(images.class_names), flush_every=FLUSH_EVERY)
+    writer = cache.Writer(
+        path,
+        cache.cache_key(key_fields),
+        attrs,
+        images.labels,
+        list(images.ids),
+        list(images.class_names),
+        flush_every=FLUSH_EVERY,
+    )
     start = writer.done
     workers = cfg.workers if cfg.workers is not None else default_workers()
     if len(images) - start <= cfg.batch_size:
         workers = 0  # starting worker processes costs more than decoding one batch
-    loader = DataLoader(_Images(images, make_transform(prep), start), batch_size=cfg.batch_size,
-                        num_workers=workers, shuffle=False, pin_memory=cfg.device.startswith("cuda"))
+    loader = DataLoader(
+        _Images(images, make_transform(prep), start),
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        shuffle=False,
+        pin_memory=cfg.device.startswith("cuda"),
+    )
     t0 = time.perf_counter()
-    bar = _progress(cfg, total=len(images), initial=start, desc=f"{cfg.model} {datasets.dataset_slug(images.dataset)}/{split}")
+    bar = _progress(
+        cfg, total=len(images), initial=start, desc=f"{cfg.model} {datasets.dataset_slug(images.dataset)}/{split}"
+    )
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -200,11 +242,14 @@ def _extract_split(cfg: ExtractConfig, split: str, path: Path, key_fields: dict[
         raise
     bar.close()
     seconds = time.perf_counter() - t0
-    final = writer.finish({
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "extract_seconds": seconds, "images_per_second": (len(images) - start) / max(seconds, 1e-9),
-        "resumed_from": start,
-    })
+    final = writer.finish(
+        {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "extract_seconds": seconds,
+            "images_per_second": (len(images) - start) / max(seconds, 1e-9),
+            "resumed_from": start,
+        }
+    )
     fs = cache.read(final)
     log.info("wrote %s (%d x %d) in %.1fs", final, fs.X.shape[0], fs.X.shape[1], seconds)
     return fs
@@ -213,8 +258,9 @@ def _extract_split(cfg: ExtractConfig, split: str, path: Path, key_fields: dict[
 def _progress(cfg: ExtractConfig, total: int, initial: int, desc: str):  # type: ignore[no-untyped-def]
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not cfg.progress,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="img", disable=not cfg.progress, dynamic_ncols=True, leave=False
+    )
 
 
 def _json(obj: Any) -> str:
@@ -223,15 +269,31 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def load_features(model: str, data: str, split: str = "train", cache_dir: str | Path | None = None,
-                  *, layer: str | None = None, weights_id: str | None = None,
-                  image_size: int | None = None, limit: int | None = None) -> cache.FeatureSet:
+def load_features(
+    model: str,
+    data: str,
+    split: str = "train",
+    cache_dir: str | Path | None = None,
+    *,
+    layer: str | None = None,
+    weights_id: str | None = None,
+    image_size: int | None = None,
+    limit: int | None = None,
+) -> cache.FeatureSet:
     """Load cached features of `model` on `data` (the same string given to `--data`).
 
     With no selectors, the penultimate-layer set is loaded if exactly one matches; pass `layer`,
     `weights_id`, `image_size` or `limit` to choose among several.
     """
     cfg = ExtractConfig(model=model, data=data, cache_dir=Path(cache_dir) if cache_dir else None)
-    path = cache.find(cfg.resolved_cache_dir(), model, datasets.canonical(data), split,
-                      layer=layer or LAYER_DEFAULT, weights_id=weights_id, image_size=image_size, limit=limit)
+    path = cache.find(
+        cfg.resolved_cache_dir(),
+        model,
+        datasets.canonical(data),
+        split,
+        layer=layer or LAYER_DEFAULT,
+        weights_id=weights_id,
+        image_size=image_size,
+        limit=limit,
+    )
     return cache.read(path)

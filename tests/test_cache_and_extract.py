@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tlfeat
+from tlfeat import ExtractConfig, cache, extract, load_features
+from tlfeat import extraction as extract_mod
+from tlfeat.errors import CacheMismatch, TlfeatError
+
+
+def small(tree: Path, tmp_path: Path, **kw: object) -> ExtractConfig:
+    """A fast config: small untrained ResNet-18 at 64 px over the tiny tree."""
+    base: dict[str, object] = dict(
+        model="resnet18",
+        data=str(tree),
+        untrained=True,
+        image_size=64,
+        workers=0,
+        batch_size=4,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    base.update(kw)
+    return ExtractConfig(**base)  # type: ignore[arg-type]
+
+
+def test_cache_file_round_trips_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(10, 7)).astype(np.float32)
+    writer = cache.Writer(
+        tmp_path / "f.h5",
+        "k",
+        {"model": "m", "dataset": "d", "split": "train"},
+        np.arange(10) % 3,
+        [f"id/{i}" for i in range(10)],
+        ["a", "b", "c"],
+    )
+    writer.append(X[:4])
+    writer.append(X[4:])
+    path = writer.finish({"created": "now"})
+    fs = cache.read(path)
+    assert fs.X.dtype == np.float32 and np.array_equal(fs.X, X)
+    assert fs.y.tolist() == (np.arange(10) % 3).tolist()
+    assert fs.ids == [f"id/{i}" for i in range(10)] and fs.class_names == ["a", "b", "c"]
+    assert fs.meta["model"] == "m" and fs.meta["complete"] is True
+    assert not (tmp_path / "f.h5.partial").exists()
+
+
+def test_extract_writes_provenance_and_second_run_is_a_no_op(tree: Path, tmp_path: Path) -> None:
+    first = extract(small(tree, tmp_path))
+    assert [fs.split for fs in first] == ["train", "test"] and not any(fs.reused for fs in first)
+    train = first[0]
+    assert train.X.shape == (12, 512) and train.class_names == ["ants", "bees", "disc"]
+    meta = train.meta
+    for field in (
+        "model",
+        "weights_id",
+        "layer",
+        "preprocessing",
+        "dataset",
+        "split",
+        "n_images",
+        "torch_version",
+        "torchvision_version",
+        "tlfeat_version",
+        "created",
+    ):
+        assert meta[field] not in ("", None), field
+    assert meta["pretrained"] is False and meta["weights_id"] == "untrained:seed0"
+    assert meta["image_size"] == 64 and '"resize_size": 73' in meta["preprocessing"]
+    mtime = train.path.stat().st_mtime_ns  # type: ignore[union-attr]
+
+    second = extract(small(tree, tmp_path))
+    assert all(fs.reused for fs in second)
+    assert train.path.stat().st_mtime_ns == mtime  # type: ignore[union-attr]
+    assert np.array_equal(second[0].X, train.X)
+
+
+def test_every_numeric_option_gets_its_own_file(tree: Path, tmp_path: Path) -> None:
+    paths = {
+        extract(small(tree, tmp_path, splits=("train",), **kw))[0].path
+        for kw in ({}, {"image_size": 48}, {"limit": 6}, {"layer": "layer3"}, {"seed": 1})
+    }
+    assert len(paths) == 5
+
+
+def test_load_features_reuses_the_cache_from_python(tree: Path, tmp_path: Path) -> None:
+    [train, _] = extract(small(tree, tmp_path))
+    loaded = load_features("resnet18", str(tree), split="train", cache_dir=tmp_path / "cache")
+    assert isinstance(loaded, tlfeat.FeatureSet)
+    assert np.array_equal(loaded.X, train.X) and loaded.ids == train.ids
+
+    extract(small(tree, tmp_path, image_size=48))
+    with pytest.raises(CacheMismatch, match="2 cached feature sets match"):
+        load_features("resnet18", str(tree), cache_dir=tmp_path / "cache")
+    picked = load_features("resnet18", str(tree), cache_dir=tmp_path / "cache", image_size=48)
+    assert picked.meta["image_size"] == 48
+    with pytest.raises(CacheMismatch, match="none has layer=layer2"):
+        load_features("resnet18", str(tree), cache_dir=tmp_path / "cache", layer="layer2")
+    with pytest.raises(CacheMismatch, match="run `tlfeat extract --model vgg16"):
+        load_features("vgg16", str(tree), cache_dir=tmp_path / "cache")
+
+
+def test_a_file_under_the_wrong_key_is_never_reused(tree: Path, tmp_path: Path) -> None:
+    [a] = extract(small(tree, tmp_path, splits=("train",)))
+    [b] = extract(small(tree, tmp_path, splits=("train",), image_size=48))
+    assert a.path is not None and b.path is not None
+    shutil.copyfile(b.path, a.path)  # a's name, b's content
+    with pytest.raises(CacheMismatch, match="preprocessing"):
+        extract(small(tree, tmp_path, splits=("train",)))
+
+
+def test_interrupted_extraction_resumes_and_equals_an_uninterrupted_run(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = extract(small(tree, tmp_path / "ref", splits=("train",)))[0]
+
+    monkeypatch.setattr(extract_mod, "FLUSH_EVERY", 1)
+    calls = {"n": 0}
+    original = cache.Writer.append
+
+    def crash_on_third_batch(self: cache.Writer, feats: np.ndarray) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self, feats)
+
+    monkeypatch.setattr(cache.Writer, "append", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(small(tree, tmp_path, splits=("train",)))
+    partials = list((tmp_path / "cache").glob("*.partial"))
+    assert len(partials) == 1 and not list((tmp_path / "cache").glob("*.h5"))
+    assert cache.read_attrs(partials[0])["n_done"] == 8
+
+    monkeypatch.setattr(cache.Writer, "append", original)
+    resumed = extract(small(tree, tmp_path, splits=("train",)))[0]
+    assert resumed.meta["resumed_from"] == 8
+    assert np.array_equal(resumed.X, reference.X)
+
+
+def test_damaged_cache_file_is_reported(tree: Path, tmp_path: Path) -> None:
+    [fs] = extract(small(tree, tmp_path, splits=("train",)))
+    assert fs.path is not None
+    import h5py
+
+    with h5py.File(fs.path, "r+") as h5:
+        h5["features"][0, 0] += 1.0
+    with pytest.raises(TlfeatError, match="checksum"):
+        cache.read(fs.path)
+    fs.path.write_bytes(fs.path.read_bytes()[:200])
+    with pytest.raises(TlfeatError, match="damaged"):
+        cache.read(fs.path)
