@@ -258,6 +258,168 @@ def ls_cmd(as_json: bool, cache_dir: Path) -> None:
     )
 
 
+results_dir_option = click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TLFEAT_RESULTS_DIR",
+    default="results",
+    show_default=True,
+    help="Where fit and fine-tune results are saved (env TLFEAT_RESULTS_DIR).",
+)
+
+
+def _print_table(records: list[dict[str, Any]], metric: str, err: bool) -> str:
+    from tlfeat.fitting import table
+
+    rows, cols, cells = table(records, metric)
+    body = [[r] + [_fmt(cells.get((r, c))) for c in cols] for r in rows]
+    text = _table(body, [f"{metric} (model \\ dataset)"] + cols)
+    click.echo(text, err=err)
+    return text
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@cli.command()
+@click.option("--clf", default="logreg", show_default=True, help="logreg, svm or linear.")
+@click.option("--model", "-m", default=None, help="Only this model (default: every cached one).")
+@click.option("--data", "-d", default=None, help="Only this dataset (default: every cached one).")
+@click.option("--layer", default=None, help="Only features of this layer (default: every cached one).")
+@click.option(
+    "--C", "C", type=float, default=None, help="Inverse regularisation strength (default: chosen by 3-fold CV)."
+)
+@click.option("--kernel", default="linear", show_default=True, help="SVM kernel: linear or rbf (rbf for small data).")
+@click.option("--epochs", type=int, default=50, show_default=True, help="Epochs of the linear head.")
+@click.option("--lr", type=float, default=1e-2, show_default=True, help="Learning rate of the linear head.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--metric", default="accuracy", show_default=True, help="Metric shown in the table.")
+@click.option("--refit", is_flag=True, help="Fit again even when this exact fit is saved (the old result is kept).")
+@click.option("--json", "as_json", is_flag=True, help="Records as JSON on stdout; the table goes to stderr.")
+@cache_dir_option
+@results_dir_option
+@_user_errors
+def fit(
+    clf: str,
+    model: str | None,
+    data: str | None,
+    layer: str | None,
+    C: float | None,
+    kernel: str,
+    epochs: int,
+    lr: float,
+    seed: int,
+    metric: str,
+    refit: bool,
+    as_json: bool,
+    cache_dir: Path,
+    results_dir: Path,
+) -> None:
+    """Train a classifier on cached features and report test metrics."""
+    from tlfeat.fitting import FitConfig
+    from tlfeat.fitting import fit as run
+
+    cfg = FitConfig(
+        clf=clf,
+        model=model,
+        data=data,
+        layer=layer,
+        C=C,
+        kernel=kernel,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        refit=refit,
+        cache_dir=cache_dir,
+        results_dir=results_dir,
+    )
+    results = run(cfg)
+    for res in results:
+        r = res.record
+        m, t = r["metrics"], r["timings"]
+        auc = "-" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+        how = (
+            "reused"
+            if res.reused
+            else f"fit {t['fit_seconds']:.2f}s (+CV {t['cv_seconds']:.1f}s), predict {t['predict_seconds']:.2f}s"
+        )
+        untrained = "" if r["pretrained"] else " [UNTRAINED backbone]"
+        click.echo(
+            f"{r['clf']} {r['model']}/{Path(r['dataset']).name} ({r['layer']}){untrained}: accuracy "
+            f"{m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, ROC AUC {auc}, C={r['params']['C']:g}; "
+            f"{how}  -> {res.path.parent}",
+            err=as_json,
+        )
+    if len(results) > 1 or as_json:
+        text = _print_table([r.record for r in results], metric, err=as_json)
+        out = Path(results_dir) / "tables" / f"fit-{clf}-{metric}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        click.echo(json.dumps([r.record for r in results], indent=2, default=str))
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help="Only this model.")
+@click.option("--data", "-d", default=None, help="Only this dataset (name or folder name).")
+@click.option("--clf", "--method", "method", default=None, help="Only this classifier / method.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full records as JSON.")
+@results_dir_option
+@_user_errors
+def results(model: str | None, data: str | None, method: str | None, as_json: bool, results_dir: Path) -> None:
+    """List saved results (fits and fine-tunes), filtered."""
+    from tlfeat.fitting import load_records
+
+    records = [
+        r
+        for r in load_records(results_dir)
+        if (not model or r["model"] == model)
+        and (not method or r["method"] == method)
+        and (not data or data in (r["dataset"], Path(r["dataset"]).name))
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2, default=str))
+        return
+    if not records:
+        click.echo(f"no results in {results_dir} match; run `tlfeat fit` first")
+        return
+    rows = [
+        (
+            r["method"],
+            r["model"],
+            Path(r["dataset"]).name,
+            r["layer"],
+            r["n_train"],
+            r["n_test"],
+            _fmt(r["metrics"]["accuracy"]),
+            _fmt(r["metrics"]["roc_auc"]),
+            f"{r['timings']['train_seconds']:.2f}",
+            str(r["created"])[:19],
+            Path(r["_path"]).parent.name,
+        )
+        for r in records
+    ]
+    click.echo(
+        _table(
+            rows,
+            [
+                "method",
+                "model",
+                "dataset",
+                "layer",
+                "n_train",
+                "n_test",
+                "accuracy",
+                "roc_auc",
+                "train_s",
+                "created",
+                "run",
+            ],
+        )
+    )
+
+
 def main() -> None:
     cli(prog_name="tlfeat")
 
