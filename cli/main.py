@@ -24,6 +24,15 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _one_line(exc: Exception) -> str:
+    """The user's line, also when a DataLoader worker re-raised it with its traceback inside."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split("Error: ", 1)[-1] if "Error: " in last else last
+    return text.strip()
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line on stderr and exit code 2, never a traceback."""
 
@@ -32,7 +41,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except TlfeatError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: completed chunks are kept; run the same command again to resume", err=True)
@@ -418,6 +427,121 @@ def results(model: str | None, data: str | None, method: str | None, as_json: bo
             ],
         )
     )
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="torchvision model name.")
+@click.option("--data", "-d", required=True, help="Dataset name or image folder.")
+@click.option(
+    "--strategy",
+    "-s",
+    default="full",
+    show_default=True,
+    help="full, head, freeze:K, discriminative[:RATIO] or scratch (random weights, no transfer).",
+)
+@click.option("--epochs", type=int, default=25, show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate of the head (default 1e-3).")
+@click.option("--optimizer", default="adam", show_default=True, help="adam or sgd (momentum 0.9).")
+@click.option(
+    "--step-size", type=int, default=7, show_default=True, help="Divide the learning rate by 10 every N epochs."
+)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--image-size", type=int, default=None, help="Crop size in pixels (default: the weights' own).")
+@click.option("--limit", type=int, default=None, help="Fixed stratified subset of N images per split.")
+@click.option(
+    "--repeats", type=int, default=1, show_default=True, help="Runs with seeds seed..seed+N-1; mean and spread."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weights-id", default=None, help="torchvision weights entry (default IMAGENET1K_V1).")
+@click.option(
+    "--weights",
+    "weights_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Start from this file, e.g. best.pt of an earlier fine-tune (multi-stage transfer).",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same configuration.")
+@click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader worker processes.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Final record(s) as JSON on stdout.")
+@data_dir_option
+@results_dir_option
+@_user_errors
+def finetune(
+    model: str,
+    data: str,
+    strategy: str,
+    epochs: int,
+    lr: float | None,
+    optimizer: str,
+    step_size: int,
+    batch_size: int,
+    image_size: int | None,
+    limit: int | None,
+    repeats: int,
+    seed: int,
+    weights_id: str | None,
+    weights_file: Path | None,
+    resume: bool,
+    workers: int | None,
+    device: str,
+    quiet: bool,
+    as_json: bool,
+    data_dir: Path | None,
+    results_dir: Path,
+) -> None:
+    """Train the backbone end to end with a new head, for comparison with frozen features."""
+    from tlfeat.finetune import FinetuneConfig, summarize
+    from tlfeat.finetune import finetune as run
+
+    cfg = FinetuneConfig(
+        model=model,
+        data=data,
+        strategy=strategy,
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer,
+        step_size=step_size,
+        batch_size=batch_size,
+        image_size=image_size,
+        limit=limit,
+        seed=seed,
+        weights_id=weights_id,
+        weights_file=weights_file,
+        resume=resume,
+        workers=workers,
+        device=device,
+        data_dir=data_dir,
+        results_dir=results_dir,
+        progress=not quiet,
+    )
+    results = run(cfg, repeats=repeats)
+    for res in results:
+        r = res.record
+        m = r["metrics"]
+        auc = "-" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+        how = "reused" if res.reused else f"trained {r['timings']['train_seconds']:.1f}s"
+        click.echo(
+            f"{r['method']} {r['model']}/{Path(r['dataset']).name} seed {r['seed']}: test accuracy "
+            f"{m['accuracy']:.4f}, ROC AUC {auc} (best epoch {r['best_epoch']}/{r['params']['epochs']}, "
+            f"{r['trainable_params']:,}/{r['total_params']:,} params trained); {how}  -> {res.path.parent}",
+            err=as_json,
+        )
+    summary = summarize(results)
+    if len(results) > 1:
+        click.echo(
+            f"{len(results)} runs: accuracy {summary['accuracy_mean']:.4f} +- {summary['accuracy_std']:.4f}, "
+            f"train time {summary['train_seconds_mean']:.1f} +- {summary['train_seconds_std']:.1f} s",
+            err=as_json,
+        )
+    if as_json:
+        records = [r.record for r in results]
+        click.echo(
+            json.dumps(
+                records[0] if len(records) == 1 else {"runs": records, "summary": summary}, indent=2, default=str
+            )
+        )
 
 
 def main() -> None:
