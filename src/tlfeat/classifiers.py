@@ -109,7 +109,7 @@ def make_classifier(
     if name == "logreg":
         est = LogisticRegression(C=C, max_iter=2000, tol=1e-4, random_state=seed)
     elif name == "svm" and kernel == "linear":
-        est = LinearSVC(C=C, dual="auto", max_iter=10000, random_state=seed)
+        est = LinearSVC(C=C, dual="auto", max_iter=5000, random_state=seed)
     elif name == "svm":
         est = SVC(C=C, kernel="rbf", gamma="scale", random_state=seed)
     else:
