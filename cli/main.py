@@ -544,6 +544,96 @@ def finetune(
         )
 
 
+def _csv_list(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+@cli.command()
+@click.option("--models", required=True, help="Comma-separated model names, e.g. mobilenet_v2,resnet50.")
+@click.option("--data", "datas", required=True, help="Comma-separated dataset names or folders.")
+@click.option(
+    "--methods",
+    default="logreg,finetune:full",
+    show_default=True,
+    help="Comma-separated: logreg, svm, svm-rbf, linear, finetune:STRATEGY, scratch.",
+)
+@click.option("--repeats", type=int, default=1, show_default=True, help="Seeds per configuration; mean and spread.")
+@click.option("--layers", default=None, help="Comma-separated feature layers to sweep with the first frozen method.")
+@click.option("--epochs", type=int, default=25, show_default=True, help="Fine-tuning epochs.")
+@click.option("--image-size", type=int, default=None, help="Crop size in pixels for every method.")
+@click.option("--limit", type=int, default=None, help="Fixed stratified subset of N images per split.")
+@click.option("--workers", type=click.IntRange(0, 64), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/run"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print every row as JSON on stdout.")
+@cache_dir_option
+@data_dir_option
+@_user_errors
+def compare(
+    models: str,
+    datas: str,
+    methods: str,
+    repeats: int,
+    layers: str | None,
+    epochs: int,
+    image_size: int | None,
+    limit: int | None,
+    workers: int | None,
+    seed: int,
+    out: Path,
+    as_json: bool,
+    cache_dir: Path,
+    data_dir: Path | None,
+) -> None:
+    """Which model and which transfer method win on your data, at what cost: one command."""
+    from tlfeat.compare import CompareConfig, command_line
+    from tlfeat.compare import compare as run
+
+    cfg = CompareConfig(
+        models=_csv_list(models),
+        datas=_csv_list(datas),
+        methods=_csv_list(methods),
+        repeats=repeats,
+        out=out,
+        layers=_csv_list(layers),
+        epochs=epochs,
+        image_size=image_size,
+        limit=limit,
+        cache_dir=cache_dir,
+        data_dir=data_dir,
+        workers=workers,
+        seed=seed,
+        command=command_line(),
+    )
+    folder = run(cfg, echo=lambda line: click.echo(line, err=as_json))
+    _report_summary(folder, as_json)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print every row as JSON on stdout.")
+@_user_errors
+def report(folder: Path, as_json: bool) -> None:
+    """Rebuild a comparison report from its saved results, recomputing nothing."""
+    from tlfeat.report import build
+
+    build(folder)
+    _report_summary(folder, as_json)
+
+
+def _report_summary(folder: Path, as_json: bool) -> None:
+    from tlfeat.report import recommendation, rows
+
+    items = rows(folder)
+    if as_json:
+        click.echo(
+            json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in items], indent=2, default=str)
+        )
+    for line in recommendation(items):
+        click.echo(line.replace("**", ""), err=as_json)
+    click.echo(f"report: {folder / 'report.html'} (also report.md, rows.csv, plots/)", err=as_json)
+
+
 def main() -> None:
     cli(prog_name="tlfeat")
 

@@ -47,6 +47,7 @@ class FinetuneConfig:
     seed: int = 0
     weights_id: str | None = None
     weights_file: Path | None = None  # e.g. a best.pt of an earlier fine-tune (multi-stage transfer)
+    untrained: bool = False  # random backbone weights (what `scratch` always uses)
     workers: int | None = None
     device: str = "cpu"
     data_dir: Path | None = None
@@ -133,7 +134,7 @@ def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
 
 
 def _weights_id(cfg: FinetuneConfig, strategy: strategies.Strategy) -> str:
-    if strategy.kind == "scratch":
+    if strategy.kind == "scratch" or cfg.untrained:
         return f"untrained:seed{cfg.seed}"
     if cfg.weights_file is not None:
         return resolve(cfg.model, cfg.weights_id, cfg.weights_file).weights_id
@@ -169,7 +170,13 @@ def finetune(cfg: FinetuneConfig, repeats: int = 1) -> list[FinetuneResult]:
 
 
 def _build(cfg: FinetuneConfig, strategy: strategies.Strategy, n_classes: int):  # type: ignore[no-untyped-def]
-    resolved = resolve(cfg.model, cfg.weights_id, cfg.weights_file, untrained=strategy.kind == "scratch", seed=cfg.seed)
+    resolved = resolve(
+        cfg.model,
+        cfg.weights_id,
+        cfg.weights_file,
+        untrained=strategy.kind == "scratch" or cfg.untrained,
+        seed=cfg.seed,
+    )
     model = build_with_weights(cfg.model, resolved)
     strategies.replace_head(model, cfg.model, n_classes, seed=cfg.seed)
     return model, resolved
@@ -320,7 +327,7 @@ def finetune_one(cfg: FinetuneConfig) -> FinetuneResult:
         "layer": "-",
         "weights_id": weights_id,
         "weights_source": resolved.source,
-        "pretrained": strategy.pretrained,
+        "pretrained": resolved.pretrained,
         "image_size": prep["crop_size"],
         "limit": cfg.limit,
         "seed": cfg.seed,

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 C_GRIDS = {
     "logreg": (0.001, 0.01, 0.1, 1.0, 10.0),
     "linear": (0.001, 0.01, 0.1, 1.0, 10.0),
-    "svm": (0.0001, 0.001, 0.01, 0.1, 1.0),
+    "svm": (0.0001, 0.001, 0.01, 0.1),
     "svm-rbf": (0.1, 1.0, 10.0, 100.0),
 }
 CV_MAX_SAMPLES = 3000  # the C search runs on a stratified subset of this size; the final fit on all
