@@ -61,7 +61,7 @@ def test_table_values_equal_the_saved_records(small_run: tuple[CompareConfig, Pa
         table = list(csv.DictReader(fh))
     assert len(table) == 4
     for row in table:
-        record = json.loads(Path(row["record"]).read_text())
+        record = json.loads((out / row["record"]).read_text())
         binary = record["n_classes"] == 2
         assert float(row["accuracy"]) == record["metrics"]["accuracy"]
         assert float(row["metric"]) == record["metrics"]["roc_auc" if binary else "accuracy"]

@@ -56,7 +56,7 @@ def rows(out: Path) -> list[dict[str, Any]]:
                 "n_train": r["n_train"],
                 "n_test": r["n_test"],
                 "image_size": r.get("image_size"),
-                "record": r["_path"],
+                "record": str(Path(r["_path"]).resolve().relative_to(Path(out).resolve())),
                 "_record": r,
             }
         )
