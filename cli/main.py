@@ -44,7 +44,11 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: completed chunks are kept; run the same command again to resume", err=True)
+            if fn.__name__ == "finetune":
+                hint = "the last completed epoch is saved; run the same command with --resume to continue"
+            else:
+                hint = "completed work is kept; run the same command again to resume"
+            click.echo(f"interrupted: {hint}", err=True)
             sys.exit(130)
 
     return wrapper

@@ -317,57 +317,80 @@ def _plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.lines
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     folder = out / "plots"
     folder.mkdir(exist_ok=True)
     made: dict[str, Path] = {}
     main = _penultimate(items)
+    datasets_ = sorted({r["dataset"] for r in main})
     if main:
-        fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
         methods = sorted({r["method"] for r in main})
-        markers = "osD^v<>Xp*h"
-        datasets_ = sorted({r["dataset"] for r in main})
-        cmap = plt.get_cmap("tab10")
-        for i, method in enumerate(methods):
-            for j, dataset in enumerate(datasets_):
-                pts = [r for r in main if r["method"] == method and r["dataset"] == dataset]
-                if pts:
-                    ax.scatter(
-                        [r["total_seconds"] for r in pts],
-                        [r["accuracy"] for r in pts],
-                        color=cmap(i % 10),
-                        marker=markers[j % len(markers)],
-                        s=50,
-                        alpha=0.8,
-                        label=f"{method}" + (f" ({dataset})" if len(datasets_) > 1 else ""),
-                    )
-        ax.set_xscale("log")
-        ax.set(
-            xlabel="total time per run, seconds (log scale)",
-            ylabel="test accuracy",
-            title="Accuracy vs time: one point per run",
+        models = sorted({r["model"] for r in main})
+        markers = dict(zip(models, "osD^v<>Xph*", strict=False))
+        colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+        fig, axes = plt.subplots(
+            1, len(datasets_), figsize=(5.5 * len(datasets_) + 2.5, 4.5), squeeze=False, constrained_layout=True
         )
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="best")
+        for ax, dataset in zip(axes[0], datasets_, strict=True):
+            for method in methods:
+                for model in models:
+                    pts = [r for r in main if (r["dataset"], r["method"], r["model"]) == (dataset, method, model)]
+                    if pts:
+                        ax.scatter(
+                            [r["total_seconds"] for r in pts],
+                            [r["accuracy"] for r in pts],
+                            s=45,
+                            alpha=0.8,
+                            color=colors[method],
+                            marker=markers[model],
+                            edgecolors="black",
+                            linewidths=0.4,
+                        )
+            ax.set_xscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+            ax.set(xlabel="total time per run, s (log scale)", ylabel="test accuracy", title=dataset)
+            ax.grid(alpha=0.3, which="both")
+        handles = [matplotlib.lines.Line2D([], [], color=colors[m], marker="o", linestyle="", label=m) for m in methods]
+        handles += [
+            matplotlib.lines.Line2D([], [], color="grey", marker=markers[m], linestyle="", label=m) for m in models
+        ]
+        fig.legend(
+            handles=handles,
+            loc="outside right upper",
+            fontsize=8,
+            title="colour: method, marker: model",
+            title_fontsize=8,
+        )
+        fig.suptitle("Accuracy vs time, one point per run")
         made["Accuracy vs total time"] = _save(fig, folder / "accuracy_vs_time.png")
     tuned = [r for r in items if r["_record"]["kind"] == "finetune"]
     if tuned:
-        fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-        for i, r in enumerate(tuned):
-            h = r["_record"]["history"]
-            ax.plot(
-                [e["epoch"] for e in h],
-                [e["val_accuracy"] for e in h],
-                "o-",
-                color=plt.get_cmap("tab10")(i % 10),
-                label=f"{r['method']} {r['model']}/{r['dataset']} s{r['seed']}",
-                alpha=0.8,
-            )
-        ax.set(xlabel="epoch", ylabel="validation accuracy", title="Fine-tuning learning curves")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        tuned_sets = sorted({r["dataset"] for r in tuned})
+        fig, axes = plt.subplots(
+            1, len(tuned_sets), figsize=(5.5 * len(tuned_sets) + 2.5, 4.5), squeeze=False, constrained_layout=True
+        )
+        for ax, dataset in zip(axes[0], tuned_sets, strict=True):
+            groups = _group([r for r in tuned if r["dataset"] == dataset], "model", "method")
+            for i, ((model, method), runs) in enumerate(sorted(groups.items())):
+                curves = [[e["val_accuracy"] for e in r["_record"]["history"]] for r in runs]
+                n = min(len(c) for c in curves)
+                arr = np.array([c[:n] for c in curves])
+                epochs = np.arange(1, n + 1)
+                color = plt.get_cmap("tab10")(i % 10)
+                ax.plot(epochs, arr.mean(0), "o-", color=color, label=f"{method} {model}")
+                if len(runs) > 1:
+                    ax.fill_between(epochs, arr.min(0), arr.max(0), color=color, alpha=0.15)
+            ax.set(xlabel="epoch", ylabel="validation accuracy", title=dataset, ylim=(0, 1.02))
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+        fig.suptitle("Fine-tuning learning curves (mean over repeats, band: min to max)")
         made["Learning curves of the fine-tuning runs"] = _save(fig, folder / "learning_curves.png")
     if items:
         best = max(main or items, key=lambda r: r["accuracy"])
