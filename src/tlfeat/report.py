@@ -209,8 +209,24 @@ def _sections(
         s.append(("table", (["model"] + datasets_, table)))
     for (dataset,), group in sorted(_group(main, "dataset").items()):
         s.append(("h2", f"{dataset}: method × accuracy × time"))
+        ref = _best_frozen(group)
+        if ref is not None:
+            s.append(
+                (
+                    "p",
+                    f"The last two columns compare each fine-tuning run with the most accurate frozen-feature route, "
+                    f"{_cfg(ref)} ({ref['accuracy']:.4f}, {ref['total']:.1f} s per run): its total time divided by "
+                    "the frozen route's, and how many accuracy points the frozen route is ahead.",
+                )
+            )
         table = []
-        for (model, method), runs in sorted(_group(group, "model", "method").items()):
+        for (model, method), runs in sorted(_group(group, "model", "method").items(), key=_method_order):
+            acc = _stat([r["accuracy"] for r in runs])[0]
+            total = _stat([r["total_seconds"] for r in runs])[0]
+            speed = gap = "—"
+            if ref is not None and method.startswith(("finetune", "scratch")):
+                speed = f"{total / max(ref['total'], 1e-9):.1f}"
+                gap = f"{(ref['accuracy'] - acc) * 100:+.1f}"
             table.append(
                 [
                     method,
@@ -220,12 +236,29 @@ def _sections(
                     _ms([r["extract_seconds"] for r in runs], 1),
                     _ms([r["total_seconds"] for r in runs], 1),
                     str(len(runs)),
+                    speed,
+                    gap,
                 ]
             )
-        s.append(("table", (["method", "model", "accuracy", "train s", "extract s", "total s", "runs"], table)))
-        speed = _speedups(group)
-        if speed:
-            s += [("li", line) for line in speed]
+        s.append(
+            (
+                "table",
+                (
+                    [
+                        "method",
+                        "model",
+                        "accuracy",
+                        "train s",
+                        "extract s",
+                        "total s",
+                        "runs",
+                        "time ÷ frozen route",
+                        "frozen route ahead by (points)",
+                    ],
+                    table,
+                ),
+            )
+        )
     layer_rows = [r for r in items if r["layer"] not in ("-",)]
     if len({r["layer"] for r in layer_rows}) > 1:
         s.append(("h2", "Accuracy per feature layer"))
@@ -288,26 +321,25 @@ def _sections(
     return s
 
 
-def _speedups(group: list[dict[str, Any]]) -> list[str]:
+def _best_frozen(group: list[dict[str, Any]]) -> dict[str, Any] | None:
     frozen = [r for r in group if not r["method"].startswith(("finetune", "scratch"))]
-    tuned = [r for r in group if r["method"].startswith(("finetune", "scratch"))]
-    if not frozen or not tuned:
-        return []
-    by_cfg = _group(frozen, "model", "method")
-    (fmodel, fmethod), fruns = max(by_cfg.items(), key=lambda kv: _stat([r["accuracy"] for r in kv[1]])[0])
-    f_total = _stat([r["total_seconds"] for r in fruns])[0]
-    f_acc = _stat([r["accuracy"] for r in fruns])[0]
-    lines = []
-    for (model, method), runs in sorted(_group(tuned, "model", "method").items()):
-        t = _stat([r["total_seconds"] for r in runs])[0]
-        a = _stat([r["accuracy"] for r in runs])[0]
-        ratio = t / max(f_total, 1e-9)
-        speed = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
-        lines.append(
-            f"frozen {fmodel} + {fmethod} ({f_acc:.4f}, {f_total:.0f} s) vs {method} {model} ({a:.4f}, {t:.0f} s): "
-            f"the frozen route is {speed}, {(f_acc - a) * 100:+.1f} accuracy points"
-        )
-    return lines
+    if not frozen:
+        return None
+    (model, method), runs = max(
+        _group(frozen, "model", "method").items(), key=lambda kv: _stat([r["accuracy"] for r in kv[1]])[0]
+    )
+    return {
+        "model": model,
+        "method": method,
+        "accuracy": _stat([r["accuracy"] for r in runs])[0],
+        "total": _stat([r["total_seconds"] for r in runs])[0],
+    }
+
+
+def _method_order(item: tuple[tuple[str, str], list[dict[str, Any]]]) -> tuple[int, str, str]:
+    (model, method), _ = item
+    rank = 2 if method == "scratch" else 1 if method.startswith("finetune") else 0
+    return rank, model, method
 
 
 # --------------------------------------------------------------------------- plots
@@ -330,7 +362,8 @@ def _plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
         methods = sorted({r["method"] for r in main})
         models = sorted({r["model"] for r in main})
         markers = dict(zip(models, "osD^v<>Xph*", strict=False))
-        colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+        palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # no grey: models use it
+        colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
         fig, axes = plt.subplots(
             1, len(datasets_), figsize=(5.5 * len(datasets_) + 2.5, 4.5), squeeze=False, constrained_layout=True
         )
@@ -357,7 +390,10 @@ def _plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
             ax.grid(alpha=0.3, which="both")
         handles = [matplotlib.lines.Line2D([], [], color=colors[m], marker="o", linestyle="", label=m) for m in methods]
         handles += [
-            matplotlib.lines.Line2D([], [], color="grey", marker=markers[m], linestyle="", label=m) for m in models
+            matplotlib.lines.Line2D(
+                [], [], color="black", marker=markers[m], markerfacecolor="none", linestyle="", label=m
+            )
+            for m in models
         ]
         fig.legend(
             handles=handles,
@@ -504,16 +540,16 @@ def _html(sections: list[tuple[str, Any]], out: Path) -> str:
             header, rows_ = payload
             head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
             trs = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>" for row in rows_)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+            body.append(f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table></div>")
     if in_list:
         body.append("</ul>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0 1.2em;font-size:14px}"
-        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f2f2f2}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;white-space:nowrap}th{background:#f2f2f2}"
         "tbody tr:nth-child(even){background:#fafafa}img{max-width:100%;border:1px solid #ddd}"
         "pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:12px}h2{margin-top:1.6em;"
-        "border-bottom:1px solid #eee}figure{margin:1em 0}figcaption{color:#555;font-size:13px}"
+        "border-bottom:1px solid #eee}.wide{overflow-x:auto}figure{margin:1em 0}figcaption{color:#555;font-size:13px}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>tlfeat report: {html.escape(out.name)}"
