@@ -107,3 +107,22 @@ def test_unknown_names_are_reported_all_at_once() -> None:
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TlfeatError, match="holds no results"):
         build(tmp_path)
+
+
+def test_layer_sweep_reports_accuracy_per_layer(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "shapes", per_class=4)
+    cfg = CompareConfig(
+        models=("resnet18:untrained",),
+        datas=(str(tree),),
+        methods=("logreg",),
+        layers=("layer1", "layer3", "penultimate"),
+        image_size=32,
+        workers=0,
+        out=tmp_path / "report",
+        cache_dir=tmp_path / "cache",
+    )
+    compare(cfg, echo=lambda _line: None)
+    layers = sorted(r["layer"] for r in rows(tmp_path / "report"))
+    assert layers == ["layer1", "layer3", "penultimate"]
+    assert (tmp_path / "report" / "plots" / "accuracy_per_layer.png").is_file()
+    assert "## Accuracy per feature layer" in (tmp_path / "report" / "report.md").read_text()
