@@ -33,6 +33,9 @@ def _one_line(exc: Exception) -> str:
     return text.strip()
 
 
+INTERNAL_ERROR = 70  # EX_SOFTWARE: not the user's fault; tests treat it as a failure
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line on stderr and exit code 2, never a traceback."""
 
@@ -43,6 +46,21 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except TlfeatError as exc:
             click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            from tlfeat.cache import writing
+
+            try:  # disk full, read-only, no permission: one line that says so
+                with writing(Path(exc.filename or "output")):
+                    raise exc
+            except TlfeatError as clear:
+                click.echo(f"error: {_one_line(clear)}", err=True)
+                sys.exit(clear.exit_code)
+            except OSError:
+                where = f": {exc.filename}" if exc.filename else ""
+                click.echo(f"error: {exc.strerror or exc}{where} (run with -v for details)", err=True)
+                if logging.getLogger().isEnabledFor(logging.DEBUG):
+                    raise
+                sys.exit(2)
         except KeyboardInterrupt:
             if fn.__name__ == "finetune":
                 hint = "the last completed epoch is saved; run the same command with --resume to continue"
@@ -50,9 +68,43 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 hint = "completed work is kept; run the same command again to resume"
             click.echo(f"interrupted: {hint}", err=True)
             sys.exit(130)
+        except Exception as exc:  # a bug in tlfeat: still one line, with the way to the traceback
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            click.echo(
+                f"internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with -vv for the traceback)", err=True
+            )
+            sys.exit(INTERNAL_ERROR)
 
     return wrapper
 
+
+# Bounds on numbers, so a typo (a negative size, 10**20 epochs) fails at once with click's usage line.
+SEED = click.IntRange(0, 2**32 - 1)
+IMAGE_SIZE = click.IntRange(16, 2048)
+LIMIT = click.IntRange(1, 10**9)
+EPOCHS = click.IntRange(1, 10_000)
+REPEATS = click.IntRange(1, 1000)
+
+
+class _PositiveFloat(click.ParamType):
+    """A finite number > 0 and <= 1e6 (click's FloatRange lets nan through)."""
+
+    name = "positive number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and 0 < number <= 1e6):
+            self.fail(f"{value!r} is not a finite number in (0, 1e6]", param, ctx)
+        return number
+
+
+POSITIVE = _PositiveFloat()
 
 cache_dir_option = click.option(
     "--cache-dir",
@@ -71,7 +123,29 @@ data_dir_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineGroup(click.Group):
+    """Usage mistakes (bad option values, unknown options) also come as one `error:` line."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, *a: Any, **kw: Any) -> Any:
+        if kw.get("standalone_mode", True) is False:
+            return super().main(args, prog_name, *a, **kw)
+        kw["standalone_mode"] = False
+        try:
+            rv = super().main(args, prog_name, *a, **kw)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else (prog_name or "tlfeat")
+            click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="Log what happens (-v info, -vv debug).")
 @click.version_option(package_name="tlfeat")
 def cli(verbose: int) -> None:
@@ -162,15 +236,32 @@ def datasets_cmd(data_dir: Path | None) -> None:
     help="Explicit weights file (torchvision state dict or a tlfeat fine-tune checkpoint).",
 )
 @click.option("--untrained", is_flag=True, help="Random weights (seeded): a no-transfer baseline, marked as such.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --untrained weights.")
-@click.option("--image-size", type=int, default=None, help="Crop size in pixels (default: the weights' own, e.g. 224).")
-@click.option("--limit", type=int, default=None, help="Fixed stratified subset of N images per split.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --untrained weights.")
+@click.option(
+    "--image-size", type=IMAGE_SIZE, default=None, help="Crop size in pixels (default: the weights' own, e.g. 224)."
+)
+@click.option("--limit", type=LIMIT, default=None, help="Fixed stratified subset of N images per split.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option(
     "--workers", type=click.IntRange(0, 64), default=None, help="DataLoader worker processes (default: CPUs - 1)."
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "onnxruntime"]),
+    envvar="TLFEAT_BACKEND",
+    default="auto",
+    show_default=True,
+    help="Inference engine (env TLFEAT_BACKEND). auto: ONNX Runtime on CPU where installed, else torch.",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="An unreadable image: stop, naming it (finished blocks are kept), or skip it and record it in the cache.",
+)
 @cache_dir_option
 @data_dir_option
 @_user_errors
@@ -189,6 +280,8 @@ def extract(
     workers: int | None,
     device: str,
     quiet: bool,
+    backend: str,
+    on_error: str,
     cache_dir: Path,
     data_dir: Path | None,
 ) -> None:
@@ -213,6 +306,8 @@ def extract(
         cache_dir=cache_dir,
         data_dir=data_dir,
         progress=not quiet,
+        backend=backend,
+        on_error=on_error,
     )
     for fs in run(cfg):
         m = fs.meta
@@ -221,23 +316,43 @@ def extract(
             if fs.reused
             else f"computed in {m['extract_seconds']:.1f}s, {m['images_per_second']:.0f} img/s"
         )
-        click.echo(f"{m['split']:>5}: {fs.X.shape[0]} x {fs.X.shape[1]}  {how}  -> {fs.path}")
+        click.echo(f"{m['split']:>5}: {fs.X.shape[0]} x {fs.X.shape[1]}  {how} [{m.get('backend')}]  -> {fs.path}")
+        if m["skipped"]:
+            click.echo(f"       skipped {len(m['skipped'])} unreadable image(s), listed by `tlfeat ls --skipped`:")
+            for item in m["skipped"][:5]:
+                click.echo(f"         {item['error']}")
     if not fs.meta.get("pretrained", True):
         click.echo(f"note: UNTRAINED weights ({fs.meta['weights_id']}): a no-transfer baseline, not ImageNet features")
 
 
 @cli.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--quick", is_flag=True, help="Skip the features checksum (structure is still checked).")
+@click.option("--skipped", "show_skipped", is_flag=True, help="List the images each set skipped (--on-error skip).")
 @cache_dir_option
 @_user_errors
-def ls_cmd(as_json: bool, cache_dir: Path) -> None:
-    """List cached feature sets with their provenance."""
+def ls_cmd(as_json: bool, quick: bool, show_skipped: bool, cache_dir: Path) -> None:
+    """List cached feature sets with their provenance; damaged files are marked."""
     from tlfeat import cache
 
-    entries = cache.scan(cache_dir)
+    entries = cache.scan(cache_dir, verify=not quick)
+    skipped = {e.path: _skipped(e.path) for e in entries if e.status == "ok" and e.attrs.get("n_skipped")}
     if as_json:
         click.echo(
-            json.dumps([{"path": str(e.path), "status": e.status, **e.attrs} for e in entries], indent=2, default=str)
+            json.dumps(
+                [
+                    {
+                        "path": str(e.path),
+                        "status": e.status,
+                        "problem": e.problem,
+                        **e.attrs,
+                        "skipped": skipped.get(e.path, []),
+                    }
+                    for e in entries
+                ],
+                indent=2,
+                default=str,
+            )
         )
         return
     if not entries:
@@ -253,12 +368,13 @@ def ls_cmd(as_json: bool, cache_dir: Path) -> None:
                 Path(str(a.get("dataset", "?"))).name,
                 a.get("split", "?"),
                 a.get("n_done", "?") if e.status != "ok" else a.get("n_images", "?"),
+                a.get("n_skipped") or "-",
                 a.get("layer", "?"),
                 wid if a.get("pretrained", True) else f"{wid} (UNTRAINED)",
                 a.get("image_size", "?"),
                 a.get("limit") or "-",
-                e.status,
-                f"{e.path.stat().st_size / 1e6:.1f}",
+                e.status.upper() if e.status == "damaged" else e.status,
+                f"{_size(e.path) / 1e6:.1f}",
                 str(a.get("created", ""))[:19],
                 e.path.name,
             )
@@ -266,9 +382,46 @@ def ls_cmd(as_json: bool, cache_dir: Path) -> None:
     click.echo(
         _table(
             rows,
-            ["model", "dataset", "split", "n", "layer", "weights", "size", "limit", "status", "MB", "created", "file"],
+            [
+                "model",
+                "dataset",
+                "split",
+                "n",
+                "skipped",
+                "layer",
+                "weights",
+                "size",
+                "limit",
+                "status",
+                "MB",
+                "created",
+                "file",
+            ],
         )
     )
+    for e in entries:
+        if e.status == "damaged":
+            click.echo(f"DAMAGED: {e.problem}")
+    if show_skipped:
+        for path, items in skipped.items():
+            click.echo(f"{path.name}: {len(items)} skipped")
+            for item in items:
+                click.echo(f"  {item['id']}: {item['error']}")
+
+
+def _skipped(path: Path) -> list[dict[str, str]]:
+    from tlfeat import cache
+
+    try:
+        return cache.read(path, verify=False).meta["skipped"]
+    except TlfeatError:
+        return []
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size
 
 
 results_dir_option = click.option(
@@ -301,12 +454,12 @@ def _fmt(value: Any) -> str:
 @click.option("--data", "-d", default=None, help="Only this dataset (default: every cached one).")
 @click.option("--layer", default=None, help="Only features of this layer (default: every cached one).")
 @click.option(
-    "--C", "C", type=float, default=None, help="Inverse regularisation strength (default: chosen by 3-fold CV)."
+    "--C", "C", type=POSITIVE, default=None, help="Inverse regularisation strength (default: chosen by 3-fold CV)."
 )
 @click.option("--kernel", default="linear", show_default=True, help="SVM kernel: linear or rbf (rbf for small data).")
-@click.option("--epochs", type=int, default=50, show_default=True, help="Epochs of the linear head.")
-@click.option("--lr", type=float, default=1e-2, show_default=True, help="Learning rate of the linear head.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=EPOCHS, default=50, show_default=True, help="Epochs of the linear head.")
+@click.option("--lr", type=POSITIVE, default=1e-2, show_default=True, help="Learning rate of the linear head.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--metric", default="accuracy", show_default=True, help="Metric shown in the table.")
 @click.option("--refit", is_flag=True, help="Fit again even when this exact fit is saved (the old result is kept).")
 @click.option("--json", "as_json", is_flag=True, help="Records as JSON on stdout; the table goes to stderr.")
@@ -443,19 +596,19 @@ def results(model: str | None, data: str | None, method: str | None, as_json: bo
     show_default=True,
     help="full, head, freeze:K, discriminative[:RATIO] or scratch (random weights, no transfer).",
 )
-@click.option("--epochs", type=int, default=25, show_default=True)
-@click.option("--lr", type=float, default=None, help="Learning rate of the head (default 1e-3).")
+@click.option("--epochs", type=EPOCHS, default=25, show_default=True)
+@click.option("--lr", type=POSITIVE, default=None, help="Learning rate of the head (default 1e-3).")
 @click.option("--optimizer", default="adam", show_default=True, help="adam or sgd (momentum 0.9).")
 @click.option(
-    "--step-size", type=int, default=7, show_default=True, help="Divide the learning rate by 10 every N epochs."
+    "--step-size", type=EPOCHS, default=7, show_default=True, help="Divide the learning rate by 10 every N epochs."
 )
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--image-size", type=int, default=None, help="Crop size in pixels (default: the weights' own).")
-@click.option("--limit", type=int, default=None, help="Fixed stratified subset of N images per split.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--image-size", type=IMAGE_SIZE, default=None, help="Crop size in pixels (default: the weights' own).")
+@click.option("--limit", type=LIMIT, default=None, help="Fixed stratified subset of N images per split.")
 @click.option(
-    "--repeats", type=int, default=1, show_default=True, help="Runs with seeds seed..seed+N-1; mean and spread."
+    "--repeats", type=REPEATS, default=1, show_default=True, help="Runs with seeds seed..seed+N-1; mean and spread."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--weights-id", default=None, help="torchvision weights entry (default IMAGENET1K_V1).")
 @click.option(
     "--weights",
@@ -561,13 +714,13 @@ def _csv_list(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Comma-separated: logreg, svm, svm-rbf, linear, finetune:STRATEGY, scratch.",
 )
-@click.option("--repeats", type=int, default=1, show_default=True, help="Seeds per configuration; mean and spread.")
+@click.option("--repeats", type=REPEATS, default=1, show_default=True, help="Seeds per configuration; mean and spread.")
 @click.option("--layers", default=None, help="Comma-separated feature layers to sweep with the first frozen method.")
-@click.option("--epochs", type=int, default=25, show_default=True, help="Fine-tuning epochs.")
-@click.option("--image-size", type=int, default=None, help="Crop size in pixels for every method.")
-@click.option("--limit", type=int, default=None, help="Fixed stratified subset of N images per split.")
+@click.option("--epochs", type=EPOCHS, default=25, show_default=True, help="Fine-tuning epochs.")
+@click.option("--image-size", type=IMAGE_SIZE, default=None, help="Crop size in pixels for every method.")
+@click.option("--limit", type=LIMIT, default=None, help="Fixed stratified subset of N images per split.")
 @click.option("--workers", type=click.IntRange(0, 64), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/run"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print every row as JSON on stdout.")
 @cache_dir_option

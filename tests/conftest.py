@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,10 +8,16 @@ import pytest
 from PIL import Image
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Also for module-scoped fixtures, which run before the per-test environment below.
+    os.environ["TLFEAT_BACKEND"] = "torch"
+
+
 @pytest.fixture(autouse=True)
 def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No torchvision downloads, and a per-test cache directory; registry files stay shared."""
     monkeypatch.setenv("TLFEAT_OFFLINE", "1")
+    monkeypatch.setenv("TLFEAT_BACKEND", "torch")  # tests of the ONNX Runtime backend ask for it by name
     monkeypatch.setenv("TLFEAT_CACHE_DIR", str(tmp_path / "features_cache"))
     monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
 

@@ -123,18 +123,17 @@ def test_interrupted_extraction_resumes_and_equals_an_uninterrupted_run(
     calls = {"n": 0}
     original = cache.Writer.append
 
-    def crash_on_third_batch(self: cache.Writer, feats: np.ndarray) -> None:
+    def crash_on_third_batch(self: cache.Writer, feats: np.ndarray, errors: list[str] | None = None) -> None:
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        original(self, feats)
+        original(self, feats, errors)
 
     monkeypatch.setattr(cache.Writer, "append", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract(small(tree, tmp_path, splits=("train",)))
-    partials = list((tmp_path / "cache").glob("*.partial"))
-    assert len(partials) == 1 and not list((tmp_path / "cache").glob("*.h5"))
-    assert cache.read_attrs(partials[0])["n_done"] == 8
+    [entry] = cache.scan(tmp_path / "cache")
+    assert entry.status == "partial" and entry.attrs["n_done"] == 8
 
     monkeypatch.setattr(cache.Writer, "append", original)
     resumed = extract(small(tree, tmp_path, splits=("train",)))[0]

@@ -59,10 +59,13 @@ def test_models_lists_dims_and_local_weights(runner: CliRunner) -> None:
     [
         (["extract", "--model", "resnet5", "--data", "digits"], "unknown model 'resnet5'"),
         (["extract", "--model", "resnet18", "--data", "nowhere/at/all"], "unknown dataset 'nowhere/at/all'"),
-        (["extract", "--model", "resnet18", "--data", "digits", "--limit", "-3"], "--limit must be a positive"),
+        (["extract", "--model", "resnet18", "--data", "digits", "--limit", "-3"], "Invalid value for '--limit'"),
         (["extract", "--model", "resnet18", "--data", "digits", "--split", "val"], "has no split 'val'"),
         (["extract", "--model", "resnet18", "--data", "digits", "--layer", "layer9"], "has no layer 'layer9'"),
-        (["extract", "--model", "resnet18", "--data", "digits", "--image-size", "4"], "--image-size must be"),
+        (
+            ["extract", "--model", "resnet18", "--data", "digits", "--image-size", "4"],
+            "Invalid value for '--image-size'",
+        ),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(runner: CliRunner, args: list[str], message: str) -> None:

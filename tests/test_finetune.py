@@ -218,7 +218,7 @@ def test_fine_tuned_checkpoint_feeds_extract(head_run, tmp_path: Path) -> None: 
         (["--strategy", "freeze"], "unknown strategy 'freeze'"),
         (["--strategy", "freeze:99"], "more than the 5 blocks of resnet18"),
         (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
-        (["--epochs", "0"], "--epochs, --batch-size and --step-size must be at least 1"),
+        (["--epochs", "0"], "Invalid value for '--epochs'"),
     ],
 )
 def test_finetune_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:

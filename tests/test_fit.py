@@ -136,7 +136,7 @@ def test_fit_errors(tmp_path: Path, digits_cache: Path) -> None:
             ["fit", "--clf", "logreg", "--kernel", "rbf", "--cache-dir", str(digits_cache)],
             "--kernel applies to --clf svm only",
         ),
-        (["fit", "--C", "-1", "--cache-dir", str(digits_cache)], "--C must be positive"),
+        (["fit", "--C", "-1", "--cache-dir", str(digits_cache)], "Invalid value for '--C'"),
     ]
     for args, message in cases:
         result = runner.invoke(cli, [*args, "--results-dir", str(tmp_path)])

@@ -8,23 +8,30 @@ resumes) and renamed when complete, so a file with the final name is always whol
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlfeat.errors import CacheMismatch, TlfeatError
+from tlfeat.errors import CacheDamaged, CacheMismatch, TlfeatError, WriteFailed
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SUFFIX = ".h5"
 PARTIAL = ".partial"
+DAMAGED = ".damaged"
 
 
 @dataclass
@@ -71,9 +78,12 @@ def _features_digest(features: np.ndarray) -> str:
 
 
 class Writer:
-    """Appends feature rows to a `.partial` file and renames it once complete.
+    """Streams feature rows into `<final>.partial/` in blocks and assembles the HDF5 file at the end.
 
-    Reopening the same partial file with the same key resumes after its last flushed row.
+    Every block is written under a temporary name, synced and renamed, so a process killed at any
+    instant (Ctrl-C, SIGKILL, a full disk) leaves only whole blocks behind; reopening the same key
+    resumes after the last one. `finish` streams the blocks into `<final>.writing`, syncs it and
+    renames it to `final`, so a file with the final name is always complete.
     """
 
     def __init__(
@@ -86,78 +96,212 @@ class Writer:
         class_names: list[str],
         flush_every: int = 1024,
     ) -> None:
-        import h5py
-
         self.final = Path(final)
         self.partial = self.final.with_name(self.final.name + PARTIAL)
-        self.n = len(labels)
-        self.flush_every = flush_every
-        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.key, self.attrs = key, dict(attrs)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids, self.class_names = list(ids), list(class_names)
+        self.n = len(self.labels)
+        self.flush_every = max(1, int(flush_every))
+        self._rows: list[np.ndarray] = []
+        self._errors: list[str] = []
         self.done = 0
-        if self.partial.exists():
-            try:
-                self.h5 = h5py.File(self.partial, "a")
-                same = self.h5.attrs.get("key") == key and int(self.h5.attrs.get("n_images", -1)) == self.n
-                if same:
-                    self.done = int(self.h5.attrs.get("n_done", 0))
-                    log.info("resuming %s after %d of %d images", self.partial.name, self.done, self.n)
-                else:
-                    self.h5.close()
-                    self.partial.unlink()
-            except OSError:
-                log.warning("discarding unreadable partial file %s", self.partial)
+        manifest = {"key": key, "n_images": self.n, "format": FORMAT_VERSION}
+        with writing(self.partial):
+            if self.partial.is_file():  # a partial HDF5 file from tlfeat 0.1: start over
                 self.partial.unlink()
-        if not self.partial.exists():
-            self.h5 = h5py.File(self.partial, "w")
-            for name, value in attrs.items():
-                self.h5.attrs[name] = _attr(value)
-            self.h5.attrs["key"] = key
-            self.h5.attrs["n_images"] = self.n
-            self.h5.attrs["n_done"] = 0
-            self.h5.attrs["complete"] = False
-            self.h5.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            self.h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-            self.h5.create_dataset("class_names", data=np.asarray(class_names, dtype=object), dtype=h5py.string_dtype())
-        self._since_flush = 0
+            blocks = _blocks(self.partial) if self.partial.is_dir() else []
+            if blocks and _read_manifest(self.partial) == manifest:
+                self.done = blocks[-1][1]
+                log.info("resuming %s after %d of %d images", self.partial.name, self.done, self.n)
+            else:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                self.partial.mkdir(parents=True)
+                _atomic_write(self.partial / MANIFEST, json.dumps(manifest).encode())
+        self.flushed = self.done
 
-    def append(self, feats: np.ndarray) -> None:
-        if "features" not in self.h5:
-            dim = feats.shape[1]
-            self.h5.create_dataset(
-                "features",
-                shape=(self.n, dim),
-                dtype=np.float32,
-                chunks=(max(1, min(self.n, max(1, 2**20 // (4 * dim)))), dim),
-            )
-        start = self.done
-        self.h5["features"][start : start + len(feats)] = feats.astype(np.float32, copy=False)
+    def append(self, feats: np.ndarray, errors: list[str] | None = None) -> None:
+        """Add the next rows; `errors[i]` non-empty marks row i as a skipped image (stored as NaN)."""
+        feats = np.array(feats, dtype=np.float32)
+        errors = list(errors) if errors is not None else [""] * len(feats)
+        for i, err in enumerate(errors):
+            if err:
+                feats[i] = np.nan
+        self._rows.append(feats)
+        self._errors.extend(errors)
         self.done += len(feats)
-        self._since_flush += len(feats)
-        if self._since_flush >= self.flush_every:
+        if self.done - self.flushed >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        self.h5.attrs["n_done"] = self.done
-        self.h5.flush()
-        self._since_flush = 0
+        """Write the buffered rows as one block; after this returns they survive any crash."""
+        if not self._rows:
+            return
+        rows = np.concatenate(self._rows)
+        start, stop = self.flushed, self.flushed + len(rows)
+        buf = io.BytesIO()
+        np.savez(buf, features=rows, errors=np.asarray(self._errors, dtype=str))
+        with writing(self.partial):
+            _atomic_write(self.partial / f"{start:010d}-{stop:010d}.npz", buf.getvalue())
+        self._rows, self._errors, self.flushed = [], [], stop
 
     def finish(self, extra_attrs: dict[str, Any]) -> Path:
-        if self.done != self.n:
+        import h5py
+
+        self.flush()
+        blocks = _blocks(self.partial)
+        if self.done != self.n or not blocks or blocks[-1][1] != self.n:
             raise TlfeatError(f"internal: wrote {self.done} of {self.n} feature rows")
-        for name, value in extra_attrs.items():
-            self.h5.attrs[name] = _attr(value)
-        self.h5.attrs["features_sha256"] = _features_digest(self.h5["features"][...])
-        self.h5.attrs["n_done"] = self.done
-        self.h5.attrs["complete"] = True
-        self.h5.close()
-        os.replace(self.partial, self.final)
+        tmp = self.final.with_name(self.final.name + ".writing")
+        with np.load(blocks[0][2]) as first:
+            dim = first["features"].shape[1]
+        _check_room(tmp, self.n * dim * 4 + sum(len(i) + 40 for i in self.ids) + 256 * 1024)
+        digest = hashlib.sha256()
+        skipped_index: list[int] = []
+        skipped_error: list[str] = []
+        try:
+            with writing(tmp), h5py.File(tmp, "w") as h5:
+                for name, value in {**self.attrs, **extra_attrs}.items():
+                    h5.attrs[name] = _attr(value)
+                h5.create_dataset("labels", data=self.labels)
+                h5.create_dataset("ids", data=np.asarray(self.ids, dtype=object), dtype=h5py.string_dtype())
+                h5.create_dataset(
+                    "class_names", data=np.asarray(self.class_names, dtype=object), dtype=h5py.string_dtype()
+                )
+                chunk = max(1, min(self.n, 2**20 // (4 * dim)))
+                features = h5.create_dataset("features", shape=(self.n, dim), dtype=np.float32, chunks=(chunk, dim))
+                for start, stop, path in blocks:
+                    with np.load(path) as block:
+                        rows, errors = block["features"], block["errors"]
+                    features[start:stop] = rows
+                    digest.update(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+                    for i, err in enumerate(errors):
+                        if err:
+                            skipped_index.append(start + i)
+                            skipped_error.append(str(err))
+                h5.create_dataset("skipped_index", data=np.asarray(skipped_index, dtype=np.int64))
+                h5.create_dataset(
+                    "skipped_error", data=np.asarray(skipped_error, dtype=object), dtype=h5py.string_dtype()
+                )
+                h5.attrs["format"] = FORMAT_VERSION
+                h5.attrs["key"] = self.key
+                h5.attrs["n_images"] = self.n
+                h5.attrs["n_done"] = self.n
+                h5.attrs["n_skipped"] = len(skipped_index)
+                h5.attrs["features_sha256"] = digest.hexdigest()
+                h5.attrs["complete"] = True
+                h5.flush()
+                os.fsync(h5.id.get_vfd_handle())
+            with writing(self.final):
+                os.replace(tmp, self.final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # free the space; the blocks stay for the next run
+            raise
+        shutil.rmtree(self.partial, ignore_errors=True)
         return self.final
 
     def close(self) -> None:
-        """Keep what was computed so far (flushed) for the next run to resume."""
-        if self.h5.id.valid:
+        """Keep what was computed so far for the next run to resume; never masks the error that got here."""
+        try:
             self.flush()
-            self.h5.close()
+        except (OSError, TlfeatError) as exc:
+            log.warning("could not save the last %d rows (%s); they will be computed again", len(self._errors), exc)
+            self._rows, self._errors = [], []
+
+
+MANIFEST = "manifest.json"
+
+
+def _read_manifest(partial: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((partial / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _blocks(partial: Path) -> list[tuple[int, int, Path]]:
+    """The contiguous run of complete blocks from row 0: (start, stop, path)."""
+    found = {}
+    for path in partial.glob("*.npz"):
+        try:
+            start, stop = (int(x) for x in path.stem.split("-"))
+        except ValueError:
+            continue
+        found[start] = (start, stop, path)
+    out, row = [], 0
+    while row in found:
+        out.append(found[row])
+        row = found[row][1]
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# errno values that mean "this place cannot be written", with what the user can do about it.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this filesystem or process limit",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def _check_room(path: Path, needed: int) -> None:
+    """Refuse to start a file that cannot fit, before HDF5 half-writes it.
+
+    HDF5 fails badly on a full disk (RuntimeErrors while closing, even a crash at exit), so the
+    free space and the process's file-size limit are checked first.
+    """
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        _raise_write_failed(
+            path, errno.EFBIG, f"needs about {needed / 1e6:.1f} MB, the file-size limit is {limit / 1e6:.1f} MB"
+        )
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        _raise_write_failed(path, errno.ENOSPC, f"needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+
+
+def _raise_write_failed(path: Path, code: int, detail: str = "") -> None:
+    reason = _WRITE_ERRORS[code] + (f": {detail}" if detail else "")
+    raise WriteFailed(
+        f"cannot write {path} ({reason}); free space or choose a writable --cache-dir/--results-dir/--out. "
+        "Finished files are untouched and completed blocks are kept for the next run"
+    )
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only, no permission) into one clear TlfeatError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code not in _WRITE_ERRORS:  # HDF5 reports the errno inside its message
+            found = re.search(r"errno = (\d+)", str(exc))
+            code = int(found.group(1)) if found else None
+        if code not in _WRITE_ERRORS:
+            raise
+        _raise_write_failed(path, code)
 
 
 def _attr(value: Any) -> Any:
@@ -167,6 +311,35 @@ def _attr(value: Any) -> Any:
     if isinstance(value, str):
         return str(value)  # str subclasses such as torch's TorchVersion
     return value
+
+
+@contextlib.contextmanager
+def lock(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock for computing `final`, so two processes never write the same file.
+
+    A second process waits here, then finds the finished file and reuses it. The lock is the
+    kernel's (flock): it goes away with its process, so a killed run never leaves a stale lock.
+    """
+    lock_path = final.with_name(final.name + ".lock")
+    with writing(lock_path):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a")  # noqa: SIM115 - held for the whole block
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked
+        with fh:
+            yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another tlfeat process is computing %s; waiting for it", final.name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
@@ -184,25 +357,86 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read(path: Path, verify: bool = True) -> FeatureSet:
-    """Load a complete cache file; a damaged or incomplete one is an error that says so."""
+def _strings(values: Any) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in values]
+
+
+def check(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The attributes of a whole, current-format cache file; raises CacheDamaged otherwise.
+
+    Cheap checks always (opens, complete, format, datasets and shapes agree); with `verify`, the
+    features' sha256 too.
+    """
     import h5py
 
-    path = Path(path)
+    rebuild = "delete it (or move it away) and run the same `tlfeat extract` again to rebuild it"
     try:
         with h5py.File(path, "r") as h5:
             meta = {k: _plain(v) for k, v in h5.attrs.items()}
+            fmt = meta.get("format")
+            if fmt != FORMAT_VERSION:
+                raise CacheDamaged(
+                    f"{path} was written by another tlfeat (format {'unknown' if fmt in (None, '') else fmt}, "
+                    f"this one reads {FORMAT_VERSION}); {rebuild}"
+                )
             if not meta.get("complete"):
-                raise TlfeatError(f"{path} is incomplete; run the same `tlfeat extract` again to finish it")
+                raise CacheDamaged(f"{path} is incomplete; {rebuild}")
+            n = int(meta.get("n_images", -1))
+            shapes = {name: h5[name].shape[0] for name in ("features", "labels", "ids")}
+            if any(v != n for v in shapes.values()):
+                raise CacheDamaged(f"{path} is damaged (rows: {shapes}, expected {n}); {rebuild}")
+            if verify and _block_digest(h5["features"]) != meta.get("features_sha256"):
+                raise CacheDamaged(f"{path} is damaged (features checksum differs); {rebuild}")
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CacheDamaged(f"{path} is damaged ({_short(exc)}); {rebuild}") from exc
+    return meta
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+
+
+def _block_digest(features: Any) -> str:
+    """sha256 of the float32 rows, read a block at a time so memory stays flat."""
+    digest = hashlib.sha256()
+    step = max(1, 2**24 // (4 * max(1, features.shape[1])))
+    for start in range(0, features.shape[0], step):
+        digest.update(np.ascontiguousarray(features[start : start + step], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def read(path: Path, verify: bool = True) -> FeatureSet:
+    """Load a complete cache file without its skipped images; a damaged one raises CacheDamaged."""
+    import h5py
+
+    path = Path(path)
+    meta = check(path, verify=False)
+    try:
+        with h5py.File(path, "r") as h5:
             X = h5["features"][...]
             y = h5["labels"][...]
-            ids = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["ids"][...]]
-            names = [s.decode() if isinstance(s, bytes) else str(s) for s in h5["class_names"][...]]
-    except (OSError, KeyError) as exc:
-        raise TlfeatError(f"{path} is damaged ({exc}); delete it and run `tlfeat extract` again") from exc
-    if verify and meta.get("features_sha256") and _features_digest(X) != meta["features_sha256"]:
-        raise TlfeatError(f"{path} is damaged (features checksum differs); delete it and extract again")
+            ids = _strings(h5["ids"][...])
+            names = _strings(h5["class_names"][...])
+            skipped = h5["skipped_index"][...] if "skipped_index" in h5 else np.zeros(0, dtype=np.int64)
+            errors = _strings(h5["skipped_error"][...]) if "skipped_error" in h5 else []
+    except (OSError, KeyError, ValueError) as exc:
+        raise CacheDamaged(f"{path} is damaged ({_short(exc)}); delete it and run `tlfeat extract` again") from exc
+    if verify and _features_digest(X) != meta.get("features_sha256"):
+        raise CacheDamaged(f"{path} is damaged (features checksum differs); delete it and run `tlfeat extract` again")
+    meta["skipped"] = [{"id": ids[i], "error": err} for i, err in zip(skipped.tolist(), errors, strict=True)]
+    if len(skipped):
+        keep = np.ones(len(y), dtype=bool)
+        keep[skipped] = False
+        X, y, ids = X[keep], y[keep], [i for i, k in zip(ids, keep, strict=True) if k]
     return FeatureSet(X=X, y=y, ids=ids, class_names=names, meta=meta, path=path)
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged file out of the way (never delete computed data); returns where it went."""
+    aside = path.with_name(path.name + DAMAGED)
+    with writing(aside):
+        os.replace(path, aside)
+    return aside
 
 
 @dataclass(frozen=True)
@@ -211,26 +445,47 @@ class Entry:
 
     path: Path
     attrs: dict[str, Any]
-    status: str  # "ok", "partial", "damaged"
+    status: str  # "ok", "partial", "damaged", "set aside"
+    problem: str = ""
 
 
-def scan(cache_dir: Path) -> list[Entry]:
-    """Every cache file (complete or partial) under `cache_dir`, newest first."""
+def scan(cache_dir: Path, verify: bool = False) -> list[Entry]:
+    """Every cache file (complete, partial or damaged) under `cache_dir`, newest first."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
     entries = []
     for path in sorted(cache_dir.glob(f"*{SUFFIX}*")):
-        if not (path.name.endswith(SUFFIX) or path.name.endswith(SUFFIX + PARTIAL)):
-            continue
-        try:
-            attrs = read_attrs(path)
-            status = "ok" if attrs.get("complete") and path.name.endswith(SUFFIX) else "partial"
-        except OSError:
-            attrs, status = {}, "damaged"
-        entries.append(Entry(path, attrs, status))
+        name = path.name
+        if name.endswith(SUFFIX):
+            try:
+                entries.append(Entry(path, check(path, verify=verify), "ok"))
+            except CacheDamaged as exc:
+                entries.append(Entry(path, _attrs_or_empty(path), "damaged", str(exc)))
+        elif name.endswith(SUFFIX + PARTIAL) and path.is_dir():
+            manifest = _read_manifest(path) or {}
+            blocks = _blocks(path)
+            attrs = {**_key_attrs(name), **manifest, "n_done": blocks[-1][1] if blocks else 0}
+            entries.append(Entry(path, attrs, "partial", "run the same `tlfeat extract` again to finish it"))
+        elif name.endswith(SUFFIX + DAMAGED):
+            entries.append(
+                Entry(path, _attrs_or_empty(path), "set aside", "damaged; extract rebuilt or will rebuild it")
+            )
     entries.sort(key=lambda e: str(e.attrs.get("created", "")), reverse=True)
     return entries
+
+
+def _attrs_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        return {**_key_attrs(path.name), **read_attrs(path)}
+    except OSError:
+        return _key_attrs(path.name)
+
+
+def _key_attrs(name: str) -> dict[str, Any]:
+    """model, dataset slug and split from a cache file name, for files whose attributes are unreadable."""
+    parts = name.split(SUFFIX)[0].split("__")
+    return dict(zip(("model", "dataset", "split"), parts[:3], strict=False))
 
 
 # Options a user can pass to narrow down which cached set to load, and their attribute names.
@@ -239,14 +494,21 @@ SELECTORS = ("layer", "weights_id", "image_size", "limit")
 
 def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: Any) -> Path:
     """The one complete cache file matching (model, dataset, split) and any given selectors."""
+    from tlfeat.datasets import dataset_slug
+
+    entries = scan(cache_dir)
     candidates = [
         e
-        for e in scan(cache_dir)
+        for e in entries
         if e.status == "ok"
         and e.attrs.get("model") == model
         and e.attrs.get("dataset") == dataset_id
         and e.attrs.get("split") == split
     ]
+    prefix = f"{model}__{dataset_slug(dataset_id)}__{split}__"
+    damaged = [e for e in entries if e.status == "damaged" and e.path.name.startswith(prefix)]
+    if not candidates and damaged:
+        raise CacheDamaged(damaged[0].problem)
     if not candidates:
         raise CacheMismatch(
             f"no cached features for model {model!r}, dataset {dataset_id!r}, split {split!r} in {cache_dir}; "

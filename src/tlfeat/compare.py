@@ -192,10 +192,14 @@ def planned(cfg: CompareConfig, cell: Cell) -> str:
     if parse_method(cell.method)[0] == "finetune":
         folder, _ = finetune.run_dir(_finetune_cfg(cfg, cell))
         return "reuse" if (folder / "record.json").is_file() else "fine-tune"
-    plan = extraction.plan(replace(_extract_cfg(cfg, cell), splits=("train", "test")))
-    if not all(path.is_file() for _, path, _ in plan):
+    ecfg = replace(_extract_cfg(cfg, cell), splits=("train", "test"))
+    found = [
+        next((c for c, _ in extraction.candidates(ecfg, path, fields) if c.is_file()), None)
+        for _, path, fields in extraction.plan(ecfg)
+    ]
+    if None in found:
         return "extract + fit"
-    train, test = (cache.read(path) for _, path, _ in plan)
+    train, test = (cache.read(path) for path in found if path is not None)
     fcfg = _fit_cfg(cfg, cell)
     key = fitting.config_key(fcfg, train, test)
     hits = list((cfg.out / "results" / "fits").glob(f"*__{key}/record.json"))

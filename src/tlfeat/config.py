@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -31,6 +31,9 @@ class ExtractConfig:
     cache_dir: Path | None = None
     data_dir: Path | None = None
     progress: bool = True
+    # (key, once resolved) "torch", "onnxruntime", or "auto": the fastest available (env TLFEAT_BACKEND)
+    backend: str = field(default_factory=lambda: os.environ.get("TLFEAT_BACKEND") or "auto")
+    on_error: str = "fail"  # "fail": stop at an unreadable image, naming it; "skip": record it and go on
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()

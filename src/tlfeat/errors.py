@@ -26,6 +26,14 @@ class CacheMismatch(TlfeatError):
     """A cache file disagrees with what was asked for."""
 
 
+class CacheDamaged(TlfeatError):
+    """A cache file is truncated, edited, incomplete or from an older tlfeat; `extract` rebuilds it."""
+
+
+class WriteFailed(TlfeatError):
+    """The disk is full or the destination is not writable; nothing complete was touched."""
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     """Return ' Did you mean X?' for the closest choice, or ''."""
     import difflib

@@ -16,13 +16,13 @@ from typing import Any
 
 from tlfeat import __version__, backbones, cache, datasets
 from tlfeat.config import ExtractConfig
-from tlfeat.errors import CacheMismatch, TlfeatError
+from tlfeat.errors import CacheDamaged, CacheMismatch, TlfeatError
 from tlfeat.weights import ResolvedWeights, build_with_weights, resolve
 
 log = logging.getLogger(__name__)
 
 LAYER_DEFAULT = "penultimate"
-FLUSH_EVERY = 1024  # images between flushes: how much an interrupted run can lose
+FLUSH_EVERY = 1024  # images per saved block: the most an interrupted run can lose (env TLFEAT_FLUSH_EVERY)
 
 
 def preprocessing(model: str, weights_id: str | None, image_size: int | None) -> dict[str, Any]:
@@ -63,17 +63,51 @@ def make_transform(prep: dict[str, Any]):  # type: ignore[no-untyped-def]
     )
 
 
-class _Images:
-    """torch Dataset over an ImageSplit, yielding preprocessed tensors from `start` on."""
+ON_ERROR = ("fail", "skip")
+BACKENDS = ("auto", "torch", "onnxruntime")
 
-    def __init__(self, split: datasets.ImageSplit, transform: Any, start: int = 0) -> None:
-        self.split, self.transform, self.start = split, transform, start
+
+def choose_backend(cfg: ExtractConfig) -> str:
+    """The backend that will run: ONNX Runtime on CPU where installed (measured faster), else torch."""
+    from tlfeat import onnx_backend
+
+    if cfg.backend not in BACKENDS:
+        raise TlfeatError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.backend == "torch":
+        return "torch"
+    if cfg.backend == "onnxruntime":
+        onnx_backend.require()
+        if not cfg.device.startswith("cpu"):
+            raise TlfeatError("--backend onnxruntime runs on the CPU; use --backend torch with --device " + cfg.device)
+        if cfg.layer is not None:
+            raise TlfeatError("--backend onnxruntime extracts the penultimate layer; use --backend torch for --layer")
+        return "onnxruntime"
+    usable = cfg.device.startswith("cpu") and cfg.layer is None and onnx_backend.available()
+    return "onnxruntime" if usable else "torch"
+
+
+class _Images:
+    """torch Dataset over an ImageSplit, yielding (preprocessed tensor, error) from `start` on.
+
+    With `skip`, an image that cannot be decoded yields a zero tensor and its error message, so the
+    batch keeps its shape and the row is recorded as skipped; otherwise the error propagates.
+    """
+
+    def __init__(self, split: datasets.ImageSplit, transform: Any, start: int, crop: int, skip: bool) -> None:
+        self.split, self.transform, self.start, self.crop, self.skip = split, transform, start, crop, skip
 
     def __len__(self) -> int:
         return len(self.split) - self.start
 
     def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
-        return self.transform(self.split.image(self.start + i))
+        try:
+            return self.transform(self.split.image(self.start + i)), ""
+        except TlfeatError as exc:
+            if not self.skip:
+                raise
+            import torch
+
+            return torch.zeros(3, self.crop, self.crop), str(exc)
 
 
 def _weights_key(cfg: ExtractConfig) -> tuple[str, ResolvedWeights | None]:
@@ -89,6 +123,12 @@ def _weights_key(cfg: ExtractConfig) -> tuple[str, ResolvedWeights | None]:
 def plan(cfg: ExtractConfig) -> list[tuple[str, Path, dict[str, Any]]]:
     """(split, cache file, key fields) for every split the request covers."""
     backbones.check_model(cfg.model)
+    if cfg.on_error not in ON_ERROR:
+        raise TlfeatError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {cfg.on_error!r}")
+    if cfg.batch_size <= 0 or cfg.batch_size > 65536:
+        raise TlfeatError(f"--batch-size must be between 1 and 65536, got {cfg.batch_size}")
+    if cfg.workers is not None and not 0 <= cfg.workers <= 256:
+        raise TlfeatError(f"--workers must be between 0 and 256, got {cfg.workers}")
     if cfg.limit is not None and cfg.limit <= 0:
         raise TlfeatError(f"--limit must be a positive number of images, got {cfg.limit}")
     if cfg.layer is not None:
@@ -100,6 +140,7 @@ def plan(cfg: ExtractConfig) -> list[tuple[str, Path, dict[str, Any]]]:
         if split not in available:
             raise TlfeatError(f"{cfg.data} has no split {split!r}; valid: {', '.join(available)}")
     weights_id, _ = _weights_key(cfg)
+    backend = choose_backend(cfg)
     prep = preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
     out = []
     for split in wanted:
@@ -113,7 +154,7 @@ def plan(cfg: ExtractConfig) -> list[tuple[str, Path, dict[str, Any]]]:
             "dataset": dataset_id,
             "split": split,
             "limit": cfg.limit,
-            "backend": "torch",
+            "backend": backend,
         }
         key = cache.cache_key(key_fields)
         path = cache.cache_path(cfg.resolved_cache_dir(), cfg.model, datasets.dataset_slug(dataset_id), split, key)
@@ -131,19 +172,63 @@ def extract(cfg: ExtractConfig) -> list[cache.FeatureSet]:
     model = None
     resolved: ResolvedWeights | None = None
     for split, path, key_fields in plan(cfg):
-        if path.is_file():
-            fs = cache.read(path)
-            _check_same(fs, key_fields)
-            fs.reused = True
-            log.info("reusing %s", path)
+        fs = _reuse_any(cfg, path, key_fields)
+        if fs is not None:
             results.append(fs)
             continue
-        if model is None:
-            resolved = resolve(cfg.model, cfg.weights_id, cfg.weights_file, untrained=cfg.untrained, seed=cfg.seed)
-            model = _prepare_model(cfg, resolved)
-        assert resolved is not None
-        results.append(_extract_split(cfg, split, path, key_fields, model, resolved))
+        with cache.lock(path):
+            fs = _reuse(path, key_fields)  # another process may have finished it while this one waited
+            if fs is not None:
+                results.append(fs)
+                continue
+            if model is None:
+                resolved = resolve(cfg.model, cfg.weights_id, cfg.weights_file, untrained=cfg.untrained, seed=cfg.seed)
+                model = _prepare_model(cfg, resolved, key_fields)
+            assert resolved is not None
+            results.append(_extract_split(cfg, split, path, key_fields, model, resolved))
     return results
+
+
+def _reuse(path: Path, key_fields: dict[str, Any]) -> cache.FeatureSet | None:
+    """The finished features under `path`, or None when they must be computed.
+
+    A damaged file (truncated, edited, older format) is moved aside, never deleted, and rebuilt.
+    """
+    if not path.is_file():
+        return None
+    try:
+        fs = cache.read(path)
+    except CacheDamaged as exc:
+        aside = cache.set_aside(path)
+        log.warning("%s; moved it to %s and extracting again", str(exc).split(";")[0], aside.name)
+        return None
+    _check_same(fs, key_fields)
+    fs.reused = True
+    log.info("reusing %s", path)
+    return fs
+
+
+def candidates(cfg: ExtractConfig, path: Path, key_fields: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """Cache files this request may use, in order: its own, then (with --backend auto) other backends'.
+
+    Features another backend already computed are reused rather than computed twice.
+    """
+    out = [(path, key_fields)]
+    if cfg.backend == "auto":
+        stem = path.name.rsplit("__", 1)[0]
+        for other in BACKENDS[1:]:
+            if other != key_fields["backend"]:
+                fields = {**key_fields, "backend": other}
+                out.append((path.with_name(f"{stem}__{cache.cache_key(fields)}{cache.SUFFIX}"), fields))
+    return out
+
+
+def _reuse_any(cfg: ExtractConfig, path: Path, key_fields: dict[str, Any]) -> cache.FeatureSet | None:
+    for candidate, fields in candidates(cfg, path, key_fields):
+        fs = _reuse(candidate, fields)
+        if fs is not None:
+            return fs
+    return None
 
 
 def _check_same(fs: cache.FeatureSet, key_fields: dict[str, Any]) -> None:
@@ -159,15 +244,30 @@ def _check_same(fs: cache.FeatureSet, key_fields: dict[str, Any]) -> None:
         )
 
 
-def _prepare_model(cfg: ExtractConfig, resolved: ResolvedWeights):  # type: ignore[no-untyped-def]
+def _prepare_model(cfg: ExtractConfig, resolved: ResolvedWeights, key_fields: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """A callable: preprocessed float32 batch (torch tensor) in, (n, d) float32 numpy features out."""
     import torch
 
     net = build_with_weights(cfg.model, resolved)
     extractor = backbones.feature_extractor(net, cfg.model, cfg.layer)
-    extractor = extractor.to(cfg.device, memory_format=torch.channels_last)
     for p in extractor.parameters():
         p.requires_grad_(False)
-    return extractor.eval()
+    extractor = extractor.eval()
+    if key_fields["backend"] == "onnxruntime":
+        from tlfeat import onnx_backend
+
+        size = int(key_fields["preprocessing"]["crop_size"])
+        onnx_path = onnx_backend.export_path(
+            cfg.resolved_cache_dir(), cfg.model, resolved.weights_id, resolved.sha256 or "", size
+        )
+        return onnx_backend.Session(onnx_backend.export(extractor, onnx_path, size))
+    extractor = extractor.to(cfg.device, memory_format=torch.channels_last)
+
+    def run(batch: torch.Tensor) -> Any:
+        batch = batch.to(cfg.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return extractor(batch).float().cpu().numpy()
+
+    return run
 
 
 def _extract_split(
@@ -198,7 +298,8 @@ def _extract_split(
         "split": split,
         "limit": cfg.limit or 0,
         "split_seed": datasets.SPLIT_SEED,
-        "backend": "torch",
+        "backend": key_fields["backend"],
+        "onnxruntime_version": getattr(model, "version", ""),
         "device": cfg.device,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
@@ -212,14 +313,14 @@ def _extract_split(
         images.labels,
         list(images.ids),
         list(images.class_names),
-        flush_every=FLUSH_EVERY,
+        flush_every=int(os.environ.get("TLFEAT_FLUSH_EVERY") or FLUSH_EVERY),
     )
     start = writer.done
     workers = cfg.workers if cfg.workers is not None else default_workers()
     if len(images) - start <= cfg.batch_size:
         workers = 0  # starting worker processes costs more than decoding one batch
     loader = DataLoader(
-        _Images(images, make_transform(prep), start),
+        _Images(images, make_transform(prep), start, prep["crop_size"], skip=cfg.on_error == "skip"),
         batch_size=cfg.batch_size,
         num_workers=workers,
         shuffle=False,
@@ -231,13 +332,15 @@ def _extract_split(
     )
     try:
         with torch.inference_mode():
-            for batch in loader:
-                batch = batch.to(cfg.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                feats = model(batch).float().cpu().numpy()
-                writer.append(feats)
+            for batch, errors in loader:
+                feats = model(batch)
+                writer.append(feats, list(errors))
+                for err in errors:
+                    if err:
+                        log.warning("skipped: %s", err)
                 bar.update(len(feats))
     except BaseException:
-        writer.close()  # keep the flushed chunks for `extract` to resume
+        writer.close()  # keep the finished blocks for `extract` to resume
         bar.close()
         raise
     bar.close()

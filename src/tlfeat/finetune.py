@@ -183,17 +183,26 @@ def _build(cfg: FinetuneConfig, strategy: strategies.Strategy, n_classes: int): 
 
 
 def finetune_one(cfg: FinetuneConfig) -> FinetuneResult:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from tlfeat.extraction import default_workers
-
     validate(cfg)
     strategy = strategies.parse(cfg.strategy)
     out_dir, weights_id = run_dir(cfg)
     record_path = out_dir / "record.json"
     if record_path.is_file():
         return FinetuneResult(json.loads(record_path.read_text()), record_path, reused=True)
+    with cache.lock(out_dir):  # a second process on the same run waits, then reuses its record
+        if record_path.is_file():
+            return FinetuneResult(json.loads(record_path.read_text()), record_path, reused=True)
+        return _train(cfg, strategy, out_dir, weights_id, record_path)
+
+
+def _train(
+    cfg: FinetuneConfig, strategy: strategies.Strategy, out_dir: Path, weights_id: str, record_path: Path
+) -> FinetuneResult:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tlfeat.extraction import default_workers
+
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last_path.is_file() and not cfg.resume:
         raise TlfeatError(

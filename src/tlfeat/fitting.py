@@ -167,9 +167,6 @@ def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 
 def fit_pair(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet) -> FitResult:
-    import joblib
-    import sklearn
-
     check_pair(train, test)
     results_dir = Path(cfg.results_dir) if cfg.results_dir else default_results_dir()
     key = config_key(cfg, train, test)
@@ -182,6 +179,19 @@ def fit_pair(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet) ->
         run_dir = run_dir.with_name(run_dir.name + datetime.now(timezone.utc).strftime("-%Y%m%dT%H%M%S%f"))
         record_path = run_dir / "record.json"
 
+    with cache.lock(run_dir):  # a second process fitting the same config waits, then reuses
+        if record_path.is_file() and not cfg.refit:
+            return FitResult(json.loads(record_path.read_text()), record_path, reused=True)
+        return _fit_and_save(cfg, train, test, key, run_dir, record_path)
+
+
+def _fit_and_save(
+    cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, key: str, run_dir: Path, record_path: Path
+) -> FitResult:
+    import joblib
+    import sklearn
+
+    meta = train.meta
     cv = choose_C(cfg, train.X, train.y)
     pipeline = classifiers.make_classifier(
         cfg.clf, C=cv["C"], kernel=cfg.kernel, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed
@@ -215,6 +225,7 @@ def fit_pair(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet) ->
         "limit": meta.get("limit") or None,
         "n_train": len(train),
         "n_test": len(test),
+        "n_skipped": {fs.split: len(fs.meta.get("skipped") or []) for fs in (train, test)},
         "n_features": int(train.X.shape[1]),
         "n_classes": len(train.class_names),
         "class_names": list(train.class_names),

@@ -55,6 +55,7 @@ def rows(out: Path) -> list[dict[str, Any]]:
                 "pretrained": r["pretrained"],
                 "n_train": r["n_train"],
                 "n_test": r["n_test"],
+                "n_skipped": sum((r.get("n_skipped") or {}).values()),
                 "image_size": r.get("image_size"),
                 "record": str(Path(r["_path"]).resolve().relative_to(Path(out).resolve())),
                 "_record": r,
@@ -182,6 +183,15 @@ def _sections(
     else:
         s.append(("h2", "Recommendation"))
         s += [("li", line) for line in recommendation(items)]
+    skipped = {(r["model"], r["dataset"]): r["n_skipped"] for r in items if r["n_skipped"]}
+    if skipped:
+        s.append(("h2", "Skipped images"))
+        s.append(
+            ("p", "These runs used features extracted with `--on-error skip`; `tlfeat ls --skipped` names the files.")
+        )
+        s += [
+            ("li", f"{model} on {dataset}: {n} unreadable image(s) skipped") for (model, dataset), n in skipped.items()
+        ]
     if failures:
         s.append(("h2", f"Failed cells ({len(failures)})"))
         s.append(("p", "Run the same `tlfeat compare` command again to fill these in."))

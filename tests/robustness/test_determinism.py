@@ -1,0 +1,35 @@
+"""The same command twice gives bit-identical features and identical metrics, whatever the worker count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tlfeat import cache
+
+from ..conftest import make_tree
+from .helpers import FAST, cli
+
+
+def test_same_command_twice_is_bit_identical(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=12)
+    runs = []
+    for run, workers in (("a", "0"), ("b", "2")):
+        cache_dir, results = tmp_path / run / "cache", tmp_path / run / "results"
+        extracted = cli("extract", "--data", tree, *FAST, "--workers", workers, "--cache-dir", cache_dir)
+        assert extracted.returncode == 0, extracted.stderr
+        records = []
+        for clf in ("logreg", "linear"):
+            fitted = cli("fit", "--clf", clf, "--json", "--cache-dir", cache_dir, "--results-dir", results)
+            assert fitted.returncode == 0, fitted.stderr
+            records += json.loads(fitted.stdout)
+        sets = {e.attrs["split"]: cache.read(e.path) for e in cache.scan(cache_dir)}
+        runs.append((sets, records))
+    (sets_a, records_a), (sets_b, records_b) = runs
+    for split in ("train", "test"):
+        assert sets_a[split].meta["features_sha256"] == sets_b[split].meta["features_sha256"]
+        assert np.array_equal(sets_a[split].X, sets_b[split].X)
+    for a, b in zip(records_a, records_b, strict=True):
+        assert a["metrics"] == b["metrics"] and a["params"] == b["params"], a["method"]

@@ -1,0 +1,70 @@
+"""The ONNX Runtime backend: same features as torch (1e-4 relative), exported once, chosen by auto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlfeat import ExtractConfig, extract, onnx_backend
+from tlfeat.errors import TlfeatError
+from tlfeat.extraction import choose_backend
+
+pytestmark = pytest.mark.skipif(not onnx_backend.available(), reason="onnxruntime not installed (pip install '.[dev]')")
+
+
+def _cfg(tree: Path, cache_dir: Path, backend: str, **kw: object) -> ExtractConfig:
+    base: dict[str, object] = dict(
+        data=str(tree), workers=0, batch_size=5, cache_dir=cache_dir, progress=False, backend=backend, image_size=96
+    )
+    base.update(kw)
+    return ExtractConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "model_kw",
+    [{"model": "mobilenet_v2"}, {"model": "resnet50", "untrained": True}, {"model": "densenet121", "untrained": True}],
+    ids=["mobilenet_v2-imagenet", "resnet50-untrained", "densenet121-untrained"],
+)
+def test_features_match_the_torch_backend(tree: Path, tmp_path: Path, model_kw: dict[str, object]) -> None:
+    torch_sets = extract(_cfg(tree, tmp_path / "c", "torch", **model_kw))
+    ort_sets = extract(_cfg(tree, tmp_path / "c", "onnxruntime", **model_kw))
+    for t, o in zip(torch_sets, ort_sets, strict=True):
+        assert o.meta["backend"] == "onnxruntime" and t.meta["backend"] == "torch" and o.path != t.path
+        assert o.meta["onnxruntime_version"]
+        scale = np.abs(t.X).max()
+        assert np.abs(o.X - t.X).max() <= 1e-4 * scale, np.abs(o.X - t.X).max() / scale
+        assert o.ids == t.ids and np.array_equal(o.y, t.y)
+
+
+def test_export_is_made_once_and_auto_reuses_other_backends(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_dir = tmp_path / "c"
+    extract(_cfg(tree, cache_dir, "onnxruntime", model="resnet18", untrained=True))
+    [export] = list((cache_dir / "onnx").glob("*.onnx"))
+    mtime = export.stat().st_mtime_ns
+
+    calls = []
+    monkeypatch.setattr("torch.onnx.export", lambda *a, **k: calls.append(a))
+    second = extract(_cfg(tree, cache_dir, "onnxruntime", model="resnet18", untrained=True, splits=("train",), limit=6))
+    assert not calls and export.stat().st_mtime_ns == mtime and not second[0].reused
+
+    # auto picks onnxruntime on CPU, but reuses features torch already computed instead of recomputing
+    assert choose_backend(_cfg(tree, cache_dir, "auto", model="resnet18")) == "onnxruntime"
+    [torch_set] = extract(_cfg(tree, cache_dir, "torch", model="resnet18", untrained=True, splits=("train",), seed=3))
+    [auto_set] = extract(_cfg(tree, cache_dir, "auto", model="resnet18", untrained=True, splits=("train",), seed=3))
+    assert auto_set.reused and auto_set.path == torch_set.path
+
+
+def test_backend_errors_are_one_clear_line(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(TlfeatError, match="use --backend torch for --layer"):
+        choose_backend(_cfg(tree, tmp_path, "onnxruntime", model="resnet18", layer="layer3"))
+    with pytest.raises(TlfeatError, match="runs on the CPU"):
+        choose_backend(_cfg(tree, tmp_path, "onnxruntime", model="resnet18", device="cuda"))
+    assert choose_backend(_cfg(tree, tmp_path, "auto", model="resnet18", layer="layer3")) == "torch"
+    monkeypatch.setattr(onnx_backend, "available", lambda: False)
+    with pytest.raises(TlfeatError, match="pip install onnxruntime"):
+        choose_backend(_cfg(tree, tmp_path, "onnxruntime", model="resnet18"))
+    assert choose_backend(_cfg(tree, tmp_path, "auto", model="resnet18")) == "torch"
