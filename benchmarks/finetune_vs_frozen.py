@@ -31,22 +31,40 @@ def main() -> None:
 
     rows = []
     t0 = time.perf_counter()
-    feats = extract(ExtractConfig(model=args.model, data=args.data, limit=args.limit, image_size=args.image_size,
-                                  cache_dir=cache_dir, progress=False))
+    feats = extract(
+        ExtractConfig(
+            model=args.model,
+            data=args.data,
+            limit=args.limit,
+            image_size=args.image_size,
+            cache_dir=cache_dir,
+            progress=False,
+        )
+    )
     extract_s = time.perf_counter() - t0
     if any(f.reused for f in feats):
         extract_s = sum(float(f.meta["extract_seconds"]) for f in feats)
     for clf in ("logreg", "svm", "linear"):
-        [res] = fit(FitConfig(clf=clf, model=args.model, data=args.data, cache_dir=cache_dir,
-                              results_dir=results_dir))
+        [res] = fit(FitConfig(clf=clf, model=args.model, data=args.data, cache_dir=cache_dir, results_dir=results_dir))
         r = res.record
         train_s = r["timings"]["train_seconds"]
-        rows.append((f"extract + {clf}", r["metrics"]["accuracy"], r["n_train"], train_s, extract_s, extract_s + train_s))
+        rows.append(
+            (f"extract + {clf}", r["metrics"]["accuracy"], r["n_train"], train_s, extract_s, extract_s + train_s)
+        )
 
     for strategy in ("head", "freeze:10", "discriminative", "full", "scratch"):
-        res = finetune_one(FinetuneConfig(model=args.model, data=args.data, strategy=strategy, epochs=args.epochs,
-                                          image_size=args.image_size, limit=args.limit, results_dir=results_dir,
-                                          progress=False))
+        res = finetune_one(
+            FinetuneConfig(
+                model=args.model,
+                data=args.data,
+                strategy=strategy,
+                epochs=args.epochs,
+                image_size=args.image_size,
+                limit=args.limit,
+                results_dir=results_dir,
+                progress=False,
+            )
+        )
         r = res.record
         total = sum(h["epoch_seconds"] for h in r["history"]) + r["timings"]["predict_seconds"]
         rows.append((r["method"], r["metrics"]["accuracy"], r["n_train"], r["timings"]["train_seconds"], 0.0, total))

@@ -107,17 +107,19 @@ class Writer:
         self._errors: list[str] = []
         self.done = 0
         manifest = {"key": key, "n_images": self.n, "format": FORMAT_VERSION}
+        shown = {k: _attr(v) for k, v in attrs.items() if k in _SHOWN}  # for `tlfeat ls` while in progress
         with writing(self.partial):
             if self.partial.is_file():  # a partial HDF5 file from tlfeat 0.1: start over
                 self.partial.unlink()
             blocks = _blocks(self.partial) if self.partial.is_dir() else []
-            if blocks and _read_manifest(self.partial) == manifest:
+            stored = _read_manifest(self.partial) or {}
+            if blocks and {k: stored.get(k) for k in manifest} == manifest:
                 self.done = blocks[-1][1]
                 log.info("resuming %s after %d of %d images", self.partial.name, self.done, self.n)
             else:
                 shutil.rmtree(self.partial, ignore_errors=True)
                 self.partial.mkdir(parents=True)
-                _atomic_write(self.partial / MANIFEST, json.dumps(manifest).encode())
+                _atomic_write(self.partial / MANIFEST, json.dumps({**manifest, "attrs": shown}).encode())
         self.flushed = self.done
 
     def append(self, feats: np.ndarray, errors: list[str] | None = None) -> None:
@@ -210,6 +212,7 @@ class Writer:
 
 
 MANIFEST = "manifest.json"
+_SHOWN = ("model", "dataset", "split", "layer", "weights_id", "pretrained", "image_size", "limit", "backend")
 
 
 def _read_manifest(partial: Path) -> dict[str, Any] | None:
@@ -465,7 +468,12 @@ def scan(cache_dir: Path, verify: bool = False) -> list[Entry]:
         elif name.endswith(SUFFIX + PARTIAL) and path.is_dir():
             manifest = _read_manifest(path) or {}
             blocks = _blocks(path)
-            attrs = {**_key_attrs(name), **manifest, "n_done": blocks[-1][1] if blocks else 0}
+            attrs = {
+                **_key_attrs(name),
+                **manifest.pop("attrs", {}),
+                **manifest,
+                "n_done": blocks[-1][1] if blocks else 0,
+            }
             entries.append(Entry(path, attrs, "partial", "run the same `tlfeat extract` again to finish it"))
         elif name.endswith(SUFFIX + DAMAGED):
             entries.append(
@@ -516,6 +524,9 @@ def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: 
         )
     wanted = {k: v for k, v in selectors.items() if v is not None}
     matching = [e for e in candidates if all(_same(e.attrs.get(k), v) for k, v in wanted.items())]
+    if len(matching) > 1 and "limit" not in wanted:  # no limit asked: the whole dataset, where cached
+        whole = [e for e in matching if e.attrs.get("limit") in (None, "", 0)]
+        matching = whole if len(whole) == 1 else matching
     if len(matching) == 1:
         return matching[0].path
     describe = "; ".join(", ".join(f"{k}={e.attrs.get(k) or '-'}" for k in SELECTORS) for e in (matching or candidates))

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tlfeat import __version__, backbones, cache, datasets
 from tlfeat.config import ExtractConfig
 from tlfeat.errors import CacheDamaged, CacheMismatch, TlfeatError
@@ -22,6 +24,7 @@ from tlfeat.weights import ResolvedWeights, build_with_weights, resolve
 log = logging.getLogger(__name__)
 
 LAYER_DEFAULT = "penultimate"
+CPU_MICRO_BATCH = 4  # images per torch forward pass on CPU (see _prepare_model)
 FLUSH_EVERY = 1024  # images per saved block: the most an interrupted run can lose (env TLFEAT_FLUSH_EVERY)
 
 
@@ -163,7 +166,9 @@ def plan(cfg: ExtractConfig) -> list[tuple[str, Path, dict[str, Any]]]:
 
 
 def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    """Decoding processes: one per core up to 4. On 2 cores, 2 workers beside the inference threads
+    measured 117 img/s end to end against 104 with 1 (MobileNetV2, ONNX Runtime, 500 x 375 JPEGs)."""
+    return max(1, min(4, os.cpu_count() or 2))
 
 
 def extract(cfg: ExtractConfig) -> list[cache.FeatureSet]:
@@ -263,9 +268,14 @@ def _prepare_model(cfg: ExtractConfig, resolved: ResolvedWeights, key_fields: di
         return onnx_backend.Session(onnx_backend.export(extractor, onnx_path, size))
     extractor = extractor.to(cfg.device, memory_format=torch.channels_last)
 
+    # On CPU, torch convolutions run fastest on a few images at a time (the activations stay in
+    # cache): measured 16-17 img/s for ResNet-50 at 2-16 images against 10-14 at 32.
+    step = CPU_MICRO_BATCH if cfg.device.startswith("cpu") else cfg.batch_size
+
     def run(batch: torch.Tensor) -> Any:
         batch = batch.to(cfg.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return extractor(batch).float().cpu().numpy()
+        parts = [extractor(batch[i : i + step]).float().cpu().numpy() for i in range(0, len(batch), step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     return run
 
