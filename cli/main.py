@@ -372,6 +372,7 @@ def ls_cmd(as_json: bool, quick: bool, show_skipped: bool, cache_dir: Path) -> N
                 a.get("layer", "?"),
                 wid if a.get("pretrained", True) else f"{wid} (UNTRAINED)",
                 a.get("image_size", "?"),
+                a.get("backend", "?"),
                 a.get("limit") or "-",
                 e.status.upper() if e.status == "damaged" else e.status,
                 f"{_size(e.path) / 1e6:.1f}",
@@ -391,6 +392,7 @@ def ls_cmd(as_json: bool, quick: bool, show_skipped: bool, cache_dir: Path) -> N
                 "layer",
                 "weights",
                 "size",
+                "backend",
                 "limit",
                 "status",
                 "MB",
@@ -721,6 +723,13 @@ def _csv_list(value: str | None) -> tuple[str, ...]:
 @click.option("--limit", type=LIMIT, default=None, help="Fixed stratified subset of N images per split.")
 @click.option("--workers", type=click.IntRange(0, 64), default=None)
 @click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="Unreadable images while extracting: fail naming the file, or skip them (counted in the report).",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/run"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print every row as JSON on stdout.")
 @cache_dir_option
@@ -737,6 +746,7 @@ def compare(
     limit: int | None,
     workers: int | None,
     seed: int,
+    on_error: str,
     out: Path,
     as_json: bool,
     cache_dir: Path,
@@ -760,6 +770,7 @@ def compare(
         data_dir=data_dir,
         workers=workers,
         seed=seed,
+        on_error=on_error,
         command=command_line(),
     )
     folder = run(cfg, echo=lambda line: click.echo(line, err=as_json))

@@ -43,6 +43,7 @@ class CompareConfig:
     data_dir: Path | None = None
     workers: int | None = None
     seed: int = 0
+    on_error: str = "fail"  # unreadable images while extracting: "fail" or "skip" (recorded, counted in the report)
     command: str = field(default="", compare=False)
 
 
@@ -147,6 +148,7 @@ def _extract_cfg(cfg: CompareConfig, cell: Cell) -> ExtractConfig:
         cache_dir=cfg.cache_dir,
         data_dir=cfg.data_dir,
         progress=False,
+        on_error=cfg.on_error,
     )
 
 

@@ -70,7 +70,7 @@ def test_skip_records_every_broken_file_in_the_cache_ls_fit_and_report(tmp_path:
     out = tmp_path / "cmp"
     compared = cli(
         "compare", "--models", "resnet18:untrained", "--data", tree, "--methods", "logreg", "--image-size", "64",
-        "--cache-dir", cache_dir, "--out", out,
+        "--cache-dir", tmp_path / "fresh-cache", "--out", out, "--on-error", "skip",
     )  # fmt: skip
     assert compared.returncode == 0, compared.stderr
     report = (out / "report.md").read_text()
