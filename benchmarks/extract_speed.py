@@ -1,12 +1,15 @@
 """Extraction speed: tlfeat against the PyTorch tutorial loop, per backend, on real JPEG files.
 
-    python benchmarks/extract_speed.py                      # MobileNetV2 and ResNet-50, 256 images
-    python benchmarks/extract_speed.py --images 512 --models mobilenet_v2 --no-rss
+    python benchmarks/extract_speed.py                      # MobileNetV2 and ResNet-50, 1024 images
+    python benchmarks/extract_speed.py --images 256 --models mobilenet_v2 --no-rss
 
 For each model, in one run, on the same images and thread count, it prints images/s and ratios for
   1. the tutorial baseline: ImageFolder + PIL transforms per image, batch 4, default memory
-     layout, no worker processes, torch.no_grad() (the PyTorch transfer-learning tutorial's loop);
-  2. the model alone on pre-made tensors (best batch size and memory layout), each backend's ceiling;
+     layout, no worker processes, torch.no_grad() (the PyTorch transfer-learning tutorial's loop),
+     in a fresh process with glibc's default malloc; and, to show what that setting alone is
+     worth, the same loop with malloc's thresholds pinned as `tlfeat extract` pins them;
+  2. the model alone on pre-made tensors (best batch size, memory layout and, for ONNX Runtime,
+     thread spinning; malloc thresholds pinned), each backend's ceiling;
   3. `tlfeat extract` end to end (decode, resize, inference, HDF5 write), each backend;
 and the time of a second, cached `tlfeat extract` against the first. With --rss it also runs
 `tlfeat extract` in fresh processes over N and 10 N images and reports their peak memory.
@@ -79,6 +82,22 @@ def build_model(name: str) -> Any:
     return backbones.feature_extractor(net, name).eval()
 
 
+def tutorial_child(args: argparse.Namespace) -> None:
+    """Run in a fresh process, so that no earlier allocation has moved glibc's thresholds."""
+    if args.pin_malloc:
+        from tlfeat import allocator
+
+        assert allocator.pin_malloc_thresholds()
+    print(json.dumps({"images_per_s": tutorial_baseline(args.models, args.root)}))
+
+
+def tutorial(name: str, root: Path, pin_malloc: bool) -> float:
+    cmd = [sys.executable, __file__, "--tutorial-child", "--models", name, "--root", str(root)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(cmd + ["--pin-malloc"] * pin_malloc, capture_output=True, text=True, check=True, env=env)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
+
+
 def tutorial_baseline(name: str, root: Path) -> float:
     """images/s of the loop in the PyTorch transfer-learning tutorial."""
     import torch
@@ -108,7 +127,9 @@ def ceilings(name: str, seconds: float = 6.0) -> dict[str, float]:
     """images/s of the model alone on pre-made tensors, best layout and batch size per backend."""
     import torch
 
-    from tlfeat import onnx_backend
+    from tlfeat import allocator, onnx_backend
+
+    allocator.pin_malloc_thresholds()  # as `tlfeat extract` runs
 
     def rate(fn: Any, x: Any, batch: int) -> float:
         fn(x)  # warm-up
@@ -128,11 +149,13 @@ def ceilings(name: str, seconds: float = 6.0) -> dict[str, float]:
                 out["torch"] = max(out.get("torch", 0.0), rate(m, x.contiguous(memory_format=layout), batch))
     if onnx_backend.available():
         with tempfile.TemporaryDirectory() as tmp:
-            session = onnx_backend.Session(onnx_backend.export(build_model(name), Path(tmp) / "m.onnx", 224))
-            for batch in (4, 32):
-                out["onnxruntime"] = max(
-                    out.get("onnxruntime", 0.0), rate(session, torch.randn(batch, 3, 224, 224), batch)
-                )
+            path = onnx_backend.export(build_model(name), Path(tmp) / "m.onnx", 224)
+            for spin in (True, False):
+                session = onnx_backend.Session(path, spin=spin)
+                for batch in (4, 32):
+                    out["onnxruntime"] = max(
+                        out.get("onnxruntime", 0.0), rate(session, torch.randn(batch, 3, 224, 224), batch)
+                    )
     return out
 
 
@@ -231,12 +254,14 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mobilenet_v2,resnet50")
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--rss-images", type=int, default=200, help="N for the RSS runs (N and 10 N images).")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tlfeat-bench")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/extract_speed.json"))
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tutorial-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pin-malloc", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
@@ -244,6 +269,9 @@ def main() -> None:
     os.environ.setdefault("TLFEAT_OFFLINE", "1")
     if args.rss_child:
         rss_child(args)
+        return
+    if args.tutorial_child:
+        tutorial_child(args)
         return
 
     from tlfeat import onnx_backend
@@ -257,18 +285,27 @@ def main() -> None:
         "| model | route | images/s | × tutorial | % of same-backend ceiling |",
         "|---|---|---:|---:|---:|",
     ]
+    print("\n".join(lines), flush=True)
     for name in args.models.split(","):
-        base = tutorial_baseline(name, root)
+        base = tutorial(name, root, pin_malloc=False)
+        pinned = tutorial(name, root, pin_malloc=True)
         ceil = ceilings(name)
         runs = {}
         for backend in backends:
             with tempfile.TemporaryDirectory(dir=args.work) as tmp:
                 runs[backend] = tlfeat_extract(name, root, backend, Path(tmp))
-        report["models"][name] = {"tutorial_images_per_s": base, "ceiling_images_per_s": ceil, "tlfeat": runs}
+        report["models"][name] = {
+            "tutorial_images_per_s": base,
+            "tutorial_pinned_malloc_images_per_s": pinned,
+            "ceiling_images_per_s": ceil,
+            "tlfeat": runs,
+        }
         lines.append(f"| {name} | tutorial loop (batch 4, PIL, no workers) | {base:.1f} | 1.00 | |")
+        lines.append(f"| {name} | the same loop, malloc thresholds pinned | {pinned:.1f} | {pinned / base:.2f} | |")
         for backend, value in ceil.items():
             lines.append(
-                f"| {name} | model alone, {backend} (best of batch 4/32 and layouts, pre-made tensors) | {value:.1f} | {value / base:.2f} | 100% |"
+                f"| {name} | model alone, {backend} (best of batch 4/32 and layouts, pre-made tensors) "
+                f"| {value:.1f} | {value / base:.2f} | 100% |"
             )
         for backend, r in runs.items():
             speed = r["images_per_s"]

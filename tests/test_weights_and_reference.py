@@ -72,6 +72,25 @@ def test_features_match_plain_torchvision_forward(
     assert set(top5[coffee].tolist()) & {504, 967, 968}  # coffee mug, espresso, cup
 
 
+@pytest.mark.parametrize(("model", "size"), [("mobilenet_v2", None), ("mobilenet_v2", 112), ("efficientnet_b0", None)])
+def test_worker_and_batch_halves_of_preprocessing_equal_torchvisions_bit_for_bit(
+    photos: Path, model: str, size: int | None
+) -> None:
+    """Workers send resized uint8 crops; the batch is normalised in the main process. Same bits."""
+    import skimage.data
+
+    from tlfeat.extraction import Normalize, ResizeCrop, make_transform, preprocessing
+
+    prep = preprocessing(model, None, size)
+    images = [Image.open(p).convert("RGB") for p in sorted(photos.glob("train/*/*.png"))]
+    images.append(Image.fromarray(skimage.data.camera()).convert("RGB"))  # grey, 512 x 512
+    images.append(images[0].resize((37, 900)))  # tall and smaller than the crop on one side
+    reference = torch.stack([make_transform(prep)(img) for img in images])
+    halves = Normalize(prep)(torch.stack([ResizeCrop(prep)(img) for img in images]))
+    assert halves.dtype == torch.float32 and halves.shape == reference.shape
+    assert torch.equal(halves, reference)
+
+
 def test_missing_weights_name_the_three_ways(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsNotFound) as info:
