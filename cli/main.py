@@ -47,20 +47,17 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:
-            from tlfeat.cache import writing
+            from tlfeat.cache import as_write_failed
 
-            try:  # disk full, read-only, no permission: one line that says so
-                with writing(Path(exc.filename or "output")):
-                    raise exc
-            except TlfeatError as clear:
+            clear = as_write_failed(Path(exc.filename or "output"), exc)
+            if clear is not None:  # disk full, read-only, no permission: one line that says so
                 click.echo(f"error: {_one_line(clear)}", err=True)
                 sys.exit(clear.exit_code)
-            except OSError:
-                where = f": {exc.filename}" if exc.filename else ""
-                click.echo(f"error: {exc.strerror or exc}{where} (run with -v for details)", err=True)
-                if logging.getLogger().isEnabledFor(logging.DEBUG):
-                    raise
-                sys.exit(2)
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where} (run with -v for details)", err=True)
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            sys.exit(2)
         except KeyboardInterrupt:
             if fn.__name__ == "finetune":
                 hint = "the last completed epoch is saved; run the same command with --resume to continue"
@@ -120,6 +117,14 @@ data_dir_option = click.option(
     envvar="TLFEAT_DATA_DIR",
     default=None,
     help="Where named datasets are read from and downloaded to (env TLFEAT_DATA_DIR; default ~/.cache/tlfeat/data).",
+)
+on_error_option = click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="An unreadable image while extracting: stop, naming it (finished blocks are kept), or skip it "
+    "and record it in the cache (`tlfeat ls --skipped`; counted in fits and reports).",
 )
 
 
@@ -255,13 +260,7 @@ def datasets_cmd(data_dir: Path | None) -> None:
     show_default=True,
     help="Inference engine (env TLFEAT_BACKEND). auto: ONNX Runtime on CPU where installed, else torch.",
 )
-@click.option(
-    "--on-error",
-    type=click.Choice(["fail", "skip"]),
-    default="fail",
-    show_default=True,
-    help="An unreadable image: stop, naming it (finished blocks are kept), or skip it and record it in the cache.",
-)
+@on_error_option
 @cache_dir_option
 @data_dir_option
 @_user_errors
@@ -723,13 +722,7 @@ def _csv_list(value: str | None) -> tuple[str, ...]:
 @click.option("--limit", type=LIMIT, default=None, help="Fixed stratified subset of N images per split.")
 @click.option("--workers", type=click.IntRange(0, 64), default=None)
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option(
-    "--on-error",
-    type=click.Choice(["fail", "skip"]),
-    default="fail",
-    show_default=True,
-    help="Unreadable images while extracting: fail naming the file, or skip them (counted in the report).",
-)
+@on_error_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/run"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print every row as JSON on stdout.")
 @cache_dir_option

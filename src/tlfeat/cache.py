@@ -73,10 +73,6 @@ def cache_path(cache_dir: Path, model: str, slug: str, split: str, key: str) -> 
     return Path(cache_dir) / f"{model}__{slug}__{split}__{key}{SUFFIX}"
 
 
-def _features_digest(features: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32).tobytes()).hexdigest()
-
-
 class Writer:
     """Streams feature rows into `<final>.partial/` in blocks and assembles the HDF5 file at the end.
 
@@ -272,7 +268,7 @@ def _check_room(path: Path, needed: int) -> None:
 
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and limit < needed:
-        _raise_write_failed(
+        raise _write_failed(
             path, errno.EFBIG, f"needs about {needed / 1e6:.1f} MB, the file-size limit is {limit / 1e6:.1f} MB"
         )
     try:
@@ -281,15 +277,24 @@ def _check_room(path: Path, needed: int) -> None:
         return
     free = st.f_bavail * st.f_frsize
     if free < needed:
-        _raise_write_failed(path, errno.ENOSPC, f"needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+        raise _write_failed(path, errno.ENOSPC, f"needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
 
 
-def _raise_write_failed(path: Path, code: int, detail: str = "") -> None:
+def _write_failed(path: Path, code: int, detail: str = "") -> WriteFailed:
     reason = _WRITE_ERRORS[code] + (f": {detail}" if detail else "")
-    raise WriteFailed(
+    return WriteFailed(
         f"cannot write {path} ({reason}); free space or choose a writable --cache-dir/--results-dir/--out. "
         "Finished files are untouched and completed blocks are kept for the next run"
     )
+
+
+def as_write_failed(path: Path, exc: BaseException) -> WriteFailed | None:
+    """`exc` as one clear WriteFailed if it means the disk is full or `path` not writable, else None."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code not in _WRITE_ERRORS:  # HDF5 puts the errno in its message
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    return _write_failed(path, code) if code in _WRITE_ERRORS else None
 
 
 @contextlib.contextmanager
@@ -298,13 +303,10 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        code = exc.errno if isinstance(exc, OSError) else None
-        if code not in _WRITE_ERRORS:  # HDF5 reports the errno inside its message
-            found = re.search(r"errno = (\d+)", str(exc))
-            code = int(found.group(1)) if found else None
-        if code not in _WRITE_ERRORS:
+        clear = as_write_failed(path, exc)
+        if clear is None:
             raise
-        _raise_write_failed(path, code)
+        raise clear from exc
 
 
 def _attr(value: Any) -> Any:
@@ -388,7 +390,7 @@ def check(path: Path, verify: bool = True) -> dict[str, Any]:
             shapes = {name: h5[name].shape[0] for name in ("features", "labels", "ids")}
             if any(v != n for v in shapes.values()):
                 raise CacheDamaged(f"{path} is damaged (rows: {shapes}, expected {n}); {rebuild}")
-            if verify and _block_digest(h5["features"]) != meta.get("features_sha256"):
+            if verify and _features_digest(h5["features"]) != meta.get("features_sha256"):
                 raise CacheDamaged(f"{path} is damaged (features checksum differs); {rebuild}")
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise CacheDamaged(f"{path} is damaged ({_short(exc)}); {rebuild}") from exc
@@ -399,8 +401,11 @@ def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
-def _block_digest(features: Any) -> str:
-    """sha256 of the float32 rows, read a block at a time so memory stays flat."""
+def _features_digest(features: Any) -> str:
+    """sha256 of the float32 rows of an array or HDF5 dataset, a block at a time so memory stays flat.
+
+    Equal to the digest `Writer.finish` streams while writing the blocks.
+    """
     digest = hashlib.sha256()
     step = max(1, 2**24 // (4 * max(1, features.shape[1])))
     for start in range(0, features.shape[0], step):
