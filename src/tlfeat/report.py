@@ -393,7 +393,8 @@ def _plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
                             linewidths=0.4,
                         )
             ax.set_xscale("log")
-            plain = matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}")
+            ax.set_xlim(*_log_limits([r["total_seconds"] for r in main if r["dataset"] == dataset]))
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}" if _round_tick(v) else "")
             ax.xaxis.set_major_formatter(plain)
             ax.xaxis.set_minor_formatter(plain)
             ax.set(xlabel="total time per run, s (log scale)", ylabel="test accuracy", title=dataset)
@@ -436,7 +437,7 @@ def _plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
             ax.grid(alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-        fig.suptitle("Fine-tuning learning curves (mean over repeats, band: min to max)")
+        fig.suptitle("Fine-tuning learning curves\n(mean over repeats, band: min to max)")
         made["Learning curves of the fine-tuning runs"] = _save(fig, folder / "learning_curves.png")
     if items:
         best = max(main or items, key=lambda r: r["accuracy"])
@@ -474,6 +475,27 @@ def _plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
         ax.legend(fontsize=8)
         made["Accuracy per feature layer"] = _save(fig, folder / "accuracy_per_layer.png")
     return made
+
+
+_TICK_MANTISSAS = (1, 2, 3, 5)  # labelled on log time axes: dense enough to read, never crowded
+
+
+def _round_tick(v: float) -> bool:
+    if v <= 0:
+        return False
+    mantissa = v / 10 ** math.floor(math.log10(v) + 1e-9)
+    return any(abs(mantissa - m) < 1e-6 for m in _TICK_MANTISSAS)
+
+
+def _log_limits(values: list[float]) -> tuple[float, float]:
+    """Log-axis limits widened to labelled ticks (1, 2, 3, 5 x 10^k), so both ends of the data can be read."""
+    lo, hi = max(min(values), 1e-3) / 1.1, max(max(values), 1e-3) * 1.1
+    ticks = [
+        m * 10.0**k
+        for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
+        for m in _TICK_MANTISSAS
+    ]
+    return max(t for t in ticks if t <= lo), min(t for t in ticks if t >= hi)
 
 
 def _save(fig: Any, path: Path) -> Path:
