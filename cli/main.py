@@ -619,6 +619,11 @@ def results(model: str | None, data: str | None, method: str | None, as_json: bo
     help="Start from this file, e.g. best.pt of an earlier fine-tune (multi-stage transfer).",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same configuration.")
+@click.option(
+    "--keep-last",
+    is_flag=True,
+    help="Keep last.pt (final epoch with optimizer state) after the run completes; by default only best.pt stays.",
+)
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader worker processes.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -642,6 +647,7 @@ def finetune(
     weights_id: str | None,
     weights_file: Path | None,
     resume: bool,
+    keep_last: bool,
     workers: int | None,
     device: str,
     quiet: bool,
@@ -668,6 +674,7 @@ def finetune(
         weights_id=weights_id,
         weights_file=weights_file,
         resume=resume,
+        keep_last=keep_last,
         workers=workers,
         device=device,
         data_dir=data_dir,

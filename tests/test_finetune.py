@@ -141,8 +141,8 @@ def test_one_epoch_writes_history_plot_and_checkpoints(head_run) -> None:  # typ
     assert set(epoch) >= {"train_loss", "val_loss", "val_accuracy", "val_roc_auc", "epoch_seconds"}
     with Image.open(folder / "history.png") as img:
         assert img.size[0] > 500 and img.size[1] > 300
-    for name in ("best.pt", "last.pt"):
-        assert torch.load(folder / name, weights_only=True)["model_name"] == "mobilenet_v2"
+    assert torch.load(folder / "best.pt", weights_only=True)["model_name"] == "mobilenet_v2"
+    assert not (folder / "last.pt").exists() and rec["checkpoints"] == {"best": "best.pt", "last": None}
     again = finetune_one(cfg)
     assert again.reused and again.record == rec
 
@@ -160,7 +160,8 @@ def test_resume_continues_from_the_saved_epoch(tmp_path: Path) -> None:
         results_dir=tmp_path / "r",
         progress=False,
     )
-    one = finetune_one(FinetuneConfig(epochs=1, **base))  # type: ignore[arg-type]
+    one = finetune_one(FinetuneConfig(epochs=1, keep_last=True, **base))  # type: ignore[arg-type]
+    assert (one.path.parent / "last.pt").is_file() and one.record["checkpoints"]["last"] == "last.pt"
     # Make the 1-epoch run look interrupted in a 3-epoch configuration: same folder layout.
     cfg3 = FinetuneConfig(epochs=3, **base)  # type: ignore[arg-type]
     from tlfeat.finetune import run_dir
@@ -182,7 +183,7 @@ def test_resume_from_another_models_checkpoint_is_refused(tmp_path: Path, head_r
     from tlfeat.finetune import load_state_dict_checkpoint
 
     with pytest.raises(TlfeatError, match="checkpoint of 'mobilenet_v2', not 'resnet18'"):
-        load_state_dict_checkpoint(res.path.parent / "last.pt", "resnet18")
+        load_state_dict_checkpoint(res.path.parent / "best.pt", "resnet18")
 
 
 def test_scratch_starts_from_other_weights_than_pretrained() -> None:
@@ -296,6 +297,7 @@ def test_cli_json_and_repeats(tmp_path: Path) -> None:
             "--repeats",
             "2",
             "--json",
+            "--keep-last",
             "--results-dir",
             str(tmp_path / "r"),
         ],
@@ -303,5 +305,6 @@ def test_cli_json_and_repeats(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [r["seed"] for r in payload["runs"]] == [0, 1]
+    assert len(list((tmp_path / "r").glob("finetunes/*/last.pt"))) == 2  # --keep-last
     assert payload["summary"]["runs"] == 2 and "accuracy_std" in payload["summary"]
     assert payload["runs"][0]["pretrained"] is False and payload["runs"][0]["method"] == "scratch"

@@ -53,6 +53,7 @@ class FinetuneConfig:
     data_dir: Path | None = None
     results_dir: Path | None = None
     resume: bool = False
+    keep_last: bool = False  # keep last.pt (optimizer state, ~3x the model) once the run is complete
     progress: bool = True
 
     @property
@@ -115,7 +116,7 @@ def config_key(cfg: FinetuneConfig, weights_id: str) -> str:
     fields = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in asdict(cfg).items()
-        if k not in ("workers", "device", "results_dir", "resume", "progress", "data_dir", "weights_file")
+        if k not in ("workers", "device", "results_dir", "resume", "keep_last", "progress", "data_dir", "weights_file")
     }
     fields["data"] = datasets.canonical(cfg.data)
     fields["weights"] = weights_id
@@ -371,7 +372,7 @@ def _train(
             "predict_seconds": predict_seconds,
             "cv_seconds": 0.0,
         },
-        "checkpoints": {"best": best_path.name, "last": last_path.name},
+        "checkpoints": {"best": best_path.name, "last": last_path.name if cfg.keep_last else None},
         "plot": "history.png",
         "versions": {
             "tlfeat": __version__,
@@ -384,6 +385,8 @@ def _train(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _write_json(record_path, record)
+    if not cfg.keep_last:  # only resuming needs it, and a complete run is reused, never resumed
+        last_path.unlink()
     return FinetuneResult(record, record_path)
 
 
