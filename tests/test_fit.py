@@ -13,7 +13,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import check_estimator
 
 from tlfeat import ExtractConfig, cache, extract
-from tlfeat.classifiers import LinearHead, make_classifier
+from tlfeat.classifiers import LinearHead, LogReg, make_classifier
 from tlfeat.errors import TlfeatError
 from tlfeat.fitting import FitConfig, fit, load_classifier
 from tlfeat_cli.main import cli
@@ -105,6 +105,55 @@ def test_tampered_classifier_file_is_not_unpickled(digits_cache: Path, tmp_path:
 
 def test_linear_head_is_a_scikit_learn_estimator() -> None:
     check_estimator(LinearHead(epochs=5))
+
+
+def test_logreg_is_a_scikit_learn_estimator() -> None:
+    check_estimator(LogReg())
+
+
+def _blobs(k: int, n: int = 400, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d)) + rng.normal(0, 1.5, (k, d))[y]  # overlapping classes: a finite optimum
+    return X.astype(np.float32), y
+
+
+def test_logreg_reaches_scikit_learns_optimum() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = _blobs(4)
+    ours = LogReg(C=0.5, tol=1e-9, block_rows=64).fit(X, y)  # 7 blocks over 2 threads
+    ref = LogisticRegression(C=0.5, tol=1e-9, max_iter=10_000).fit(X.astype(np.float64), y)
+    assert np.allclose(ours.coef_, ref.coef_, atol=2e-3) and np.allclose(ours.intercept_, ref.intercept_, atol=2e-3)
+    assert np.allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-3)
+    assert np.array_equal(ours.predict(X), ref.predict(X))
+
+
+def test_binary_logreg_is_binomial_logistic_regression_at_twice_c() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = _blobs(2)
+    ours = LogReg(C=0.5, tol=1e-9).fit(X, y)
+    # Two symmetric weight rows, each penalised: the same model as one binomial row with C doubled.
+    ref = LogisticRegression(C=1.0, tol=1e-9, max_iter=10_000).fit(X.astype(np.float64), y)
+    assert np.allclose(ours.decision_function(X), ref.decision_function(X), atol=2e-3)
+
+
+def test_logreg_threads_and_blocks_do_not_change_the_model() -> None:
+    X, y = _blobs(3, n=1000)
+    one = LogReg(n_threads=1, block_rows=10_000).fit(X, y)
+    split = LogReg(n_threads=2, block_rows=97).fit(X, y)
+    again = LogReg(n_threads=2, block_rows=97).fit(X, y)
+    assert np.array_equal(split.coef_, again.coef_)  # a fixed thread count is deterministic
+    assert np.allclose(one.coef_, split.coef_, atol=1e-3) and np.array_equal(one.predict(X), split.predict(X))
+
+
+def test_logreg_warns_when_iterations_run_out() -> None:
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y = _blobs(3)
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        LogReg(max_iter=2).fit(X, y)
 
 
 def test_pipelines_clone_and_grid_search() -> None:

@@ -1,12 +1,17 @@
 """Classifiers on cached features, as plain scikit-learn estimators.
 
 `make_classifier` returns a Pipeline (standardise, then the estimator), so `clone`,
-`GridSearchCV` and `joblib` work unchanged. `LinearHead` is "replace the last layer and train only
-it", done on cached features with PyTorch, under the scikit-learn estimator contract.
+`GridSearchCV` and `joblib` work unchanged. `LogReg` is scikit-learn's multinomial
+LogisticRegression objective with a faster evaluation of it on CPU. `LinearHead` is "replace the
+last layer and train only it", done on cached features with PyTorch, under the scikit-learn
+estimator contract.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -22,7 +27,138 @@ CLASSIFIERS = ("logreg", "svm", "linear")
 KERNELS = ("linear", "rbf")
 
 
-class LinearHead(ClassifierMixin, BaseEstimator):
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _LinearScores:
+    """Scores of a fitted linear multinomial model: `coef_` (k, d), `intercept_` (k,), `classes_`."""
+
+    classes_: np.ndarray
+    coef_: np.ndarray
+    intercept_: np.ndarray
+
+    def _logits(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return X @ self.coef_.T + self.intercept_
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        logits = self._logits(X)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        logits = self._logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]
+
+
+class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
+    """Multinomial logistic regression: scikit-learn's `LogisticRegression(solver="lbfgs")` objective.
+
+    Minimises mean cross-entropy + ||W||^2 / (2 C n) (intercept not penalised) with scipy's
+    L-BFGS-B and the same stopping rule (`tol` on the projected gradient). Two classes get two
+    weight rows too, which is binomial logistic regression at 2C (scikit-learn fits one row). Only the evaluation of
+    the loss and gradient differs: rows are taken in blocks of `block_rows`, each block's logits and
+    its share of the gradient are computed while it is still in cache, blocks are split between
+    `n_threads` threads, and BLAS runs one thread per block. On 2 cores and 60,000 x 1280 features:
+    61 ms per evaluation, against 111 ms in one thread; a whole fit takes half the time of
+    scikit-learn's, whose OpenBLAS threads lose on these tall, skinny products (benchmarks/README.md).
+
+    Args:
+        C: inverse regularisation strength, as in LogisticRegression.
+        tol: stop when the largest projected-gradient component falls below this.
+        max_iter: L-BFGS iterations at most (a ConvergenceWarning says when they run out).
+        n_threads: threads for the loss and gradient; None: the CPUs this process may use.
+        block_rows: rows per block.
+    """
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        tol: float = 1e-4,
+        max_iter: int = 2000,
+        n_threads: int | None = None,
+        block_rows: int = 2048,
+    ) -> None:
+        self.C = C
+        self.tol = tol
+        self.max_iter = max_iter
+        self.n_threads = n_threads
+        self.block_rows = block_rows
+
+    def fit(self, X: Any, y: Any) -> LogReg:
+        from scipy.optimize import minimize
+        from sklearn.exceptions import ConvergenceWarning
+        from threadpoolctl import threadpool_limits
+
+        X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+        check_classification_targets(y)
+        if self.C <= 0 or self.tol <= 0 or self.max_iter < 1 or self.block_rows < 1:
+            raise ValueError("C and tol must be positive, max_iter and block_rows at least 1")
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"LogReg needs samples of at least 2 classes; got 1 class: {self.classes_[0]!r}")
+        n, d = X.shape
+        k = len(self.classes_)
+        threads = max(1, int(self.n_threads or _usable_cpus()))
+        blocks = [(lo, min(lo + int(self.block_rows), n)) for lo in range(0, n, int(self.block_rows))]
+        chunks = [blocks[i::threads] for i in range(min(threads, len(blocks)))]
+        l2 = 1.0 / (self.C * n)
+
+        def part(chunk: list[tuple[int, int]], W: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+            loss, gW, gb = 0.0, np.zeros((d, k), np.float32), np.zeros(k, np.float64)
+            for lo, hi in chunk:
+                Xb, yb, rows = X[lo:hi], y_idx[lo:hi], np.arange(hi - lo)
+                Z = Xb @ W
+                Z += b
+                Z -= Z.max(axis=1, keepdims=True)
+                E = np.exp(Z)
+                s = E.sum(axis=1)
+                loss += float(np.log(s, dtype=np.float64).sum() - Z[rows, yb].sum(dtype=np.float64))
+                E /= s[:, None]
+                E[rows, yb] -= 1.0  # d(loss)/d(logits) = softmax - one-hot
+                gW += Xb.T @ E
+                gb += E.sum(axis=0, dtype=np.float64)
+            return loss, gW, gb
+
+        def loss_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+            Wb = w.reshape(d + 1, k)
+            W, b = Wb[:d].astype(np.float32), Wb[d].astype(np.float32)
+            parts = list(pool.map(lambda c: part(c, W, b), chunks)) if len(chunks) > 1 else [part(chunks[0], W, b)]
+            grad = np.empty((d + 1, k))
+            grad[:d] = sum(p[1] for p in parts) / n + l2 * Wb[:d]
+            grad[d] = sum(p[2] for p in parts) / n
+            loss = sum(p[0] for p in parts) / n + 0.5 * l2 * float((Wb[:d] ** 2).sum())
+            return loss, grad.ravel()
+
+        with ThreadPoolExecutor(len(chunks)) as pool, threadpool_limits(1, user_api="blas"):
+            res = minimize(
+                loss_grad,
+                np.zeros((d + 1) * k),
+                jac=True,
+                method="L-BFGS-B",
+                options={
+                    "maxiter": int(self.max_iter),
+                    "maxls": 50,
+                    "gtol": self.tol,
+                    "ftol": 64 * np.finfo(float).eps,
+                },
+            )
+        if res.status == 1:
+            warnings.warn(f"LogReg stopped after max_iter={self.max_iter} iterations", ConvergenceWarning, stacklevel=2)
+        Wb = res.x.reshape(d + 1, k)
+        self.coef_, self.intercept_ = np.ascontiguousarray(Wb[:d].T), Wb[d].copy()
+        self.n_iter_ = np.array([res.nit])
+        return self
+
+
+class LinearHead(_LinearScores, ClassifierMixin, BaseEstimator):
     """A linear layer trained with Adam and cross-entropy on feature vectors.
 
     Args:
@@ -77,37 +213,17 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         self.n_iter_ = int(self.epochs)
         return self
 
-    def _logits(self, X: Any) -> np.ndarray:
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        return X @ self.coef_.T + self.intercept_
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        logits = self._logits(X)
-        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        logits = self._logits(X)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
-
-    def predict(self, X: Any) -> np.ndarray:
-        logits = self._logits(X)
-        return self.classes_[np.argmax(logits, axis=1)]
-
 
 def make_classifier(
     name: str, C: float = 1.0, kernel: str = "linear", epochs: int = 50, lr: float = 1e-2, seed: int = 0
 ) -> Pipeline:
     """Standardise features, then classify. `C` is the inverse regularisation strength for all three."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC, LinearSVC
 
     check_classifier(name, kernel)
     est: BaseEstimator
     if name == "logreg":
-        est = LogisticRegression(C=C, max_iter=2000, tol=1e-4, random_state=seed)
+        est = LogReg(C=C, max_iter=2000, tol=1e-4)
     elif name == "svm" and kernel == "linear":
         # The dual solver: on n > d standardised CNN features it converges far faster (measured: 2-5 s
         # vs 6-62 s on 2000 x 1280 MNIST features).

@@ -133,6 +133,8 @@ def config_key(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet) 
     }
     if cfg.clf == "linear":
         fields.update(epochs=cfg.epochs, lr=cfg.lr)
+    if cfg.clf == "logreg":
+        fields["solver"] = "tlfeat.LogReg"  # results of scikit-learn's LogisticRegression are not reused
     return cache.cache_key(fields)
 
 
