@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -100,6 +103,20 @@ def test_unknown_model_suggests_the_right_one() -> None:
 
 def test_weights_entries_come_from_torchvision() -> None:
     assert backbones.default_weights_id("resnet50") == "IMAGENET1K_V1"
-    assert backbones.weights_entry("resnet50", "IMAGENET1K_V2").transforms().resize_size == [232]
+    assert backbones.weights_entry("resnet50", "IMAGENET1K_V2").resize_size == 232
     with pytest.raises(TlfeatError, match="valid entries: IMAGENET1K_V1, IMAGENET1K_V2"):
         backbones.weights_entry("resnet50", "IMAGENET22K")
+
+
+def test_the_model_snapshot_equals_torchvisions_enums() -> None:
+    """models.json (what tlfeat reads without importing torch) is torchvision's metadata, checked here."""
+    import torchvision
+
+    from tlfeat import modelinfo
+
+    snapshot = json.loads(modelinfo.SNAPSHOT.read_text())
+    assert snapshot["torchvision"] == torchvision.__version__.split("+")[0]
+    live = modelinfo.from_torchvision()
+    assert set(live) == set(snapshot["models"])
+    for name, info in live.items():
+        assert json.loads(json.dumps(dataclasses.asdict(info))) == snapshot["models"][name], name

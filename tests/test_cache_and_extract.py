@@ -8,7 +8,7 @@ import pytest
 
 import tlfeat
 from tlfeat import ExtractConfig, cache, extract, load_features
-from tlfeat import extraction as extract_mod
+from tlfeat.writer import Listing, Writer
 from tlfeat.errors import CacheMismatch, TlfeatError
 
 
@@ -31,22 +31,17 @@ def small(tree: Path, tmp_path: Path, **kw: object) -> ExtractConfig:
 def test_cache_file_round_trips_exactly(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     X = rng.normal(size=(10, 7)).astype(np.float32)
-    writer = cache.Writer(
-        tmp_path / "f.h5",
-        "k",
-        {"model": "m", "dataset": "d", "split": "train"},
-        np.arange(10) % 3,
-        [f"id/{i}" for i in range(10)],
-        ["a", "b", "c"],
-    )
+    ids = [f"id/{i}" for i in range(9)] + ["caf\udce9.jpg"]  # a file name that is not valid UTF-8
+    listing = Listing(ids, np.arange(10) % 3, ["a", "b", "c"], np.zeros((10, 2), np.int64), "sig")
+    writer = Writer(tmp_path / "f.h5", "k", {"model": "m", "dataset": "d", "split": "train"}, listing)
     writer.append(X[:4])
     writer.append(X[4:])
     path = writer.finish({"created": "now"})
     fs = cache.read(path)
     assert fs.X.dtype == np.float32 and np.array_equal(fs.X, X)
     assert fs.y.tolist() == (np.arange(10) % 3).tolist()
-    assert fs.ids == [f"id/{i}" for i in range(10)] and fs.class_names == ["a", "b", "c"]
-    assert fs.meta["model"] == "m" and fs.meta["complete"] is True
+    assert fs.ids == ids and fs.class_names == ["a", "b", "c"]
+    assert fs.meta["model"] == "m" and fs.meta["complete"] is True and fs.meta["signature"] == "sig"
     assert not (tmp_path / "f.h5.partial").exists()
 
 
@@ -119,23 +114,23 @@ def test_interrupted_extraction_resumes_and_equals_an_uninterrupted_run(
 ) -> None:
     reference = extract(small(tree, tmp_path / "ref", splits=("train",)))[0]
 
-    monkeypatch.setattr(extract_mod, "FLUSH_EVERY", 1)
+    monkeypatch.setenv("TLFEAT_FLUSH_EVERY", "4")
     calls = {"n": 0}
-    original = cache.Writer.append
+    original = Writer.append
 
-    def crash_on_third_batch(self: cache.Writer, feats: np.ndarray, errors: list[str] | None = None) -> None:
+    def crash_on_third_batch(self: Writer, feats: np.ndarray, *args: object) -> None:
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        original(self, feats, errors)
+        original(self, feats, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cache.Writer, "append", crash_on_third_batch)
+    monkeypatch.setattr(Writer, "append", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract(small(tree, tmp_path, splits=("train",)))
     [entry] = cache.scan(tmp_path / "cache")
     assert entry.status == "partial" and entry.attrs["n_done"] == 8
 
-    monkeypatch.setattr(cache.Writer, "append", original)
+    monkeypatch.setattr(Writer, "append", original)
     resumed = extract(small(tree, tmp_path, splits=("train",)))[0]
     assert resumed.meta["resumed_from"] == 8
     assert np.array_equal(resumed.X, reference.X)

@@ -13,7 +13,10 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["models"], ["datasets"], ["extract"], ["ls"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["models"], ["datasets"], ["extract"], ["ls"], ["fit"], ["finetune"], ["compare"], ["report"], ["results"]],
+)
 def test_help_reads(runner: CliRunner, command: list[str]) -> None:
     result = runner.invoke(cli, [*command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
@@ -59,12 +62,43 @@ def test_models_lists_dims_and_local_weights(runner: CliRunner) -> None:
     [
         (["extract", "--model", "resnet5", "--data", "digits"], "unknown model 'resnet5'"),
         (["extract", "--model", "resnet18", "--data", "nowhere/at/all"], "unknown dataset 'nowhere/at/all'"),
-        (["extract", "--model", "resnet18", "--data", "digits", "--limit", "-3"], "Invalid value for '--limit'"),
+        (
+            ["extract", "--model", "resnet18", "--data", "digits", "--limit", "-3"],
+            "--limit must be an integer between 1",
+        ),
+        (["extract", "--model", "resnet18", "--data", ""], "--data must be a non-empty name"),
+        (
+            ["extract", "--model", "resnet18", "--data", "digits", "--device", "bogus"],
+            "--device must be cpu, cuda, cuda:N or mps",
+        ),
+        (
+            [
+                "extract",
+                "--model",
+                "resnet18",
+                "--data",
+                "digits",
+                "--untrained",
+                "--backend",
+                "torch",
+                "--device",
+                "cuda",
+            ],
+            "torch sees no CUDA GPU",
+        ),
+        (
+            ["extract", "--model", "resnet18", "--data", "digits", "--batch-size", "0"],
+            "--batch-size must be an integer between 1 and 65536",
+        ),
+        (
+            ["extract", "--model", "resnet18", "--data", "digits", "--precision", "int8", "--backend", "torch"],
+            "int8 runs on ONNX Runtime",
+        ),
         (["extract", "--model", "resnet18", "--data", "digits", "--split", "val"], "has no split 'val'"),
         (["extract", "--model", "resnet18", "--data", "digits", "--layer", "layer9"], "has no layer 'layer9'"),
         (
             ["extract", "--model", "resnet18", "--data", "digits", "--image-size", "4"],
-            "Invalid value for '--image-size'",
+            "--image-size must be an integer between 16 and 2048, got 4",
         ),
     ],
 )

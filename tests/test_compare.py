@@ -39,10 +39,13 @@ def test_small_matrix_produces_every_file(small_run: tuple[CompareConfig, Path])
     _, out = small_run
     for name in ("report.md", "report.html", "rows.csv", "compare.json", "failures.json"):
         assert (out / name).is_file(), name
-    for name in ("accuracy_vs_time.png", "learning_curves.png", "confusion_best.png"):
+    for name in ("accuracy_vs_time.png", "learning_curves.png", "confusion_ants-bees.png", "confusion_shapes.png"):
         assert (out / "plots" / name).stat().st_size > 5000
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # self-contained
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert html.count("data:image/png;base64,") == len(pngs) >= 6  # self-contained, with each run's curves
+    for name in ("summary.csv", "tables.tex"):
+        assert (out / name).stat().st_size > 100
     assert "Recommendation" in html
 
 

@@ -95,7 +95,7 @@ def test_optimizer_groups_match_the_record(tmp_path: Path) -> None:
             progress=False,
         )
     )
-    rec = res.record
+    rec = res.record.details
     assert rec["param_group_lrs"]["head"] == 1e-3
     assert rec["param_group_lrs"]["block0"] == pytest.approx(1e-4)
     assert rec["trainable_params"] == rec["total_params"] == 11178051
@@ -134,17 +134,18 @@ def head_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
 def test_one_epoch_writes_history_plot_and_checkpoints(head_run) -> None:  # type: ignore[no-untyped-def]
     cfg, res = head_run
     rec, folder = res.record, res.path.parent
-    assert rec["kind"] == "finetune" and rec["method"] == "finetune:head"
-    assert rec["trainable_params"] == 1280 * 3 + 3
-    assert set(rec["metrics"]) >= {"accuracy", "balanced_accuracy", "roc_auc", "confusion_matrix"}
+    assert rec.kind == "finetune" and rec.method == "finetune:head"
+    assert rec.details["trainable_params"] == 1280 * 3 + 3
+    assert set(rec.metrics) >= {"accuracy", "balanced_accuracy", "roc_auc", "confusion_matrix", "accuracy_ci95"}
+    assert rec.params["augment"] == "standard" and rec.params["optimizer"] == "adam"  # the transfer recipe
     [epoch] = json.loads((folder / "history.json").read_text())
     assert set(epoch) >= {"train_loss", "val_loss", "val_accuracy", "val_roc_auc", "epoch_seconds"}
     with Image.open(folder / "history.png") as img:
         assert img.size[0] > 500 and img.size[1] > 300
     assert torch.load(folder / "best.pt", weights_only=True)["model_name"] == "mobilenet_v2"
-    assert not (folder / "last.pt").exists() and rec["checkpoints"] == {"best": "best.pt", "last": None}
+    assert not (folder / "last.pt").exists() and rec.details["checkpoints"] == {"best": "best.pt", "last": None}
     again = finetune_one(cfg)
-    assert again.reused and again.record == rec
+    assert again.reused and again.record.to_json() == rec.to_json()
 
 
 def test_resume_continues_from_the_saved_epoch(tmp_path: Path) -> None:
@@ -161,7 +162,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path: Path) -> None:
         progress=False,
     )
     one = finetune_one(FinetuneConfig(epochs=1, keep_last=True, **base))  # type: ignore[arg-type]
-    assert (one.path.parent / "last.pt").is_file() and one.record["checkpoints"]["last"] == "last.pt"
+    assert (one.path.parent / "last.pt").is_file() and one.record.details["checkpoints"]["last"] == "last.pt"
     # Make the 1-epoch run look interrupted in a 3-epoch configuration: same folder layout.
     cfg3 = FinetuneConfig(epochs=3, **base)  # type: ignore[arg-type]
     from tlfeat.finetune import run_dir
@@ -173,17 +174,17 @@ def test_resume_continues_from_the_saved_epoch(tmp_path: Path) -> None:
     with pytest.raises(TlfeatError, match="add --resume"):
         finetune_one(cfg3)
     resumed = finetune_one(FinetuneConfig(epochs=3, resume=True, **base))  # type: ignore[arg-type]
-    history = resumed.record["history"]
+    history = resumed.record.details["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[0] == one.record["history"][0]  # epoch 1 was not run again
+    assert history[0] == one.record.details["history"][0]  # epoch 1 was not run again
 
 
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path: Path, head_run) -> None:  # type: ignore[no-untyped-def]
     _, res = head_run
-    from tlfeat.finetune import load_state_dict_checkpoint
+    from tlfeat.training import load_checkpoint
 
     with pytest.raises(TlfeatError, match="checkpoint of 'mobilenet_v2', not 'resnet18'"):
-        load_state_dict_checkpoint(res.path.parent / "best.pt", "resnet18")
+        load_checkpoint(res.path.parent / "best.pt", "resnet18")
 
 
 def test_scratch_starts_from_other_weights_than_pretrained() -> None:
@@ -218,8 +219,9 @@ def test_fine_tuned_checkpoint_feeds_extract(head_run, tmp_path: Path) -> None: 
     [
         (["--strategy", "freeze"], "unknown strategy 'freeze'"),
         (["--strategy", "freeze:99"], "more than the 5 blocks of resnet18"),
-        (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
-        (["--epochs", "0"], "Invalid value for '--epochs'"),
+        (["--optimizer", "rmsprop"], "--optimizer must be one of adam, sgd, got 'rmsprop'"),
+        (["--epochs", "0"], "--epochs must be an integer between 1 and 10000, got 0"),
+        (["--augment", "mirror"], "--augment must be one of auto, none, flip, crop, standard"),
     ],
 )
 def test_finetune_cli_errors(tmp_path: Path, args: list[str], message: str) -> None:

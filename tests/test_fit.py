@@ -16,6 +16,7 @@ from tlfeat import ExtractConfig, cache, extract
 from tlfeat.classifiers import LinearHead, LogReg, make_classifier
 from tlfeat.errors import TlfeatError
 from tlfeat.fitting import FitConfig, fit, load_classifier
+from tlfeat.records import RunRecord
 from tlfeat_cli.main import cli
 
 from .conftest import make_tree
@@ -65,23 +66,27 @@ def test_pretrained_features_clear_an_accuracy_floor(digits_cache: Path, tmp_pat
     # Measured: random-weight MobileNetV2 features do as well on digits (0.93-0.96), so this floor
     # checks the classifiers, not transfer; test_weights_and_reference checks the ImageNet weights.
     [res] = fit(FitConfig(clf=clf, data="digits", cache_dir=digits_cache, results_dir=tmp_path, **kw))
-    m = res.record["metrics"]
+    m = res.record.metrics
     assert m["accuracy"] >= FLOOR, m["accuracy"]
     assert m["roc_auc"] > 0.99
     cm = np.array(m["confusion_matrix"])
-    assert cm.shape == (10, 10) and cm.sum() == res.record["n_test"] == 450
+    assert cm.shape == (10, 10) and cm.sum() == res.record.n_test == 450
+    low, high = m["accuracy_ci95"]
+    assert low < m["accuracy"] < high and high - low < 0.1
     if "C" not in kw:
-        assert res.record["cv"]["chosen_by"] == "3-fold cross-validation"
-        assert res.record["params"]["C"] in res.record["cv"]["grid"]
+        assert res.record.details["cv"]["chosen_by"] == "3-fold cross-validation"
+        assert res.record.params["C"] in res.record.details["cv"]["grid"]
 
 
 def test_metrics_agree_with_scikit_learn_and_record_round_trips(digits_cache: Path, tmp_path: Path) -> None:
     [res] = fit(FitConfig(clf="logreg", data="digits", C=0.1, cache_dir=digits_cache, results_dir=tmp_path))
     record = json.loads(res.path.read_text())
-    assert record == json.loads(json.dumps(res.record, default=str))
-    assert record["params"]["C"] == 0.1 and record["cv"]["chosen_by"] == "user"
+    assert record == json.loads(res.record.to_json())
+    assert RunRecord.from_dict(record).to_json() == res.record.to_json()
+    assert record["params"]["C"] == 0.1 and record["details"]["cv"]["chosen_by"] == "user"
+    assert record["provenance"]["classifier"]["format"] == "tlfeat-linear-v1"  # arrays, no pickle
 
-    test = cache.read(Path(record["features"]["test"]["path"]))
+    test = cache.read(Path(record["provenance"]["features"]["test"]["path"]))
     pipeline = load_classifier(res.path)
     y_pred = pipeline.predict(test.X)
     proba = pipeline.predict_proba(test.X)
@@ -91,16 +96,26 @@ def test_metrics_agree_with_scikit_learn_and_record_round_trips(digits_cache: Pa
     assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(test.y, proba, multi_class="ovr", average="macro"))
     assert m["confusion_matrix"] == skm.confusion_matrix(test.y, y_pred).tolist()
     assert m["per_class"]["3"]["recall"] == pytest.approx(skm.recall_score(test.y, y_pred, average=None)[3])
+    assert m["predictions"]["y_pred"] == y_pred.tolist()
 
     again = fit(FitConfig(clf="logreg", data="digits", C=0.1, cache_dir=digits_cache, results_dir=tmp_path))
-    assert again[0].reused and again[0].record["created"] == record["created"]
+    assert again[0].reused and again[0].record.created == record["created"]
 
 
-def test_tampered_classifier_file_is_not_unpickled(digits_cache: Path, tmp_path: Path) -> None:
+def test_tampered_classifier_file_is_not_loaded(
+    digits_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     res = fit(FitConfig(clf="logreg", data="digits", C=1.0, cache_dir=digits_cache, results_dir=tmp_path))[0]
-    (res.path.parent / "classifier.joblib").write_bytes(b"anything")
-    with pytest.raises(TlfeatError, match="refusing to unpickle"):
+    (res.path.parent / "classifier.npz").write_bytes(b"anything")
+    with pytest.raises(TlfeatError, match="does not match the sha256"):
         load_classifier(res.path)
+    # A model that has to be pickled (an RBF SVM) is signed with TLFEAT_RESULTS_KEY when it is set.
+    monkeypatch.setenv("TLFEAT_RESULTS_KEY", "secret kept elsewhere")
+    rbf = fit(FitConfig(clf="svm", kernel="rbf", C=1.0, data="digits", cache_dir=digits_cache, results_dir=tmp_path))[0]
+    assert rbf.record.provenance["classifier"]["format"] == "joblib" and load_classifier(rbf.path) is not None
+    monkeypatch.setenv("TLFEAT_RESULTS_KEY", "another key")
+    with pytest.raises(TlfeatError, match="not signed with TLFEAT_RESULTS_KEY"):
+        load_classifier(rbf.path)
 
 
 def test_linear_head_is_a_scikit_learn_estimator() -> None:
@@ -178,14 +193,18 @@ def test_fit_errors(tmp_path: Path, digits_cache: Path) -> None:
     cases = [
         (
             ["fit", "--clf", "knn", "--cache-dir", str(digits_cache)],
-            "unknown classifier 'knn'; valid: logreg, svm, linear",
+            "--clf must be one of logreg, svm, linear, got 'knn'",
         ),
         (["fit", "--model", "vgg16", "--cache-dir", str(digits_cache)], "no cached features for --model vgg16"),
         (
             ["fit", "--clf", "logreg", "--kernel", "rbf", "--cache-dir", str(digits_cache)],
             "--kernel applies to --clf svm only",
         ),
-        (["fit", "--C", "-1", "--cache-dir", str(digits_cache)], "Invalid value for '--C'"),
+        (["fit", "--C", "-1", "--cache-dir", str(digits_cache)], "--C must be a finite number in (0, 1e+06], got -1"),
+        (
+            ["fit", "--metric", "f1", "--cache-dir", str(digits_cache)],
+            "'f1' is not one of 'accuracy', 'balanced_accuracy', 'roc_auc', 'macro_f1'",
+        ),
     ]
     for args, message in cases:
         result = runner.invoke(cli, [*args, "--results-dir", str(tmp_path)])

@@ -79,16 +79,30 @@ def test_worker_and_batch_halves_of_preprocessing_equal_torchvisions_bit_for_bit
     """Workers send resized uint8 crops; the batch is normalised in the main process. Same bits."""
     import skimage.data
 
-    from tlfeat.extraction import Normalize, ResizeCrop, make_transform, preprocessing
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    from tlfeat.backbones import preprocessing
+    from tlfeat.preprocess import Normalizer
 
     prep = preprocessing(model, None, size)
     images = [Image.open(p).convert("RGB") for p in sorted(photos.glob("train/*/*.png"))]
     images.append(Image.fromarray(skimage.data.camera()).convert("RGB"))  # grey, 512 x 512
     images.append(images[0].resize((37, 900)))  # tall and smaller than the crop on one side
-    reference = torch.stack([make_transform(prep)(img) for img in images])
-    halves = Normalize(prep)(torch.stack([ResizeCrop(prep)(img) for img in images]))
-    assert halves.dtype == torch.float32 and halves.shape == reference.shape
-    assert torch.equal(halves, reference)
+    images.append(images[0].resize((20, 15)))  # smaller than the crop on both sides: zero padding
+    torchvision_transform = ImageClassification(
+        crop_size=prep.crop_size,
+        resize_size=prep.resize_size,
+        mean=prep.mean,
+        std=prep.std,
+        interpolation=InterpolationMode(prep.interpolation),
+        antialias=prep.antialias,
+    )
+    reference = torch.stack([torchvision_transform(img) for img in images]).numpy()
+    # The same transform without torch: uint8 crops (what decoding workers send), normalised in one buffer.
+    halves = Normalizer(prep)(np.stack([prep.resize_crop(img) for img in images]))
+    assert halves.dtype == np.float32 and halves.shape == reference.shape
+    assert np.array_equal(halves, reference)
 
 
 def test_missing_weights_name_the_three_ways(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

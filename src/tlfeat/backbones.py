@@ -1,106 +1,36 @@
-"""The model registry: every torchvision classifier, and how to cut it at a feature layer.
+"""The model registry (every torchvision classifier) and how to cut a model at its feature layers.
 
-One entry per architecture family says where its final classification layer sits (`head`); the
-penultimate features are that layer's input. Everything else (weights entries, preprocessing,
-metadata) comes from torchvision's weights enums, never re-typed here.
+Names, weights entries and preprocessing come from torchvision's weights enums (through
+`modelinfo`, which needs no torch). The penultimate features are the input of each family's
+final classification layer. Earlier layers are cut with torchvision's own
+`create_feature_extractor`, which prunes the graph after the last layer asked for, so the
+rest of the network is neither run nor exported, and several layers come from one forward pass.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
-from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from tlfeat import modelinfo
 from tlfeat.errors import TlfeatError, did_you_mean
+from tlfeat.modelinfo import STUDIED, Family
+from tlfeat.preprocess import Preprocessing
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 log = logging.getLogger(__name__)
 
-# The architectures that transfer-learning studies compare; `tlfeat models` lists these first.
-STUDIED = (
-    "alexnet",
-    "vgg16",
-    "vgg19",
-    "resnet18",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "googlenet",
-    "mobilenet_v2",
-    "mobilenet_v3_large",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "squeezenet1_1",
-    "convnext_tiny",
-)
+PENULTIMATE = "penultimate"
+__all__ = ["PENULTIMATE", "STUDIED", "Family", "available_models", "build", "check_model", "feature_extractor"]
 
 
-@dataclass(frozen=True)
-class Family:
-    """How one architecture family ends: the dotted name of its final classifier module."""
-
-    prefix: str
-    head: str
-    # SqueezeNet classifies with a 1x1 conv over the last feature map; its "penultimate features"
-    # are that conv's input, globally average pooled.
-    conv_head: bool = False
-
-
-_FAMILIES: dict[str, Family] = {}
-
-
-def _register(prefix: str, head: str, conv_head: bool = False) -> None:
-    if prefix in _FAMILIES:
-        raise ValueError(f"architecture family {prefix!r} registered twice")
-    _FAMILIES[prefix] = Family(prefix, head, conv_head)
-
-
-_register("alexnet", "classifier.6")
-_register("vgg", "classifier.6")
-_register("resnet", "fc")
-_register("resnext", "fc")
-_register("wide_resnet", "fc")
-_register("regnet", "fc")
-_register("shufflenet", "fc")
-_register("googlenet", "fc")
-_register("inception", "fc")
-_register("densenet", "classifier")
-_register("mobilenet_v2", "classifier.1")
-_register("mobilenet_v3", "classifier.3")
-_register("mnasnet", "classifier.1")
-_register("efficientnet", "classifier.1")
-_register("squeezenet", "classifier.1", conv_head=True)
-_register("convnext", "classifier.2")
-_register("maxvit", "classifier.5")
-_register("swin", "head")
-_register("vit", "heads.head")
-
-
-@cache
 def available_models() -> tuple[str, ...]:
     """Every torchvision classification model name, studied ones first."""
-    import torchvision.models as tvm
-
-    names = set(tvm.list_models(module=tvm))
-    rest = sorted(n for n in names if n not in STUDIED)
-    return tuple(n for n in STUDIED if n in names) + tuple(rest)
-
-
-def family(name: str) -> Family:
-    check_model(name)
-    # Longest prefix wins (mobilenet_v2 vs mobilenet_v3 share "mobilenet").
-    for prefix in sorted(_FAMILIES, key=len, reverse=True):
-        if name.startswith(prefix):
-            return _FAMILIES[prefix]
-    raise TlfeatError(f"model {name!r} has no registered head; add its family in tlfeat/backbones.py")
+    names = set(modelinfo.models())
+    return tuple(n for n in STUDIED if n in names) + tuple(sorted(names - set(STUDIED)))
 
 
 def check_model(name: str) -> None:
@@ -111,29 +41,37 @@ def check_model(name: str) -> None:
         )
 
 
-def weights_enum(name: str):  # type: ignore[no-untyped-def]
-    """torchvision's weights enum class for a model."""
-    from torchvision.models import get_model_weights
-
+def family(name: str) -> Family:
     check_model(name)
-    return get_model_weights(name)
+    fam = modelinfo.family_of(name)
+    if fam is None:
+        raise TlfeatError(f"model {name!r} has no registered head; add its family in tlfeat/modelinfo.py")
+    return fam
 
 
 def default_weights_id(name: str) -> str:
-    """IMAGENET1K_V1 where it exists: the original weights that transfer studies used and that
-    mirrors carry; otherwise torchvision's DEFAULT entry."""
-    enum = weights_enum(name)
-    return "IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else enum.DEFAULT.name
+    """IMAGENET1K_V1 where it exists (the weights transfer studies used and mirrors carry), else DEFAULT."""
+    check_model(name)
+    return modelinfo.models()[name].default_weights
 
 
-def weights_entry(name: str, weights_id: str | None):  # type: ignore[no-untyped-def]
-    """The torchvision weights entry `weights_id` (None: the tlfeat default) of a model."""
-    enum = weights_enum(name)
-    wid = weights_id or default_weights_id(name)
-    if wid not in enum.__members__:
-        valid = ", ".join(enum.__members__)
-        raise TlfeatError(f"model {name!r} has no weights entry {wid!r}; valid entries: {valid}")
-    return enum[wid]
+def weights_entry(name: str, weights_id: str | None) -> modelinfo.WeightsInfo:
+    """The weights entry `weights_id` (None: the tlfeat default) of a model."""
+    check_model(name)
+    info = modelinfo.models()[name]
+    wid = weights_id or info.default_weights
+    if wid not in info.weights:
+        raise TlfeatError(f"model {name!r} has no weights entry {wid!r}; valid entries: {', '.join(info.weights)}")
+    return info.weights[wid]
+
+
+def preprocessing(
+    name: str, weights_id: str | None, image_size: int | None, fast_decode: bool = False
+) -> Preprocessing:
+    """The weights entry's own eval transform, optionally scaled to crop `image_size`."""
+    w = weights_entry(name, weights_id)
+    base = Preprocessing(w.crop_size, w.resize_size, w.mean, w.std, w.interpolation, w.antialias, fast_decode)
+    return base.scaled(image_size)
 
 
 def build(name: str, device: str = "cpu", num_classes: int | None = None) -> nn.Module:
@@ -167,78 +105,104 @@ def get_submodule_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Named modules that `--layer` accepts: containers and blocks, not single ops."""
+    """Named modules that `--layer` accepts by their short name: containers and blocks."""
     return [n for n, m in model.named_modules() if n and len(list(m.children())) > 0]
 
 
-class _Stop(Exception):
-    """Raised by the layer hook to stop the forward pass once the wanted layer has run."""
+def graph_nodes(model: nn.Module) -> list[str]:
+    """Every node of the model's evaluation graph; each works as `--layer` too."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(get_graph_node_names(model)[1])
 
 
-def feature_extractor(model: nn.Module, name: str, layer: str | None = None) -> nn.Module:
-    """Wrap `model` so that it returns (n, d) features: the head's input, or `layer` pooled."""
+def _drop_head(model: nn.Module, name: str) -> None:
     from torch import nn
 
     fam = family(name)
+    if fam.conv_head:
+        model.classifier = nn.AdaptiveAvgPool2d(1)  # type: ignore[assignment]  # the model flattens what it returns
+    else:
+        parent, child = get_submodule_parent(model, fam.head)
+        setattr(parent, child, nn.Identity())
+
+
+def _check_layers(model: nn.Module, name: str, layers: list[str]) -> None:
+    nodes = graph_nodes(model)
+    modules = set(layer_names(model))
+    for layer in layers:
+        if layer in modules or layer in nodes or any(n.startswith(layer + ".") for n in nodes):
+            continue
+        raise TlfeatError(
+            f"model {name!r} has no layer {layer!r}.{did_you_mean(layer, sorted(modules) + nodes)} "
+            f"Run `tlfeat models --layers {name}` to list them."
+        )
+
+
+class Pooled:
+    """Global average pooling of whatever a layer returns: (n, c, h, w) and (n, tokens, c) -> (n, c)."""
+
+    @staticmethod
+    def apply(out: Any) -> Any:
+        if out.ndim == 4:
+            out = out.mean(dim=(2, 3))
+        elif out.ndim == 3:
+            out = out.mean(dim=1)
+        return out.flatten(1)
+
+
+def feature_extractor(model: nn.Module, name: str, layers: list[str | None] | str | None = None) -> nn.Module:
+    """A module returning a tuple of (n, d) features, one per layer (None: the penultimate one).
+
+    The head is dropped, then torchvision's `create_feature_extractor` keeps only the graph up to
+    the deepest layer asked for. A single layer gives a tensor instead of a tuple.
+    """
+    from torch import nn
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    wanted = layers if isinstance(layers, list) else [layers]
+    _drop_head(model, name)
+    named = [layer for layer in wanted if layer is not None]
+    if named:
+        _check_layers(model, name, named)
+    final = graph_nodes(model)[-1]
+    nodes = {final if layer is None else layer: layer or PENULTIMATE for layer in wanted}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = create_feature_extractor(model, return_nodes=nodes)
+    order = [layer or PENULTIMATE for layer in wanted]
 
     class Extractor(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
-            self.layer = layer
-            self._captured: torch.Tensor | None = None
-            if layer is None:
-                if fam.conv_head:
-                    # The model flattens whatever its classifier returns: pool before that.
-                    model.classifier = nn.AdaptiveAvgPool2d(1)
-                else:
-                    parent, child = get_submodule_parent(model, fam.head)
-                    setattr(parent, child, nn.Identity())
-            else:
-                try:
-                    target = model.get_submodule(layer)
-                except AttributeError as exc:
-                    hint = did_you_mean(layer, layer_names(model))
-                    raise TlfeatError(
-                        f"model {name!r} has no layer {layer!r}.{hint} "
-                        f"Run `tlfeat models --layers {name}` to list them."
-                    ) from exc
-                target.register_forward_hook(self._hook)
+            self.graph = graph
+            self.order = order
 
-        def _hook(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            self._captured = output
-            raise _Stop
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.layer is None:
-                out = self.model(x)
-            else:
-                try:
-                    self.model(x)
-                except _Stop:
-                    pass
-                out, self._captured = self._captured, None
-                assert out is not None  # the hook always runs before _Stop
-            if out.ndim == 4:  # (n, c, h, w): global average pooling
-                out = out.mean(dim=(2, 3))
-            elif out.ndim == 3:  # (n, tokens, c): average the tokens
-                out = out.mean(dim=1)
-            return out.flatten(1)
+        def forward(self, x: Any) -> Any:
+            out = self.graph(x)
+            feats = tuple(Pooled.apply(out[k]) for k in self.order)
+            return feats[0] if len(feats) == 1 else feats
 
     return Extractor().eval()
 
 
-def feature_dim(name: str, layer: str | None = None, image_size: int = 224) -> int:
-    """Feature dimension of the default (penultimate) layer or `layer`, computed without weights."""
+def feature_dims(name: str, layers: list[str | None], image_size: int = 224) -> list[int]:
+    """Feature dimension of each layer (None: the penultimate one), computed without weights."""
     import torch
 
+    if layers == [None]:
+        check_model(name)
+        return [modelinfo.models()[name].feature_dim]
     model = build(name, device="meta")
-    if layer is None:
-        fam = family(name)
-        head = model.get_submodule(fam.head)
-        return int(head.in_channels if fam.conv_head else head.in_features)
-    extractor = feature_extractor(model, name, layer)
+    extractor = feature_extractor(model, name, list(layers))
     device = next(model.parameters()).device
     with torch.no_grad():
         out = extractor(torch.zeros(1, 3, image_size, image_size, device=device))
-    return int(out.shape[1])
+    outs = out if isinstance(out, tuple) else (out,)
+    return [int(o.shape[1]) for o in outs]
+
+
+def feature_dim(name: str, layer: str | None = None, image_size: int = 224) -> int:
+    return feature_dims(name, [layer], image_size)[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -251,11 +252,113 @@ def check_classifier(name: str, kernel: str = "linear") -> None:
         raise TlfeatError(f"--kernel applies to --clf svm only, not {name}")
 
 
-def scores(pipeline: Pipeline, X: np.ndarray) -> np.ndarray:
-    """Per-class scores for ROC AUC, (n, k): probabilities where the model has them, else margins."""
-    if hasattr(pipeline, "predict_proba") and hasattr(pipeline[-1], "predict_proba"):
-        return pipeline.predict_proba(X)
-    margins = pipeline.decision_function(X)
-    if margins.ndim == 1:  # binary: margin of the positive class
-        return np.column_stack([-margins, margins])
-    return margins
+def scores(pipeline: Any, X: Any, n_classes: int) -> np.ndarray:
+    """Per-class scores for ROC AUC, (n, n_classes), column c for class c: probabilities where the
+    model has them, else margins. A class the classifier never saw gets a constant column."""
+    est = pipeline[-1] if hasattr(pipeline, "steps") else pipeline
+    if hasattr(est, "predict_proba"):
+        raw = pipeline.predict_proba(X)
+    else:
+        raw = pipeline.decision_function(X)
+        if raw.ndim == 1:  # binary: margin of the positive class
+            raw = np.column_stack([-raw, raw])
+    classes = np.asarray(est.classes_, dtype=np.int64)
+    out = np.full((raw.shape[0], n_classes), float(raw.min()) - 1.0 if raw.size else 0.0)
+    out[:, classes] = raw
+    return out
+
+
+# --------------------------------------------------------------------------- saving without pickles
+
+LINEAR_FORMAT = "tlfeat-linear-v1"
+
+
+def _linear_parts(pipeline: Pipeline) -> dict[str, np.ndarray] | None:
+    """A standardise + linear pipeline as plain arrays, or None for other models (an RBF SVM)."""
+    scale, est = pipeline.named_steps["scale"], pipeline[-1]
+    if not hasattr(est, "coef_") or not isinstance(est, (LogReg, LinearHead, _linear_svc())):
+        return None
+    return {
+        "kind": np.asarray(type(est).__name__),
+        "mean": np.asarray(scale.mean_, dtype=np.float64),
+        "scale": np.asarray(scale.scale_, dtype=np.float64),
+        "coef": np.asarray(est.coef_, dtype=np.float64),
+        "intercept": np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64)),
+        "classes": np.asarray(est.classes_),
+    }
+
+
+def _linear_svc() -> type:
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC
+
+
+def save(pipeline: Pipeline, folder: Path) -> dict[str, Any]:
+    """Write a fitted pipeline; returns what the record keeps: file name, format, sha256 (and HMAC).
+
+    Linear models are written as arrays (`.npz`, loaded without unpickling anything). Other models
+    are pickled with joblib; those are loaded only when their sha256 matches the record's, and, if
+    `TLFEAT_RESULTS_KEY` is set, their HMAC under that key (kept outside the results folder).
+    """
+    import hashlib
+    import hmac
+
+    from tlfeat import config, fsio, offline
+
+    parts = _linear_parts(pipeline)
+    if parts is not None:
+        path = Path(folder) / "classifier.npz"
+        with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, format=np.asarray(LINEAR_FORMAT), **parts)
+        fmt = LINEAR_FORMAT
+    else:
+        import joblib
+
+        path = Path(folder) / "classifier.joblib"
+        with fsio.atomic_path(path) as tmp:
+            joblib.dump(pipeline, tmp)
+        fmt = "joblib"
+    out = {"file": path.name, "format": fmt, "sha256": offline.sha256_file(path)}
+    if (secret := config.results_key()) is not None:
+        out["hmac_sha256"] = hmac.new(secret, path.read_bytes(), hashlib.sha256).hexdigest()
+    return out
+
+
+def load(folder: Path, saved: dict[str, Any]) -> Any:
+    """Load a saved classifier after checking it is the file its record describes."""
+    import hashlib
+    import hmac
+
+    from tlfeat import config, offline
+
+    path = Path(folder) / str(saved["file"])
+    if not path.is_file() or offline.sha256_file(path) != saved.get("sha256"):
+        raise TlfeatError(f"{path} does not match the sha256 in its record; refusing to load it")
+    secret = config.results_key()
+    if saved.get("format") == "joblib":
+        if secret is not None:
+            expected = hmac.new(secret, path.read_bytes(), hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(expected, str(saved.get("hmac_sha256", ""))):
+                raise TlfeatError(f"{path} is not signed with TLFEAT_RESULTS_KEY; refusing to unpickle it")
+        import joblib
+
+        return joblib.load(path)
+    with np.load(path, allow_pickle=False) as f:
+        parts = {k: f[k] for k in f.files}
+    return _rebuild(parts)
+
+
+def _rebuild(parts: dict[str, np.ndarray]) -> Pipeline:
+    from sklearn.svm import LinearSVC
+
+    kinds = {"LogReg": LogReg, "LinearHead": LinearHead, "LinearSVC": LinearSVC}
+    scale = StandardScaler()
+    scale.mean_, scale.scale_ = parts["mean"], parts["scale"]
+    scale.var_ = parts["scale"] ** 2
+    scale.n_features_in_ = len(parts["mean"])
+    scale.n_samples_seen_ = 0
+    est = kinds[str(parts["kind"])]()
+    est.coef_, est.intercept_, est.classes_ = parts["coef"], parts["intercept"], parts["classes"]
+    est.n_features_in_ = parts["coef"].shape[1]
+    return Pipeline([("scale", scale), ("clf", est)])

@@ -2,11 +2,13 @@
 
 `compare` plans the matrix (what runs, what is reused), runs what is missing (a failed cell is
 recorded and the rest go on), and writes the report. `report` rebuilds the report from the saved
-records alone: no feature, fit or fine-tune is recomputed.
+records alone: no feature, fit or fine-tune is recomputed. A repeat varies the seed, and with
+`--resample` also the `--limit` subset of training images.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -14,45 +16,26 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tlfeat import backbones, cache, classifiers, datasets, strategies
-from tlfeat.config import ExtractConfig
-from tlfeat.errors import TlfeatError
+from tlfeat import backbones, cache, datasets, fsio
+from tlfeat.config import CompareConfig, ExtractConfig, FinetuneConfig, FitConfig
+from tlfeat.errors import TlfeatError, first_line
+from tlfeat.records import Method, RunRecord
 
 log = logging.getLogger(__name__)
-
-FROZEN = ("logreg", "svm", "svm-rbf", "linear")
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    models: tuple[str, ...]
-    datas: tuple[str, ...]
-    methods: tuple[str, ...] = ("logreg", "finetune:full")
-    repeats: int = 1
-    out: Path = Path("reports/run")
-    layers: tuple[str, ...] = ()  # a --layers sweep: extra feature layers for the frozen methods
-    epochs: int = 25
-    image_size: int | None = None
-    limit: int | None = None
-    cache_dir: Path | None = None
-    data_dir: Path | None = None
-    workers: int | None = None
-    seed: int = 0
-    on_error: str = "fail"  # unreadable images while extracting: "fail" or "skip" (recorded, counted in the report)
-    command: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class Cell:
-    model: str
+    model: str  # "resnet18" or "resnet18:untrained"
     data: str
     method: str
     seed: int
+    subset_seed: int = 0
     layer: str | None = None
 
     @property
@@ -63,9 +46,14 @@ class Cell:
     def untrained(self) -> bool:
         return self.model.endswith(":untrained")
 
+    @property
+    def parsed(self) -> Method:
+        return Method.parse(self.method)
+
     def label(self) -> str:
         layer = f" [{self.layer}]" if self.layer else ""
-        return f"{self.method} {self.model}/{Path(self.data).name}{layer} seed {self.seed}"
+        subset = f", subset {self.subset_seed}" if self.subset_seed else ""
+        return f"{self.method} {self.model}/{datasets.short_name(self.data)}{layer} seed {self.seed}{subset}"
 
 
 def check(cfg: CompareConfig) -> None:
@@ -86,7 +74,7 @@ def check(cfg: CompareConfig) -> None:
             problems.append(str(exc))
     for method in cfg.methods:
         try:
-            parse_method(method)
+            Method.parse(method)
         except TlfeatError as exc:
             problems.append(str(exc))
     for layer in cfg.layers:
@@ -96,28 +84,10 @@ def check(cfg: CompareConfig) -> None:
                     backbones.feature_dim(model.split(":", 1)[0], layer)
             except TlfeatError as exc:
                 problems.append(str(exc).split(" Run ")[0])
-    if cfg.repeats < 1:
-        problems.append(f"--repeats must be at least 1, got {cfg.repeats}")
-    if cfg.limit is not None and cfg.limit <= 0:
-        problems.append(f"--limit must be positive, got {cfg.limit}")
     if not cfg.models or not cfg.datas or not cfg.methods:
         problems.append("--models, --data and --methods each need at least one name")
     if problems:
         raise TlfeatError(f"{len(problems)} problem(s), nothing was run: " + " | ".join(problems))
-
-
-def parse_method(method: str) -> tuple[str, str]:
-    """('frozen', clf) or ('finetune', strategy)."""
-    if method in FROZEN:
-        return "frozen", method
-    if method == "scratch":
-        return "finetune", "scratch"
-    if method.startswith("finetune:"):
-        return "finetune", str(strategies.parse(method.split(":", 1)[1]))
-    valid = ", ".join(
-        FROZEN + ("finetune:full", "finetune:head", "finetune:freeze:K", "finetune:discriminative", "scratch")
-    )
-    raise TlfeatError(f"unknown method {method!r}; valid: {valid}")
 
 
 def cells(cfg: CompareConfig) -> list[Cell]:
@@ -126,96 +96,117 @@ def cells(cfg: CompareConfig) -> list[Cell]:
         for model in cfg.models:
             for method in cfg.methods:
                 for r in range(cfg.repeats):
-                    out.append(Cell(model, data, method, cfg.seed + r))
-            frozen = [m for m in cfg.methods if parse_method(m)[0] == "frozen"]
+                    out.append(Cell(model, data, str(Method.parse(method)), cfg.seed + r, _subset(cfg, r)))
+            frozen = [m for m in cfg.methods if Method.parse(m).is_frozen]
             for layer in cfg.layers:
                 if layer == "penultimate" or not frozen:
                     continue
                 for r in range(cfg.repeats):
-                    out.append(Cell(model, data, frozen[0], cfg.seed + r, layer))
+                    out.append(Cell(model, data, str(Method.parse(frozen[0])), cfg.seed + r, _subset(cfg, r), layer))
     return out
 
 
-def _extract_cfg(cfg: CompareConfig, cell: Cell) -> ExtractConfig:
+def _subset(cfg: CompareConfig, repeat: int) -> int:
+    return cfg.seed + repeat if cfg.resample and cfg.limit is not None else 0
+
+
+def extract_config(cfg: CompareConfig, cell: Cell) -> ExtractConfig:
+    """One pass over the images gives every layer of the sweep: the cell asks for all of them."""
+    sweep = [layer for layer in cfg.layers if layer != "penultimate"]
+    layers = ",".join(["penultimate", *sweep]) if sweep else None
     return ExtractConfig(
         model=cell.backbone,
         untrained=cell.untrained,
         data=cell.data,
-        layer=cell.layer,
+        splits=("train", "test"),
+        layer=layers,
         image_size=cfg.image_size,
         limit=cfg.limit,
+        test_limit=cfg.test_limit,
+        subset_seed=cell.subset_seed,
         workers=cfg.workers,
         cache_dir=cfg.cache_dir,
         data_dir=cfg.data_dir,
-        progress=False,
+        progress=cfg.progress,
         on_error=cfg.on_error,
     )
 
 
-def _fit_cfg(cfg: CompareConfig, cell: Cell):  # type: ignore[no-untyped-def]
-    from tlfeat.fitting import FitConfig
-
-    clf, kernel = (cell.method.split("-") + ["linear"])[:2]
+def fit_config(cfg: CompareConfig, cell: Cell) -> FitConfig:
+    method = cell.parsed
     return FitConfig(
-        clf=clf,
-        kernel=kernel,
+        clf=method.clf,
+        kernel=method.kernel,
+        C=cfg.C,
         model=cell.backbone,
         data=cell.data,
         layer=cell.layer or "penultimate",
         seed=cell.seed,
         cache_dir=cfg.cache_dir,
-        results_dir=cfg.out / "results",
+        results_dir=cfg.runs_dir,
     )
 
 
-def _finetune_cfg(cfg: CompareConfig, cell: Cell):  # type: ignore[no-untyped-def]
-    from tlfeat.finetune import FinetuneConfig
-
+def finetune_config(cfg: CompareConfig, cell: Cell) -> FinetuneConfig:
+    scratch = cell.parsed.is_scratch
     return FinetuneConfig(
         model=cell.backbone,
         untrained=cell.untrained,
         data=cell.data,
-        strategy=parse_method(cell.method)[1],
-        epochs=cfg.epochs,
+        strategy=str(cell.parsed.strategy) if cell.parsed.strategy else "full",
+        epochs=cfg.scratch_epochs if scratch else cfg.epochs,
+        lr=None if scratch else cfg.lr,
+        optimizer=None if scratch else cfg.optimizer,
+        batch_size=cfg.batch_size,
+        augment=cfg.augment,
         image_size=cfg.image_size,
         limit=cfg.limit,
+        test_limit=cfg.test_limit,
+        subset_seed=cell.subset_seed,
         seed=cell.seed,
         workers=cfg.workers,
         data_dir=cfg.data_dir,
-        results_dir=cfg.out / "results",
-        progress=False,
+        results_dir=cfg.runs_dir,
+        progress=cfg.progress,
     )
 
 
+def _cell_targets(cfg: CompareConfig, cell: Cell) -> list[Any]:
+    from tlfeat import extraction
+
+    layer = cell.layer or "penultimate"
+    return [t for t in extraction.plan(extract_config(cfg, cell)) if (t.layer or "penultimate") == layer]
+
+
 def planned(cfg: CompareConfig, cell: Cell) -> str:
-    """'reuse' when this cell's result is saved, else what will run."""
-    from tlfeat import extraction, finetune, fitting
+    """'reuse' when this cell's result is saved, else what will run (nothing is loaded to find out)."""
+    from tlfeat import finetune, fitting
 
-    if parse_method(cell.method)[0] == "finetune":
-        folder, _ = finetune.run_dir(_finetune_cfg(cfg, cell))
+    if cell.parsed.is_finetune:
+        folder, _ = finetune.run_dir(finetune_config(cfg, cell))
         return "reuse" if (folder / "record.json").is_file() else "fine-tune"
-    ecfg = replace(_extract_cfg(cfg, cell), splits=("train", "test"))
-    found = [
-        next((c for c, _ in extraction.candidates(ecfg, path, fields) if c.is_file()), None)
-        for _, path, fields in extraction.plan(ecfg)
-    ]
-    if None in found:
-        return "extract + fit"
-    train, test = (cache.read(path) for path in found if path is not None)
-    fcfg = _fit_cfg(cfg, cell)
-    key = fitting.config_key(fcfg, train, test)
-    hits = list((cfg.out / "results" / "fits").glob(f"*__{key}/record.json"))
-    return "reuse" if hits else "fit"
+    attrs = {}
+    for target in _cell_targets(cfg, cell):
+        try:
+            attrs[target.split] = cache.check(target.path, verify=False)
+        except (TlfeatError, OSError):
+            return "extract + fit"
+    path = fitting.record_path(
+        fit_config(cfg, cell), attrs["train"], str(attrs["train"].get("sha256")), str(attrs["test"].get("sha256"))
+    )
+    return "reuse" if path.is_file() else "fit"
 
 
-def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
+def run_cell(cfg: CompareConfig, cell: Cell) -> RunRecord:
     from tlfeat import extraction, finetune, fitting
 
-    if parse_method(cell.method)[0] == "finetune":
-        return finetune.finetune_one(_finetune_cfg(cfg, cell)).record
-    ecfg = replace(_extract_cfg(cfg, cell), splits=("train", "test"))
-    train, test = extraction.extract(ecfg)
-    return fitting.fit_pair(_fit_cfg(cfg, cell), train, test).record
+    if cell.parsed.is_finetune:
+        return finetune.finetune_one(finetune_config(cfg, cell)).record
+    layer = cell.layer or "penultimate"
+    found = [fs for fs in extraction.extract(extract_config(cfg, cell)) if str(fs.meta.get("layer")) == layer]
+    train, test = (next(fs for fs in found if fs.split == s) for s in ("train", "test"))
+    pair = fitting.Pair(*(cache.Entry(fs.path, fs.meta, "ok") for fs in (train, test)))  # type: ignore[arg-type]
+    return fitting.fit_pair(fit_config(cfg, cell), pair).record
 
 
 def compare(cfg: CompareConfig, echo: Any = print) -> Path:
@@ -225,34 +216,44 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     check(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = cells(cfg)
-    plan = [(cell, planned(cfg, cell)) for cell in todo]
+    plan = [(cell, planned(cfg, cell)) for cell in cells(cfg)]
     counts: dict[str, int] = {}
     for _, what in plan:
         counts[what] = counts.get(what, 0) + 1
     echo(f"plan: {len(plan)} cells: " + ", ".join(f"{n} {w}" for w, n in sorted(counts.items())))
     for cell, what in plan:
         echo(f"  {what:>13}  {cell.label()}")
-    _write_json(
+    fsio.atomic_write(
         out / "compare.json",
-        {"config": _jsonable(asdict(cfg)), "command": cfg.command, "environment": environment(), "started": _now()},
+        json.dumps(
+            {"config": _jsonable(asdict(cfg)), "command": cfg.command, "environment": environment(), "started": _now()},
+            indent=2,
+        ),
     )
     failures: dict[str, str] = {}
-    bar = tqdm(total=len(plan), desc="compare", unit="cell", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=len(plan),
+        desc="compare",
+        unit="cell",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not cfg.progress,
+        position=0,
+    )
     for cell, what in plan:
         bar.set_postfix_str(cell.label()[:60])
         t0 = time.perf_counter()
         try:
             run_cell(cfg, cell)
         except (TlfeatError, RuntimeError, ValueError, OSError) as exc:
-            failures[cell.label()] = (
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            )
+            failures[cell.label()] = f"{type(exc).__name__}: {first_line(exc)}"
             log.warning("cell failed: %s: %s", cell.label(), exc)
         log.info("%s (%s) in %.1fs", cell.label(), what, time.perf_counter() - t0)
         bar.update(1)
     bar.close()
-    _write_json(out / "failures.json", {"failures": failures, "cells": [asdict(c) for c in todo]})
+    fsio.atomic_write(
+        out / "failures.json", json.dumps({"failures": failures, "cells": [asdict(c) for c, _ in plan]}, indent=2)
+    )
     from tlfeat.report import build
 
     build(out)
@@ -264,31 +265,28 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
 
 
 def environment() -> dict[str, Any]:
-    import numpy as np
-    import sklearn
-    import torch
-    import torchvision
+    """The machine and library versions, read without importing torch."""
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    torch = sys.modules.get("torch")
+    gpu = torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None
+    from tlfeat import __version__
+
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "tlfeat": _version(),
+        **{name: version(name) for name in ("torch", "torchvision", "onnxruntime", "scikit-learn", "numpy")},
+        "tlfeat": __version__,
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "gpu": gpu,
     }
-
-
-def _version() -> str:
-    from tlfeat import __version__
-
-    return __version__
 
 
 def _now() -> str:
@@ -299,14 +297,8 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["tlfeat", *sys.argv[1:]])
 
 
-__all__ = ["CompareConfig", "check", "classifiers", "compare", "parse_method"]
+__all__ = ["Cell", "CompareConfig", "check", "compare", "planned", "run_cell"]

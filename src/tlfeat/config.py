@@ -1,39 +1,420 @@
-"""Frozen configs: what the CLI builds from its options and the library acts on."""
+"""Frozen configs: what the CLI builds from its options and the library acts on.
+
+Each field is declared once, here: whether it changes the numbers (`key`, so it reaches the cache
+or result key) or not (`setting`), its bounds and its help text. The CLI turns these into options;
+`__post_init__` validates. Environment variables are read in this module only.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+from tlfeat.constraints import Choice, Interval, Pattern, Positive, Text, key, setting, validate
+
+# --------------------------------------------------------------------------- environment
+
+
+def env(name: str, default: str = "") -> str:
+    """An environment variable, or `default` when unset or empty."""
+    return os.environ.get(name) or default
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "")
+    return default if value == "" else value not in ("0", "false", "no")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TLFEAT_CACHE_DIR") or "features_cache")
+    return Path(env("TLFEAT_CACHE_DIR", "features_cache"))
+
+
+def default_results_dir() -> Path:
+    return Path(env("TLFEAT_RESULTS_DIR", "results"))
+
+
+def tlfeat_home() -> Path:
+    """Where tlfeat keeps downloads shared by all projects (`TLFEAT_HOME`, ~/.cache/tlfeat)."""
+    if home := env("TLFEAT_HOME"):
+        return Path(home).expanduser()
+    xdg = env("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tlfeat"
+
+
+def default_data_dir() -> Path:
+    return Path(env("TLFEAT_DATA_DIR")).expanduser() if env("TLFEAT_DATA_DIR") else tlfeat_home() / "data"
+
+
+def torch_home() -> Path:
+    """torch's hub folder without importing torch (the rule of `torch.hub.get_dir`)."""
+    base = env("TORCH_HOME") or os.path.join(env("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(base).expanduser() / "hub"
+
+
+def offline() -> bool:
+    """TLFEAT_OFFLINE=1: never try a download (tests, air-gapped machines)."""
+    return env_flag("TLFEAT_OFFLINE")
+
+
+def flush_every() -> int:
+    """Images per saved block: the most an interrupted run can lose (TLFEAT_FLUSH_EVERY)."""
+    try:
+        return max(1, int(env("TLFEAT_FLUSH_EVERY", "1024")))
+    except ValueError:
+        return 1024
+
+
+def pin_malloc() -> bool:
+    return env_flag("TLFEAT_PIN_MALLOC", True)
+
+
+def results_key() -> bytes | None:
+    """TLFEAT_RESULTS_KEY: a secret that signs saved classifiers (HMAC), kept outside the results folder."""
+    value = env("TLFEAT_RESULTS_KEY")
+    return value.encode() if value else None
+
+
+# --------------------------------------------------------------------------- shared bounds
+
+SEED = Interval(int, 0, 2**32 - 1)
+IMAGE_SIZE = Interval(int, 16, 2048, nullable=True)
+LIMIT = Interval(int, 1, 10**9, nullable=True)
+EPOCHS = Interval(int, 1, 10_000)
+REPEATS = Interval(int, 1, 1000)
+BATCH = Interval(int, 1, 65536)
+WORKERS = Interval(int, 0, 256, nullable=True)
+DEVICE = Pattern(r"cpu|cuda(:\d+)?|mps", "cpu, cuda, cuda:N or mps")
+NAME = Text()
+OPTIONAL_NAME = Text(nullable=True)
+ON_ERROR = ("fail", "skip")
+BACKENDS = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+ENGINES = ("local", "ray")
+AUGMENTS = ("auto", "none", "flip", "crop", "standard")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("step", "cosine")
+CLASSIFIERS = ("logreg", "svm", "linear")
+KERNELS = ("linear", "rbf")
+ROUTES = ("auto", "memory", "streaming")
+
+_LIMIT_HELP = "Fixed stratified subset of N training images (the test split stays whole; see --test-limit)."
+_TEST_LIMIT_HELP = "Fixed stratified subset of N images of every evaluation split (default: all of them)."
+
+
+def _paths(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, Path):
+            object.__setattr__(config, name, Path(value))
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """One extraction request. Fields marked (key) change the numbers and are in the cache key."""
+    """One extraction request. `key` fields change the numbers and are in the cache key."""
 
-    model: str  # (key)
-    data: str  # (key) a dataset name or a folder path
-    splits: tuple[str, ...] | None = None  # None: every split the dataset has
-    layer: str | None = None  # (key) None: the penultimate layer
-    weights_id: str | None = None  # (key) None: IMAGENET1K_V1 where it exists
-    weights_file: Path | None = None  # (key, through its sha256)
-    untrained: bool = False  # (key)
-    seed: int = 0  # (key, for untrained weights)
-    image_size: int | None = None  # (key) None: the weights' own crop size
-    limit: int | None = None  # (key)
-    batch_size: int = 64
-    workers: int | None = None  # None: chosen from the CPU count
-    device: str = "cpu"
-    cache_dir: Path | None = None
-    data_dir: Path | None = None
-    progress: bool = True
-    # (key, once resolved) "torch", "onnxruntime", or "auto": the fastest available (env TLFEAT_BACKEND)
-    backend: str = field(default_factory=lambda: os.environ.get("TLFEAT_BACKEND") or "auto")
-    on_error: str = "fail"  # "fail": stop at an unreadable image, naming it; "skip": record it and go on
+    model: str = key(help="torchvision model name, e.g. resnet50 (see `tlfeat models`).", check=NAME, cli="--model")
+    data: str = key(help="Dataset name (see `tlfeat datasets`), an image folder, or shards.", check=NAME)
+    splits: tuple[str, ...] | None = setting(None, help="Split(s) to extract; default: every split.", cli="--split")
+    layer: str | None = key(
+        None, help="Layer(s) to pool instead of the penultimate one, comma-separated.", check=OPTIONAL_NAME
+    )
+    weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
+    weights_file: Path | None = key(
+        None, help="Explicit weights file (state dict or a tlfeat checkpoint).", cli="--weights"
+    )
+    untrained: bool = key(False, help="Random weights (seeded): a no-transfer baseline, marked as such.")
+    seed: int = key(0, help="Seed for --untrained weights.", check=SEED)
+    image_size: int | None = key(
+        None, help="Crop size in pixels (default: the weights' own, e.g. 224).", check=IMAGE_SIZE
+    )
+    limit: int | None = key(None, help=_LIMIT_HELP, check=LIMIT)
+    test_limit: int | None = key(None, help=_TEST_LIMIT_HELP, check=LIMIT)
+    subset_seed: int = key(0, help="Seed of the --limit subsets (compare --resample varies it).", check=SEED)
+    label_field: str = key("cls", help="Shards and Parquet: the field that holds the label.", check=NAME)
+    fast_decode: bool = key(False, help="Decode large JPEGs at reduced size (DCT scaling); changes pixels slightly.")
+    precision: str = key(
+        "fp32", help="fp32; int8 (ONNX Runtime, quantized); bf16/fp16 (GPU autocast).", check=Choice(PRECISIONS)
+    )
+    backend: str = key(
+        help="Inference engine (env TLFEAT_BACKEND). auto: ONNX Runtime on CPU where installed, else torch.",
+        check=Choice(BACKENDS),
+        factory=lambda: env("TLFEAT_BACKEND", "auto"),
+    )
+    device: str = key("cpu", help="cpu, cuda, cuda:1 or mps.", check=DEVICE)
+    batch_size: int = setting(64, help="Images per batch.", check=BATCH)
+    workers: int | None = setting(None, help="Decoding processes (default: one per core, at most 4).", check=WORKERS)
+    on_error: str = setting(
+        "fail",
+        help="An unreadable image: stop, naming it (finished blocks are kept), or skip and record it.",
+        check=Choice(ON_ERROR),
+    )
+    update: bool = setting(
+        True, help="Refuse to update a set whose images changed; name the changes.", flag="--no-update"
+    )
+    verify_content: bool = setting(False, help="Compare image contents, not only sizes and times, with the cache.")
+    engine: str = setting("local", help="local, or ray: extract on a Ray cluster.", check=Choice(ENGINES))
+    address: str | None = setting(
+        None, help="Ray: 'auto' or ray://host:10001 (default: start Ray here).", check=OPTIONAL_NAME
+    )
+    num_workers: int | None = setting(
+        None, help="Ray: model replicas (default: one per 2 CPUs).", check=Interval(int, 1, 4096, nullable=True)
+    )
+    gpus_per_worker: float = setting(0.0, help="Ray: GPUs per model replica.", check=Interval(float, 0, 64))
+    cache_dir: Path = setting(help="Where feature files live (env TLFEAT_CACHE_DIR).", factory=default_cache_dir)
+    data_dir: Path = setting(help="Where named datasets are read from (env TLFEAT_DATA_DIR).", factory=default_data_dir)
+    progress: bool = setting(True, cli=None)
+
+    def __post_init__(self) -> None:
+        _paths(self, "weights_file", "cache_dir", "data_dir")
+        if self.splits is not None:
+            object.__setattr__(self, "splits", tuple(self.splits))
+        validate(self)
+
+    def layers(self) -> list[str | None]:
+        """The layers asked for: [None] for the penultimate one."""
+        if not self.layer:
+            return [None]
+        names = [n.strip() for n in self.layer.split(",") if n.strip()]
+        return [None if n == "penultimate" else n for n in dict.fromkeys(names)] or [None]
+
+    def split_limit(self, split: str) -> int | None:
+        """`--limit` applies to training images, `--test-limit` to every evaluation split."""
+        return self.limit if split == "train" else self.test_limit
 
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return Path(self.cache_dir)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """A classifier on cached features; selectors pick the feature sets, `key` fields the classifier."""
+
+    clf: str = key("logreg", help="logreg, svm or linear.", check=Choice(CLASSIFIERS))
+    kernel: str = key("linear", help="SVM kernel: linear or rbf (rbf for small data).", check=Choice(KERNELS))
+    C: float | None = key(
+        None,
+        help="Inverse regularisation strength (default: chosen by 3-fold CV).",
+        check=Positive(nullable=True),
+        cli="--C",
+    )
+    epochs: int = key(50, help="Epochs of the linear head.", check=EPOCHS)
+    lr: float = key(1e-2, help="Learning rate of the linear head.", check=Positive())
+    seed: int = key(0, help="Seed of the CV folds and the linear head.", check=SEED)
+    cv_folds: int = key(3, help="Folds of the C search.", check=Interval(int, 2, 20))
+    route: str = key("auto", help="memory, streaming (features larger than RAM), or auto.", check=Choice(ROUTES))
+    model: str | None = setting(None, help="Only features of this model.", check=OPTIONAL_NAME)
+    data: str | None = setting(None, help="Only this dataset.", check=OPTIONAL_NAME)
+    layer: str | None = setting(None, help="Only features of this layer.", check=OPTIONAL_NAME)
+    weights_id: str | None = setting(
+        None, help="Only features of these weights (e.g. untrained:seed0).", check=OPTIONAL_NAME
+    )
+    image_size: int | None = setting(None, help="Only features at this crop size.", check=IMAGE_SIZE)
+    limit: int | None = setting(None, help="Only features of this --limit.", check=LIMIT)
+    test_limit: int | None = setting(None, help="Only features of this --test-limit.", check=LIMIT)
+    subset_seed: int | None = setting(
+        None, help="Only features of this --subset-seed.", check=Interval(int, 0, 2**32 - 1, nullable=True)
+    )
+    memory_gb: float | None = setting(
+        None,
+        help="Memory the fit may use; larger feature sets stream from disk.",
+        check=Positive(nullable=True, high=1e5),
+    )
+    refit: bool = setting(False, help="Fit again even when this exact fit is saved (the old result is kept).")
+    cache_dir: Path = setting(help="Where feature files live (env TLFEAT_CACHE_DIR).", factory=default_cache_dir)
+    results_dir: Path = setting(help="Where results are saved (env TLFEAT_RESULTS_DIR).", factory=default_results_dir)
+
+    def __post_init__(self) -> None:
+        _paths(self, "cache_dir", "results_dir")
+        validate(self)
+        from tlfeat.errors import TlfeatError
+
+        if self.kernel != "linear" and self.clf != "svm":
+            raise TlfeatError(f"--kernel applies to --clf svm only, not {self.clf}")
+
+    @property
+    def method(self) -> str:
+        return self.clf if self.kernel == "linear" else f"{self.clf}-{self.kernel}"
+
+    def selectors(self) -> dict[str, Any]:
+        names = ("layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+# The recipes fine-tuning starts from when the user leaves a field unset: transfer (a pretrained
+# backbone) and scratch (random weights, which need a larger learning rate, momentum SGD with a
+# warm-up and a cosine decay, and more epochs to learn anything).
+RECIPES: dict[str, dict[str, Any]] = {
+    "transfer": {
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "schedule": "step",
+        "warmup_epochs": 0,
+        "weight_decay": 0.0,
+        "epochs": 25,
+        "precise_bn": 0,
+    },
+    "scratch": {
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "schedule": "cosine",
+        "warmup_epochs": 1,
+        "weight_decay": 5e-4,
+        "epochs": 50,
+        "precise_bn": 20,
+    },
+}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run. Fields left as None take the strategy's recipe, recorded once resolved."""
+
+    model: str = key(help="torchvision model name.", check=NAME, cli="--model")
+    data: str = key(help="Dataset name or image folder.", check=NAME)
+    strategy: str = key(
+        "full", help="full, head, freeze:K, discriminative[:RATIO] or scratch (random weights).", check=NAME
+    )
+    epochs: int | None = key(
+        None, help="Epochs (default 25; scratch 50).", check=Interval(int, 1, 10_000, nullable=True)
+    )
+    lr: float | None = key(
+        None,
+        help="Learning rate of the head (default 1e-3 with Adam; scratch 0.05 with SGD).",
+        check=Positive(nullable=True),
+    )
+    optimizer: str | None = key(
+        None, help="adam or sgd (momentum 0.9); default adam, scratch sgd.", check=Choice(OPTIMIZERS, nullable=True)
+    )
+    schedule: str | None = key(
+        None,
+        help="step (lr / 10 every --step-size epochs) or cosine; default step, scratch cosine.",
+        check=Choice(SCHEDULES, nullable=True),
+    )
+    step_size: int = key(7, help="step schedule: divide the learning rate by 10 every N epochs.", check=EPOCHS)
+    gamma: float = key(0.1, help="step schedule: the factor.", check=Positive(high=1.0), cli=None)
+    warmup_epochs: int | None = key(
+        None, help="Epochs of linear warm-up (default 0; scratch 1).", check=Interval(int, 0, 100, nullable=True)
+    )
+    weight_decay: float | None = key(
+        None, help="L2 weight decay (default 0; scratch 5e-4).", check=Interval(float, 0, 1, nullable=True)
+    )
+    batch_size: int = key(32, help="Images per step.", check=Interval(int, 1, 4096))
+    augment: str = key(
+        "auto",
+        help="none, flip, crop, standard (crop + flip); auto: no flip for digits and MNIST-like data.",
+        check=Choice(AUGMENTS),
+    )
+    precise_bn: int | None = key(
+        None,
+        help="Batches that recompute BatchNorm statistics before each evaluation (default 0; scratch 20).",
+        check=Interval(int, 0, 10_000, nullable=True),
+    )
+    image_size: int | None = key(None, help="Crop size in pixels (default: the weights' own).", check=IMAGE_SIZE)
+    limit: int | None = key(None, help=_LIMIT_HELP, check=LIMIT)
+    test_limit: int | None = key(None, help=_TEST_LIMIT_HELP, check=LIMIT)
+    subset_seed: int = key(0, help="Seed of the --limit subsets.", check=SEED)
+    seed: int = key(0, help="Seed of the head, the shuffling and the augmentation.", check=SEED)
+    weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
+    weights_file: Path | None = key(
+        None, help="Start from this file, e.g. best.pt of an earlier fine-tune.", cli="--weights"
+    )
+    untrained: bool = key(False, help="Random backbone weights (what scratch always uses).")
+    workers: int | None = setting(None, help="DataLoader worker processes.", check=WORKERS)
+    device: str = setting("cpu", help="cpu, cuda, cuda:1 or mps.", check=DEVICE)
+    resume: bool = setting(False, help="Continue an interrupted run of the same configuration.")
+    keep_last: bool = setting(False, help="Keep last.pt (with optimizer state) once the run completes.")
+    data_dir: Path = setting(help="Where named datasets are read from (env TLFEAT_DATA_DIR).", factory=default_data_dir)
+    results_dir: Path = setting(help="Where results are saved (env TLFEAT_RESULTS_DIR).", factory=default_results_dir)
+    progress: bool = setting(True, cli=None)
+
+    def __post_init__(self) -> None:
+        _paths(self, "weights_file", "data_dir", "results_dir")
+        validate(self)
+        from tlfeat.strategies import parse
+
+        strategy = parse(self.strategy)
+        object.__setattr__(self, "strategy", str(strategy))
+        recipe = RECIPES["scratch" if strategy.kind == "scratch" else "transfer"]
+        for name, value in recipe.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr or 0.0)
+
+    def split_limit(self, split: str) -> int | None:
+        return self.limit if split == "train" else self.test_limit
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Models x datasets x methods x repeats; the fit and fine-tune options pass through."""
+
+    models: tuple[str, ...] = key(help="Comma-separated model names, e.g. mobilenet_v2,resnet50.", cli="--models")
+    datas: tuple[str, ...] = key(help="Comma-separated dataset names or folders.", cli="--data")
+    methods: tuple[str, ...] = key(
+        ("logreg", "finetune:full"), help="Comma-separated: logreg, svm, svm-rbf, linear, finetune:STRATEGY, scratch."
+    )
+    repeats: int = key(
+        1, help="Runs per configuration (seeds seed..seed+N-1); mean, spread and intervals.", check=REPEATS
+    )
+    resample: bool = key(False, help="Each repeat also draws its own --limit subset of training images.")
+    layers: tuple[str, ...] = key(
+        (), help="Feature layers to sweep with the first frozen method (one pass over the images)."
+    )
+    epochs: int | None = key(
+        None, help="Fine-tuning epochs (default: the recipe's).", check=Interval(int, 1, 10_000, nullable=True)
+    )
+    scratch_epochs: int | None = key(
+        None,
+        help="Epochs of scratch runs (default: the scratch recipe's).",
+        check=Interval(int, 1, 10_000, nullable=True),
+    )
+    lr: float | None = key(
+        None, help="Fine-tuning learning rate (default: the recipe's).", check=Positive(nullable=True)
+    )
+    batch_size: int = key(32, help="Fine-tuning batch size.", check=Interval(int, 1, 4096))
+    optimizer: str | None = key(
+        None, help="Fine-tuning optimizer (default: the recipe's).", check=Choice(OPTIMIZERS, nullable=True)
+    )
+    augment: str = key(
+        "auto", help="Fine-tuning augmentation: auto, none, flip, crop, standard.", check=Choice(AUGMENTS)
+    )
+    C: float | None = key(
+        None, help="C of the frozen classifiers (default: cross-validated).", check=Positive(nullable=True), cli="--C"
+    )
+    image_size: int | None = key(None, help="Crop size in pixels for every method.", check=IMAGE_SIZE)
+    limit: int | None = key(None, help=_LIMIT_HELP, check=LIMIT)
+    test_limit: int | None = key(None, help=_TEST_LIMIT_HELP, check=LIMIT)
+    seed: int = key(0, help="First seed.", check=SEED)
+    on_error: str = setting("fail", help="Unreadable images while extracting: fail or skip.", check=Choice(ON_ERROR))
+    workers: int | None = setting(None, help="Decoding processes.", check=WORKERS)
+    out: Path = setting(Path("reports/run"), help="Report folder.")
+    results_dir: Path | None = setting(None, help="Where runs are saved (default: OUT/results).")
+    cache_dir: Path = setting(help="Where feature files live (env TLFEAT_CACHE_DIR).", factory=default_cache_dir)
+    data_dir: Path = setting(help="Where named datasets are read from (env TLFEAT_DATA_DIR).", factory=default_data_dir)
+    progress: bool = setting(True, cli=None)
+    command: str = setting("", cli=None)
+
+    def __post_init__(self) -> None:
+        _paths(self, "out", "results_dir", "cache_dir", "data_dir")
+        for name in ("models", "datas", "methods", "layers"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, tuple(value) if not isinstance(value, str) else _split(value))
+        validate(self)
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.results_dir) if self.results_dir else Path(self.out) / "results"
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def with_changes(config: Any, **changes: Any) -> Any:
+    """A copy of a frozen config with some fields changed (validated again)."""
+    return replace(config, **changes)

@@ -30,6 +30,10 @@ class CacheDamaged(TlfeatError):
     """A cache file is truncated, edited, incomplete or from an older tlfeat; `extract` rebuilds it."""
 
 
+class StaleFeatures(TlfeatError):
+    """The images a cache file was made from have changed since; `extract` updates it."""
+
+
 class WriteFailed(TlfeatError):
     """The disk is full or the destination is not writable; nothing complete was touched."""
 
@@ -40,3 +44,17 @@ def did_you_mean(name: str, choices: list[str]) -> str:
 
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
     return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+def first_line(exc: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error message (the type's name when there is none)."""
+    text = exc if isinstance(exc, str) else str(exc)
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return "" if isinstance(exc, str) else type(exc).__name__
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on any terminal: undecodable bytes of file names shown as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -2,16 +2,15 @@
 
 Protocol: a stratified 15% of the training split is held out for validation (the dataset's own
 `val` split when it has both val and test); the weights of the best validation epoch are kept and
-evaluated once on the test split, with the same metrics and record format as `tlfeat fit`.
+evaluated once on the whole test split (or `--test-limit` of it), with the same metrics and record
+format as `tlfeat fit`. From-scratch runs (`scratch`) use their own recipe: momentum SGD with a
+warm-up and a cosine decay, more epochs, and BatchNorm statistics re-estimated before evaluation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
-import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,122 +18,54 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, allocator, backbones, cache, datasets, metrics, strategies
+from tlfeat import __version__, allocator, backbones, cache, constraints, datasets, fsio, strategies, training
+from tlfeat.config import FinetuneConfig
 from tlfeat.errors import TlfeatError
-from tlfeat.extraction import make_transform, preprocessing
-from tlfeat.fitting import default_results_dir
-from tlfeat.weights import build_with_weights, load_state_dict, resolve
+from tlfeat.records import Method, RunRecord, Timings, load_now, load_record
+from tlfeat.weights import build_with_weights, resolve
 
 log = logging.getLogger(__name__)
 
 VAL_FRACTION = 0.15
-OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    model: str
-    data: str
-    strategy: str = "full"
-    epochs: int = 25
-    lr: float | None = None  # None: 1e-3 for Adam, 1e-3 for SGD with momentum 0.9
-    optimizer: str = "adam"
-    step_size: int = 7  # learning rate divided by 10 every step_size epochs
-    gamma: float = 0.1
-    batch_size: int = 32
-    image_size: int | None = None
-    limit: int | None = None
-    seed: int = 0
-    weights_id: str | None = None
-    weights_file: Path | None = None  # e.g. a best.pt of an earlier fine-tune (multi-stage transfer)
-    untrained: bool = False  # random backbone weights (what `scratch` always uses)
-    workers: int | None = None
-    device: str = "cpu"
-    data_dir: Path | None = None
-    results_dir: Path | None = None
-    resume: bool = False
-    keep_last: bool = False  # keep last.pt (optimizer state, ~3x the model) once the run is complete
-    progress: bool = True
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 1e-3
 
 
 @dataclass
 class FinetuneResult:
-    record: dict[str, Any]
+    record: RunRecord
     path: Path
     reused: bool = False
 
 
-class _Images:
-    def __init__(self, split: datasets.ImageSplit, transform: Any) -> None:
-        self.split, self.transform = split, transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
-        return self.transform(self.split.image(i)), int(self.split.labels[i])
+@dataclass
+class Splits:
+    train: datasets.ImageSplit
+    val: datasets.ImageSplit
+    test: datasets.ImageSplit
+    how: str
 
 
-def train_transform(prep: dict[str, Any]):  # type: ignore[no-untyped-def]
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.RandomResizedCrop(
-                prep["crop_size"], interpolation=T.InterpolationMode(prep["interpolation"]), antialias=True
-            ),
-            T.RandomHorizontalFlip(),
-            T.PILToTensor(),
-            T.ConvertImageDtype(__import__("torch").float32),
-            T.Normalize(prep["mean"], prep["std"]),
-        ]
-    )
-
-
-def _splits(cfg: FinetuneConfig) -> tuple[datasets.ImageSplit, datasets.ImageSplit, datasets.ImageSplit, str]:
+def load_splits(cfg: FinetuneConfig) -> Splits:
     available = datasets.splits(cfg.data)
     if "train" not in available or "test" not in available:
         raise TlfeatError(f"{cfg.data} needs train and test splits; it has {', '.join(available)}")
-    train = datasets.load_split(cfg.data, "train", cfg.data_dir, cfg.limit)
-    test = datasets.load_split(cfg.data, "test", cfg.data_dir, cfg.limit)
+
+    def load(split: str) -> datasets.ImageSplit:
+        return datasets.load_split(cfg.data, split, cfg.data_dir, cfg.split_limit(split), subset_seed=cfg.subset_seed)
+
+    train, test = load("train"), load("test")
     if len(np.unique(train.labels)) < 2:
         raise TlfeatError(f"{cfg.data} has one class only in its training split; fine-tuning needs 2 or more")
     if "val" in available:
-        return train, datasets.load_split(cfg.data, "val", cfg.data_dir, cfg.limit), test, "the dataset's val split"
+        return Splits(train, load("val"), test, "the dataset's val split")
     fit_idx, val_idx = datasets.stratified_split(train.labels, VAL_FRACTION, seed=datasets.SPLIT_SEED)
     if len(val_idx) == 0:
         raise TlfeatError(f"{cfg.data}: too few training images to hold out a validation set")
     how = f"stratified {VAL_FRACTION:.0%} of train (seed {datasets.SPLIT_SEED})"
-    return train.subset(fit_idx), train.subset(val_idx), test, how
+    return Splits(train.subset(fit_idx), train.subset(val_idx), test, how)
 
 
-def config_key(cfg: FinetuneConfig, weights_id: str) -> str:
-    fields = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in asdict(cfg).items()
-        if k not in ("workers", "device", "results_dir", "resume", "keep_last", "progress", "data_dir", "weights_file")
-    }
-    fields["data"] = datasets.canonical(cfg.data)
-    fields["weights"] = weights_id
-    fields["strategy"] = str(strategies.parse(cfg.strategy))
-    return cache.cache_key(fields)
-
-
-def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
+def weights_id(cfg: FinetuneConfig) -> str:
     strategy = strategies.parse(cfg.strategy)
-    weights_id = _weights_id(cfg, strategy)
-    key = config_key(cfg, weights_id)
-    root = Path(cfg.results_dir) if cfg.results_dir else default_results_dir()
-    method = "scratch" if strategy.kind == "scratch" else f"finetune-{str(strategy).replace(':', '')}"
-    slug = datasets.dataset_slug(datasets.canonical(cfg.data))
-    return root / "finetunes" / f"{cfg.model}__{slug}__{method}__seed{cfg.seed}__{key}", weights_id
-
-
-def _weights_id(cfg: FinetuneConfig, strategy: strategies.Strategy) -> str:
     if strategy.kind == "scratch" or cfg.untrained:
         return f"untrained:seed{cfg.seed}"
     if cfg.weights_file is not None:
@@ -142,17 +73,26 @@ def _weights_id(cfg: FinetuneConfig, strategy: strategies.Strategy) -> str:
     return backbones.weights_entry(cfg.model, cfg.weights_id).name
 
 
+def config_key(cfg: FinetuneConfig, wid: str) -> str:
+    """The run's key: every `key` field (recipe defaults resolved), with the data and weights canonical."""
+    fields = {name: getattr(cfg, name) for name in constraints.key_fields(cfg)}
+    fields.update(data=datasets.canonical(cfg.data), weights_file=None, weights=wid)
+    return cache.cache_key({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
+
+
+def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
+    """The run's folder (where compare looks for its record) and its weights id."""
+    wid = weights_id(cfg)
+    slug = datasets.dataset_slug(datasets.canonical(cfg.data))
+    method = Method.finetune(cfg.strategy).slug
+    return Path(
+        cfg.results_dir
+    ) / "finetunes" / f"{cfg.model}__{slug}__{method}__seed{cfg.seed}__{config_key(cfg, wid)}", wid
+
+
 def validate(cfg: FinetuneConfig) -> None:
     backbones.check_model(cfg.model)
     strategy = strategies.parse(cfg.strategy)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise TlfeatError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.step_size < 1:
-        raise TlfeatError("--epochs, --batch-size and --step-size must be at least 1")
-    if cfg.learning_rate <= 0:
-        raise TlfeatError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise TlfeatError(f"--limit must be a positive number of images, got {cfg.limit}")
     if strategy.kind == "freeze":
         n = len(strategies.blocks(backbones.build(cfg.model, device="meta"), cfg.model))
         if strategy.k > n:
@@ -170,7 +110,20 @@ def finetune(cfg: FinetuneConfig, repeats: int = 1) -> list[FinetuneResult]:
     return [finetune_one(replace(cfg, seed=cfg.seed + r)) for r in range(repeats)]
 
 
-def _build(cfg: FinetuneConfig, strategy: strategies.Strategy, n_classes: int):  # type: ignore[no-untyped-def]
+def finetune_one(cfg: FinetuneConfig) -> FinetuneResult:
+    validate(cfg)
+    out_dir, wid = run_dir(cfg)
+    record_path = out_dir / "record.json"
+    if (record := load_record(record_path)) is not None:
+        return FinetuneResult(record, record_path, reused=True)
+    with fsio.lock(out_dir):  # a second process on the same run waits, then reuses its record
+        if (record := load_record(record_path)) is not None:
+            return FinetuneResult(record, record_path, reused=True)
+        fsio.sweep_temps(out_dir)
+        return FinetuneResult(_train(cfg, out_dir, wid), record_path)
+
+
+def _build(cfg: FinetuneConfig, strategy: strategies.Strategy, n_classes: int) -> tuple[Any, Any]:
     resolved = resolve(
         cfg.model,
         cfg.weights_id,
@@ -183,268 +136,231 @@ def _build(cfg: FinetuneConfig, strategy: strategies.Strategy, n_classes: int): 
     return model, resolved
 
 
-def finetune_one(cfg: FinetuneConfig) -> FinetuneResult:
-    validate(cfg)
-    strategy = strategies.parse(cfg.strategy)
-    out_dir, weights_id = run_dir(cfg)
-    record_path = out_dir / "record.json"
-    if record_path.is_file():
-        return FinetuneResult(json.loads(record_path.read_text()), record_path, reused=True)
-    with cache.lock(out_dir):  # a second process on the same run waits, then reuses its record
-        if record_path.is_file():
-            return FinetuneResult(json.loads(record_path.read_text()), record_path, reused=True)
-        return _train(cfg, strategy, out_dir, weights_id, record_path)
-
-
-def _train(
-    cfg: FinetuneConfig, strategy: strategies.Strategy, out_dir: Path, weights_id: str, record_path: Path
-) -> FinetuneResult:
+def _train(cfg: FinetuneConfig, out_dir: Path, wid: str) -> RunRecord:
+    """Set up, train epoch by epoch (saving state at each end), evaluate the best epoch on test."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from tlfeat.extraction import default_workers
+    from tlfeat.engine import default_workers
+    from tlfeat.inference import check_device
 
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last_path.is_file() and not cfg.resume:
         raise TlfeatError(
-            f"{out_dir} holds an unfinished run of this configuration; add --resume to continue it "
-            "(or delete the folder to start over)"
+            f"{out_dir} holds an unfinished run of this configuration; add --resume to continue it (or delete the folder to start over)"
         )
-
-    train, val, test, val_how = _splits(cfg)
-    n_classes = len(train.class_names)
+    check_device(cfg.device)
+    strategy = strategies.parse(cfg.strategy)
+    splits = load_splits(cfg)
+    load_start, cpus = load_now()
     allocator.pin_malloc_thresholds()  # a MobileNetV2 training step on CPU: 56-62 -> 81-83 img/s
     torch.manual_seed(cfg.seed)
-    model, resolved = _build(cfg, strategy, n_classes)
+    model, resolved = _build(cfg, strategy, len(splits.train.class_names))
     groups = strategies.apply(model, cfg.model, strategy, cfg.learning_rate)
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    param_group_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-
-    history: list[dict[str, Any]] = []
-    start_epoch, best_acc, train_seconds = 0, -1.0, 0.0
-    if cfg.resume and last_path.is_file():
-        state = load_state_dict_checkpoint(last_path, cfg.model)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, best_acc = int(state["epoch"]) + 1, float(state["best_acc"])
-        history = json.loads(state["history"])
-        train_seconds = float(state["train_seconds"])
-        log.info("resuming %s at epoch %d", out_dir.name, start_epoch + 1)
-
-    prep = preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
+    prep = backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
+    augment = training.resolve_augment(cfg, splits.train.dataset)
     workers = cfg.workers if cfg.workers is not None else default_workers()
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + start_epoch)
-    train_loader = DataLoader(
-        _Images(train, train_transform(prep)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        num_workers=workers,
-        generator=gen,
-        drop_last=len(train) > cfg.batch_size,
+    eval_tf = training.EvalTransform(prep)
+    steps = max(1, len(splits.train) // cfg.batch_size if len(splits.train) > cfg.batch_size else 1)
+    opt = training.optimizer(cfg, groups)
+    sched = training.schedule(cfg, opt, steps)
+    setup = {
+        "param_group_lrs": {g["name"]: g["lr"] for g in opt.param_groups},
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "n_blocks": len(strategies.blocks(model, cfg.model)),
+    }
+    state = (
+        training.TrainState.load(last_path, model, opt, sched, cfg.model)
+        if cfg.resume and last_path.is_file()
+        else training.TrainState()
     )
-    eval_tf = make_transform(prep)
     model = model.to(cfg.device, memory_format=torch.channels_last)
+    val_batches = training.loader(splits.val, eval_tf, max(cfg.batch_size, 64), workers)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        strategies.freeze_batchnorm_stats(model)
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = _progress(cfg, len(train), f"epoch {epoch + 1}/{cfg.epochs}")
-        for x, y in train_loader:
-            x = x.to(cfg.device).contiguous(memory_format=torch.channels_last)
-            y = y.to(cfg.device)
-            optimizer.zero_grad()
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.update(len(y))
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        bar.close()
-        scheduler.step()
-        epoch_train_seconds = time.perf_counter() - t0
-        train_seconds += epoch_train_seconds
-        val_eval = evaluate(model, val, eval_tf, cfg, workers)
-        entry = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_eval["loss"],
-            "val_accuracy": val_eval["metrics"]["accuracy"],
-            "val_roc_auc": val_eval["metrics"]["roc_auc"],
-            "lr": lrs,
-            "train_seconds": epoch_train_seconds,
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        history.append(entry)
-        log.info("epoch %d: %s", epoch + 1, entry)
-        if entry["val_accuracy"] > best_acc:
-            best_acc = entry["val_accuracy"]
-            _save(
+    for epoch in range(state.epoch, int(cfg.epochs or 1)):
+        train_batches = training.loader(
+            splits.train,
+            training.train_transform(prep, augment),
+            cfg.batch_size,
+            workers,
+            shuffle=True,
+            seed=cfg.seed * 1000 + epoch,
+        )
+        entry = _epoch(cfg, model, strategy, train_batches, val_batches, splits.val, opt, sched, epoch)
+        state.history.append(entry)
+        state.train_seconds += entry["epoch_seconds"]
+        state.epoch = epoch + 1
+        if state.improved(entry["val_accuracy"], entry["val_loss"]):
+            state.best_accuracy, state.best_loss, state.best_epoch = entry["val_accuracy"], entry["val_loss"], epoch + 1
+            training.save_checkpoint(
                 best_path,
                 {
-                    "model": _cpu_state(model),
+                    "model": training.cpu_state(model),
                     "model_name": cfg.model,
                     "epoch": epoch + 1,
-                    "class_names": list(train.class_names),
-                    "val_accuracy": best_acc,
+                    "class_names": list(splits.train.class_names),
+                    "val_accuracy": state.best_accuracy,
                 },
             )
-        _save(
-            last_path,
-            {
-                "model": _cpu_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "epoch": epoch,
-                "best_acc": best_acc,
-                "history": json.dumps(history),
-                "train_seconds": train_seconds,
-                "model_name": cfg.model,
-            },
+        state.save(last_path, model, opt, sched, cfg.model)
+        fsio.atomic_write(out_dir / "history.json", _json(state.history))
+        plot_history(
+            state.history,
+            out_dir / "history.png",
+            title=f"{cfg.model} {Method.finetune(cfg.strategy)} on {datasets.short_name(splits.train.dataset)}",
         )
-        _write_json(out_dir / "history.json", history)
-        plot_history(history, out_dir / "history.png", title=f"{cfg.model} {strategy} on {Path(train.dataset).name}")
-
-    best = load_state_dict_checkpoint(best_path, cfg.model)
-    model.load_state_dict(best["model"])
-    t0 = time.perf_counter()
-    test_eval = evaluate(model, test, eval_tf, cfg, workers)
-    predict_seconds = time.perf_counter() - t0
-    import torchvision
-
-    record = {
-        "kind": "finetune",
-        "key": out_dir.name.rsplit("__", 1)[-1],
-        "method": "scratch" if strategy.kind == "scratch" else f"finetune:{strategy}",
-        "strategy": str(strategy),
-        "model": cfg.model,
-        "dataset": train.dataset,
-        "layer": "-",
-        "weights_id": weights_id,
-        "weights_source": resolved.source,
-        "pretrained": resolved.pretrained,
-        "image_size": prep["crop_size"],
-        "limit": cfg.limit,
-        "seed": cfg.seed,
-        "n_train": len(train),
-        "n_val": len(val),
-        "n_test": len(test),
-        "validation": val_how,
-        "n_classes": n_classes,
-        "class_names": list(train.class_names),
-        "trainable_params": trainable,
-        "total_params": total,
-        "param_group_lrs": param_group_lrs,
-        "n_blocks": len(strategies.blocks(model, cfg.model)),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "params": {
-            "optimizer": cfg.optimizer,
-            "lr": cfg.learning_rate,
-            "epochs": cfg.epochs,
-            "step_size": cfg.step_size,
-            "gamma": cfg.gamma,
-            "batch_size": cfg.batch_size,
-        },
-        "best_epoch": int(best["epoch"]),
-        "metrics": test_eval["metrics"],
-        "test_loss": test_eval["loss"],
-        "history": history,
-        "timings": {
-            "train_seconds": train_seconds,
-            "fit_seconds": train_seconds,
-            "extract_seconds": 0.0,
-            "predict_seconds": predict_seconds,
-            "cv_seconds": 0.0,
-        },
-        "checkpoints": {"best": best_path.name, "last": last_path.name if cfg.keep_last else None},
-        "plot": "history.png",
-        "versions": {
-            "tlfeat": __version__,
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "python": platform.python_version(),
-        },
-        "device": cfg.device,
-        "threads": torch.get_num_threads(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    _write_json(record_path, record)
+    model.load_state_dict(training.load_checkpoint(best_path, cfg.model)["model"])
+    test_eval, predict_seconds = training.timed(
+        training.evaluate,
+        model,
+        splits.test,
+        training.loader(splits.test, eval_tf, max(cfg.batch_size, 64), workers),
+        cfg.device,
+    )
+    record = _record(
+        cfg, out_dir, wid, resolved, splits, state, setup, augment, test_eval, predict_seconds, (load_start, cpus)
+    )
+    record.save(out_dir / "record.json")
     if not cfg.keep_last:  # only resuming needs it, and a complete run is reused, never resumed
         last_path.unlink()
-    return FinetuneResult(record, record_path)
+    return record
 
 
-def evaluate(
-    model: Any, split: datasets.ImageSplit, transform: Any, cfg: FinetuneConfig, workers: int
+def _epoch(
+    cfg: FinetuneConfig,
+    model: Any,
+    strategy: strategies.Strategy,
+    train_batches: Any,
+    val_batches: Any,
+    val: datasets.ImageSplit,
+    opt: Any,
+    sched: Any,
+    epoch: int,
 ) -> dict[str, Any]:
-    import torch
-    from torch.utils.data import DataLoader
+    """Train one epoch, re-estimate BatchNorm statistics if the recipe says so, validate."""
+    import time
 
-    loader = DataLoader(
-        _Images(split, transform), batch_size=max(cfg.batch_size, 64), num_workers=workers if len(split) > 64 else 0
-    )
-    model.eval()
-    logits_all, labels = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            logits_all.append(model(x.to(cfg.device).contiguous(memory_format=torch.channels_last)).float().cpu())
-            labels.append(y)
-    logits, y_true = torch.cat(logits_all), torch.cat(labels)
-    loss = float(torch.nn.functional.cross_entropy(logits, y_true))
-    proba = torch.softmax(logits, 1).numpy()
-    return {"loss": loss, "metrics": metrics.evaluate(y_true.numpy(), proba.argmax(1), proba, list(split.class_names))}
-
-
-def load_state_dict_checkpoint(path: Path, model_name: str) -> dict[str, Any]:
-    import torch
-
+    t0 = time.perf_counter()
+    lrs = [g["lr"] for g in opt.param_groups]
+    model.train()
+    strategies.freeze_batchnorm_stats(model)
+    bar = _progress(cfg, len(train_batches.dataset), f"epoch {epoch + 1}/{cfg.epochs}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same message
-        raise TlfeatError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(state, dict) or "model" not in state:
-        raise TlfeatError(f"{path} is not a tlfeat checkpoint")
-    if state.get("model_name") != model_name:
-        raise TlfeatError(f"{path} is a checkpoint of {state.get('model_name')!r}, not {model_name!r}")
-    return state
+        scores = training.run_epoch(model, train_batches, opt, sched, cfg.device, bar)
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - t0
+    training.precise_bn(model, train_batches, int(cfg.precise_bn or 0), cfg.device)
+    val_eval = training.evaluate(model, val, val_batches, cfg.device)
+    entry = {
+        "epoch": epoch + 1,
+        **scores,
+        "val_loss": val_eval["loss"],
+        "val_accuracy": val_eval["metrics"]["accuracy"],
+        "val_roc_auc": val_eval["metrics"]["roc_auc"],
+        "lr": lrs,
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.perf_counter() - t0,
+    }
+    log.info("epoch %d: %s", epoch + 1, entry)
+    return entry
 
 
-def _cpu_state(model: Any) -> dict[str, Any]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _save(path: Path, obj: dict[str, Any]) -> None:
-    """Write a checkpoint atomically: the previous one survives a crash mid-write."""
+def _record(
+    cfg: FinetuneConfig,
+    out_dir: Path,
+    wid: str,
+    resolved: Any,
+    splits: Splits,
+    state: training.TrainState,
+    setup: dict[str, Any],
+    augment: str,
+    test_eval: dict[str, Any],
+    predict_seconds: float,
+    load: tuple[Any, Any],
+) -> RunRecord:
     import torch
+    import torchvision
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    prep = backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
+    timings = Timings(
+        train_seconds=state.train_seconds,
+        predict_seconds=predict_seconds,
+        load_start=load[0],
+        load_end=load_now()[0],
+        cpus=load[1],
+    ).finish()
+    return RunRecord(
+        kind="finetune",
+        key=out_dir.name.rsplit("__", 1)[-1],
+        method=str(Method.finetune(cfg.strategy)),
+        model=cfg.model,
+        dataset=splits.train.dataset,
+        layer="-",
+        weights_id=wid,
+        pretrained=resolved.pretrained,
+        image_size=prep.crop_size,
+        limit=cfg.limit,
+        test_limit=cfg.test_limit,
+        subset_seed=cfg.subset_seed,
+        seed=cfg.seed,
+        n_train=len(splits.train),
+        n_test=len(splits.test),
+        n_classes=len(splits.train.class_names),
+        class_names=list(splits.train.class_names),
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        params={
+            k: getattr(cfg, k)
+            for k in (
+                "optimizer",
+                "lr",
+                "schedule",
+                "epochs",
+                "step_size",
+                "gamma",
+                "warmup_epochs",
+                "weight_decay",
+                "batch_size",
+                "precise_bn",
+            )
+        }
+        | {"augment": augment},
+        metrics=test_eval["metrics"],
+        timings=timings,
+        provenance={
+            "weights_source": resolved.source,
+            "weights_sha256": resolved.sha256 or "",
+            "versions": {
+                "tlfeat": __version__,
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "python": platform.python_version(),
+            },
+            "device": cfg.device,
+            "threads": torch.get_num_threads(),
+        },
+        details={
+            "strategy": str(strategies.parse(cfg.strategy)),
+            "n_val": len(splits.val),
+            "validation": splits.how,
+            "best_epoch": state.best_epoch,
+            "test_loss": test_eval["loss"],
+            "history": state.history,
+            "checkpoints": {"best": "best.pt", "last": "last.pt" if cfg.keep_last else None},
+            "plot": "history.png",
+            **setup,
+        },
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)
 
 
-def _progress(cfg: FinetuneConfig, total: int, desc: str):  # type: ignore[no-untyped-def]
+def _progress(cfg: FinetuneConfig, total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not cfg.progress, dynamic_ncols=True, leave=False)
@@ -470,32 +386,30 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     ax_acc.set(xlabel="epoch", ylabel="metric", title="accuracy / ROC AUC", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="best", fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with fsio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _spread(values: np.ndarray) -> float:
-    """Sample standard deviation; 0 for a single run."""
-    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def summarize(results: list[FinetuneResult]) -> dict[str, Any]:
     """Mean and spread (sample std) of accuracy and train time over repeated runs."""
-    acc = np.array([r.record["metrics"]["accuracy"] for r in results])
-    secs = np.array([r.record["timings"]["train_seconds"] for r in results])
+    acc = np.array([r.record.metrics["accuracy"] for r in results])
+    secs = np.array([r.record.timings.train_seconds for r in results])
+
+    def spread(values: np.ndarray) -> float:
+        return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
     return {
         "runs": len(results),
         "accuracy_mean": float(acc.mean()),
-        "accuracy_std": _spread(acc),
+        "accuracy_std": spread(acc),
         "train_seconds_mean": float(secs.mean()),
-        "train_seconds_std": _spread(secs),
-        "seeds": [r.record["seed"] for r in results],
+        "train_seconds_std": spread(secs),
+        "seeds": [r.record.seed for r in results],
     }
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "finetune_one", "load_state_dict", "summarize"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "finetune_one", "summarize"]

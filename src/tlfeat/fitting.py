@@ -1,27 +1,29 @@
 """Stage 2: classifiers on cached features. No image and no CNN is touched here.
 
-For each (model, dataset, layer, ...) with train and test features in the cache: choose C by
+For each (train, test) pair of cached feature sets the config selects: choose C by
 cross-validation on the training split (unless given), fit, evaluate on the test split, and save
-the fitted pipeline (joblib) beside a JSON record of config, metrics, timings and provenance.
+the classifier beside a `RunRecord`. A result is keyed by the classifier's config and the
+checksums of both feature sets (features, labels and ids), so features that were updated or
+edited are never matched with an old result.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, cache, classifiers, datasets, metrics
-from tlfeat.config import default_cache_dir
-from tlfeat.errors import TlfeatError
+from tlfeat import __version__, cache, classifiers, constraints, datasets, freshness, fsio, metrics
+from tlfeat.config import FitConfig
+from tlfeat.errors import CacheDamaged, TlfeatError
+from tlfeat.records import Method, RunRecord, Timings, load_now, load_record
 
 log = logging.getLogger(__name__)
 
@@ -35,69 +37,85 @@ C_GRIDS = {
 }
 CV_MAX_SAMPLES = 3000  # the C search runs on a stratified subset of this size; the final fit on all
 
-
-def default_results_dir() -> Path:
-    return Path(os.environ.get("TLFEAT_RESULTS_DIR") or "results")
+# Provenance fields that must agree between the train and test features of one pair.
+PAIR_FIELDS = (
+    "model",
+    "weights_id",
+    "layer",
+    "pooling",
+    "preprocessing",
+    "dataset",
+    "backend",
+    "precision",
+    "label_field",
+)
 
 
 @dataclass(frozen=True)
-class FitConfig:
-    clf: str = "logreg"
-    model: str | None = None  # None: every cached model
-    data: str | None = None  # None: every cached dataset
-    layer: str | None = None  # None: every cached layer
-    C: float | None = None  # None: chosen by cross-validation
-    kernel: str = "linear"
-    epochs: int = 50
-    lr: float = 1e-2
-    seed: int = 0
-    cv_folds: int = 3
-    refit: bool = False  # fit again even if a result with this config exists (kept beside it)
-    cache_dir: Path | None = None
-    results_dir: Path | None = None
+class Pair:
+    train: cache.Entry
+    test: cache.Entry
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.train.attrs
 
 
 @dataclass
 class FitResult:
-    record: dict[str, Any]
+    record: RunRecord
     path: Path  # the record's JSON file
     reused: bool = False
 
 
-# Provenance fields that must agree between the train and test features of one pair.
-PAIR_FIELDS = ("model", "weights_id", "layer", "pooling", "preprocessing", "dataset", "limit", "backend")
+def _group(attrs: dict[str, Any]) -> str:
+    return json.dumps({k: attrs.get(k) for k in PAIR_FIELDS}, sort_keys=True, default=str)
 
 
-def pairs(cfg: FitConfig) -> list[tuple[cache.FeatureSet, cache.FeatureSet]]:
-    """(train, test) feature sets in the cache that the config selects."""
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+def pairs(cfg: FitConfig) -> list[Pair]:
+    """(train, test) feature sets in the cache that the config selects: every variant, none dropped."""
     dataset_id = datasets.canonical(cfg.data) if cfg.data else None
-    groups: dict[str, dict[str, cache.Entry]] = {}
-    for entry in cache.scan(cache_dir):
-        a = entry.attrs
-        if entry.status != "ok":
-            continue
-        if (cfg.model and a.get("model") != cfg.model) or (dataset_id and a.get("dataset") != dataset_id):
-            continue
-        if cfg.layer and a.get("layer") != cfg.layer:
-            continue
-        group = json.dumps({k: a.get(k) for k in PAIR_FIELDS}, sort_keys=True, default=str)
-        groups.setdefault(group, {})[str(a.get("split"))] = entry
-    what = " ".join(f"--{k} {v}" for k, v in (("model", cfg.model), ("data", cfg.data), ("layer", cfg.layer)) if v)
-    if not groups:
+    wanted = {k: v for k, v in cfg.selectors().items() if k not in ("limit", "test_limit")}
+    entries = [
+        e
+        for e in cache.scan(cfg.cache_dir)
+        if (not cfg.model or e.attrs.get("model") == cfg.model)
+        and (not dataset_id or e.attrs.get("dataset") == dataset_id)
+        and cache.matches(e.attrs, **wanted)
+    ]
+    ok = [e for e in entries if e.status == "ok"]
+    damaged = [e for e in entries if e.status == "damaged"]
+    what = " ".join(
+        f"--{k} {v}" for k, v in (("model", cfg.model), ("data", cfg.data), *wanted.items()) if v is not None
+    )
+    if not ok:
+        if damaged:
+            raise CacheDamaged(damaged[0].problem)
         hint = f"tlfeat extract --model {cfg.model or 'mobilenet_v2'} --data {cfg.data or 'digits'}"
-        raise TlfeatError(f"no cached features{' for ' + what if what else ''} in {cache_dir}; run `{hint}` first")
+        raise TlfeatError(f"no cached features{' for ' + what if what else ''} in {cfg.cache_dir}; run `{hint}` first")
+    groups: dict[str, dict[str, list[cache.Entry]]] = {}
+    for e in ok:
+        groups.setdefault(_group(e.attrs), {}).setdefault(str(e.attrs.get("split")), []).append(e)
     out = []
     for group in groups.values():
-        if "train" in group and "test" in group:
-            out.append((cache.read(group["train"].path), cache.read(group["test"].path)))
+        trains = [e for e in group.get("train", []) if cache.matches(e.attrs, limit=cfg.limit)]
+        tests = [e for e in group.get("test", []) if cache.matches(e.attrs, limit=cfg.test_limit)]
+        out += [Pair(tr, te) for tr in trains for te in tests]
+    for e in damaged:
+        log.warning("%s", e.problem)
     if not out:
         only = ", ".join(sorted({s for g in groups.values() for s in g}))
+        broken = f"; damaged: {damaged[0].path.name} (extract rebuilds it)" if damaged else ""
         raise TlfeatError(
-            f"cached features{' for ' + what if what else ''} have no train+test pair (only: {only}); "
+            f"cached features{' for ' + what if what else ''} have no train+test pair (only: {only}{broken}); "
             "extract the missing split with `tlfeat extract ... --split test` (or --split train)"
         )
-    out.sort(key=lambda p: (p[0].meta["model"], p[0].meta["dataset"], str(p[0].meta["layer"])))
+    out.sort(
+        key=lambda p: (
+            tuple(str(p.attrs.get(k)) for k in ("model", "dataset", "layer", "image_size", "limit"))
+            + (str(p.test.attrs.get("limit")),)
+        )
+    )
     return out
 
 
@@ -116,26 +134,30 @@ def check_pair(train: cache.FeatureSet, test: cache.FeatureSet) -> None:
     present = np.unique(train.y)
     if len(present) < 2:
         raise TlfeatError(
-            f"training features of {train.meta.get('dataset')} hold one class only "
+            f"training features of {datasets.short_name(str(train.meta.get('dataset')))} hold one class only "
             f"({train.class_names[int(present[0])] if len(present) else 'none'}); a classifier needs 2 or more"
         )
 
 
-def config_key(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet) -> str:
-    fields = {
-        "clf": cfg.clf,
-        "C": cfg.C,
-        "kernel": cfg.kernel,
-        "seed": cfg.seed,
-        "cv_folds": cfg.cv_folds,
-        "train": train.meta.get("features_sha256"),
-        "test": test.meta.get("features_sha256"),
-    }
-    if cfg.clf == "linear":
-        fields.update(epochs=cfg.epochs, lr=cfg.lr)
-    if cfg.clf == "logreg":
-        fields["solver"] = "tlfeat.LogReg"  # results of scikit-learn's LogisticRegression are not reused
+def config_key(cfg: FitConfig, train_sha: str, test_sha: str) -> str:
+    """The result key: the classifier's `key` fields and the checksums of both feature sets."""
+    fields: dict[str, Any] = {name: getattr(cfg, name) for name in constraints.key_fields(cfg)}
+    if cfg.clf != "linear":
+        fields.pop("epochs"), fields.pop("lr")
+    fields.update(train=train_sha, test=test_sha, solver="tlfeat.LogReg" if cfg.clf == "logreg" else cfg.clf)
     return cache.cache_key(fields)
+
+
+def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha: str) -> Path:
+    """Where the record of this fit is (or will be) saved: compare asks before running anything."""
+    slug = datasets.dataset_slug(str(attrs["dataset"]))
+    key = config_key(cfg, train_sha, test_sha)
+    return (
+        Path(cfg.results_dir)
+        / "fits"
+        / f"{attrs['model']}__{slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
+        / "record.json"
+    )
 
 
 def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -144,9 +166,10 @@ def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
     if cfg.C is not None:
         return {"C": float(cfg.C), "chosen_by": "user"}
-    grid = C_GRIDS[cfg.clf if cfg.kernel == "linear" else f"{cfg.clf}-{cfg.kernel}"]
+    grid = C_GRIDS[cfg.method]
     idx = datasets.stratified_subset(y, CV_MAX_SAMPLES, seed=cfg.seed)
-    folds = min(cfg.cv_folds, int(np.unique(y[idx], return_counts=True)[1].min()))
+    counts = np.unique(y[idx], return_counts=True)[1]
+    folds = min(cfg.cv_folds, int(counts.min()))
     if folds < 2:
         return {"C": 1.0, "chosen_by": "default (too few samples per class for cross-validation)"}
     search = GridSearchCV(
@@ -157,7 +180,7 @@ def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         n_jobs=1,
     )
     t0 = time.perf_counter()
-    search.fit(X[idx], y[idx])
+    search.fit(np.asarray(X[idx] if isinstance(X, np.ndarray) else X[np.sort(idx)]), y[idx])
     return {
         "C": float(search.best_params_["clf__C"]),
         "chosen_by": f"{folds}-fold cross-validation",
@@ -168,32 +191,28 @@ def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     }
 
 
-def fit_pair(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet) -> FitResult:
+def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
+    """Fit one pair, or reuse its saved result."""
+    train_sha, test_sha = str(pair.train.attrs.get("sha256")), str(pair.test.attrs.get("sha256"))
+    path = record_path(cfg, pair.attrs, train_sha, test_sha)
+    if not cfg.refit and (record := load_record(path)) is not None:
+        return FitResult(record, path, reused=True)
+    if cfg.refit and path.is_file():  # --refit: keep the earlier result, write a new one beside it
+        stamp = datetime.now(timezone.utc).strftime("-%Y%m%dT%H%M%S%f")
+        path = path.parent.with_name(path.parent.name + stamp) / "record.json"
+    train, test = cache.read(pair.train.path), cache.read(pair.test.path)
     check_pair(train, test)
-    results_dir = Path(cfg.results_dir) if cfg.results_dir else default_results_dir()
-    key = config_key(cfg, train, test)
-    meta = train.meta
-    run_dir = results_dir / "fits" / f"{meta['model']}__{datasets.dataset_slug(str(meta['dataset']))}__{cfg.clf}__{key}"
-    record_path = run_dir / "record.json"
-    if record_path.is_file() and not cfg.refit:
-        return FitResult(json.loads(record_path.read_text()), record_path, reused=True)
-    if record_path.is_file():  # --refit: keep the earlier result, write a new one beside it
-        run_dir = run_dir.with_name(run_dir.name + datetime.now(timezone.utc).strftime("-%Y%m%dT%H%M%S%f"))
-        record_path = run_dir / "record.json"
-
-    with cache.lock(run_dir):  # a second process fitting the same config waits, then reuses
-        if record_path.is_file() and not cfg.refit:
-            return FitResult(json.loads(record_path.read_text()), record_path, reused=True)
-        return _fit_and_save(cfg, train, test, key, run_dir, record_path)
+    with fsio.lock(path.parent):  # a second process fitting the same config waits, then reuses
+        if not cfg.refit and (record := load_record(path)) is not None:
+            return FitResult(record, path, reused=True)
+        fsio.sweep_temps(path.parent)
+        return FitResult(_fit_and_save(cfg, train, test, path), path)
 
 
-def _fit_and_save(
-    cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, key: str, run_dir: Path, record_path: Path
-) -> FitResult:
-    import joblib
+def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, path: Path) -> RunRecord:
     import sklearn
 
-    meta = train.meta
+    load_start, cpus = load_now()
     cv = choose_C(cfg, train.X, train.y)
     pipeline = classifiers.make_classifier(
         cfg.clf, C=cv["C"], kernel=cfg.kernel, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed
@@ -203,117 +222,125 @@ def _fit_and_save(
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     y_pred = pipeline.predict(test.X)
+    scores = classifiers.scores(pipeline, test.X, len(train.class_names))
     predict_seconds = time.perf_counter() - t0
-    result_metrics = metrics.evaluate(test.y, y_pred, classifiers.scores(pipeline, test.X), list(train.class_names))
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = run_dir / "classifier.joblib"
-    tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}")
-    joblib.dump(pipeline, tmp)
-    os.replace(tmp, model_path)
-    from tlfeat.offline import sha256_file
-
-    record = {
-        "kind": "fit",
-        "key": key,
-        "method": cfg.clf if cfg.kernel == "linear" else f"{cfg.clf}-{cfg.kernel}",
-        "clf": cfg.clf,
-        "model": meta["model"],
-        "dataset": meta["dataset"],
-        "layer": meta["layer"],
-        "weights_id": meta["weights_id"],
-        "pretrained": bool(meta.get("pretrained", True)),
-        "image_size": meta.get("image_size"),
-        "limit": meta.get("limit") or None,
-        "n_train": len(train),
-        "n_test": len(test),
-        "n_skipped": {fs.split: len(fs.meta.get("skipped") or []) for fs in (train, test)},
-        "n_features": int(train.X.shape[1]),
-        "n_classes": len(train.class_names),
-        "class_names": list(train.class_names),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "params": {
+    result_metrics = metrics.evaluate(test.y, y_pred, scores, list(train.class_names), test.ids)
+    absent = sorted(set(range(len(train.class_names))) - set(np.unique(train.y).tolist()))
+    saved = classifiers.save(pipeline, path.parent)
+    meta = train.meta
+    timings = Timings(
+        train_seconds=fit_seconds,
+        search_seconds=float(cv.get("cv_seconds", 0.0)),
+        predict_seconds=predict_seconds,
+        extract_seconds=float(meta.get("extract_seconds", 0.0)) + float(test.meta.get("extract_seconds", 0.0)),
+        load_start=load_start,
+        load_end=load_now()[0],
+        cpus=cpus,
+    ).finish()
+    record = RunRecord(
+        kind="fit",
+        key=path.parent.name.rsplit("__", 1)[-1].split("-")[0],
+        method=cfg.method,
+        model=str(meta["model"]),
+        dataset=str(meta["dataset"]),
+        layer=str(meta["layer"]),
+        weights_id=str(meta["weights_id"]),
+        pretrained=bool(meta.get("pretrained", True)),
+        image_size=meta.get("image_size"),
+        limit=int(meta.get("limit") or 0) or None,
+        test_limit=int(test.meta.get("limit") or 0) or None,
+        subset_seed=int(meta.get("subset_seed") or 0),
+        seed=cfg.seed,
+        n_train=len(train),
+        n_test=len(test),
+        n_classes=len(train.class_names),
+        class_names=list(train.class_names),
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        params={
             "C": cv["C"],
             "kernel": cfg.kernel if cfg.clf == "svm" else None,
             **({"epochs": cfg.epochs, "lr": cfg.lr} if cfg.clf == "linear" else {}),
         },
-        "cv": cv,
-        "metrics": result_metrics,
-        "timings": {
-            "fit_seconds": fit_seconds,
-            "cv_seconds": cv.get("cv_seconds", 0.0),
-            "predict_seconds": predict_seconds,
-            "train_seconds": fit_seconds + cv.get("cv_seconds", 0.0),
-            "extract_seconds": float(train.meta.get("extract_seconds", 0.0))
-            + float(test.meta.get("extract_seconds", 0.0)),
+        metrics=result_metrics,
+        timings=timings,
+        provenance={
+            "features": {
+                fs.split: {
+                    "path": str(fs.path),
+                    "sha256": fs.sha256,
+                    "key_fields": json.loads(str(fs.meta.get("key_fields", "{}"))),
+                }
+                for fs in (train, test)
+            },
+            "classifier": saved,
+            "versions": {
+                "tlfeat": __version__,
+                "scikit-learn": sklearn.__version__,
+                "python": platform.python_version(),
+            },
         },
-        "features": {
-            split.split: {
-                "path": str(split.path),
-                "sha256": split.meta.get("features_sha256"),
-                "key_fields": json.loads(str(split.meta.get("key_fields", "{}"))),
-            }
-            for split in (train, test)
+        details={
+            "cv": cv,
+            "route": "memory",
+            "n_skipped": {fs.split: len(fs.meta.get("skipped") or []) for fs in (train, test)},
+            "classes_without_training_images": [train.class_names[i] for i in absent],
+            "n_features": int(train.X.shape[1]),
         },
-        "classifier_file": model_path.name,
-        "classifier_sha256": sha256_file(model_path),
-        "versions": {"tlfeat": __version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, record_path)
-    log.info("%s on %s/%s: accuracy %.4f", cfg.clf, meta["model"], meta["dataset"], result_metrics["accuracy"])
-    return FitResult(record, record_path)
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    record.save(path)
+    log.info("%s on %s/%s: accuracy %.4f", cfg.method, meta["model"], meta["dataset"], result_metrics["accuracy"])
+    return record
 
 
-def fit(cfg: FitConfig) -> list[FitResult]:
+def fit(cfg: FitConfig, allow_stale: bool = False, data_dir: Path | None = None) -> list[FitResult]:
     """Fit `cfg.clf` on every selected (train, test) pair in the cache."""
-    classifiers.check_classifier(cfg.clf, cfg.kernel)
-    if cfg.C is not None and cfg.C <= 0:
-        raise TlfeatError(f"--C must be positive, got {cfg.C}")
-    if cfg.epochs < 1:
-        raise TlfeatError(f"--epochs must be at least 1, got {cfg.epochs}")
-    return [fit_pair(cfg, train, test) for train, test in pairs(cfg)]
+    selected = pairs(cfg)
+    if not allow_stale:
+        freshness.require_fresh([e for p in selected for e in (p.train, p.test)], data_dir)
+    return [fit_pair(cfg, p) for p in selected]
 
 
 def load_classifier(record_path: Path) -> Any:
-    """Load a saved classifier after checking it is the file its record describes."""
-    import joblib
-
-    from tlfeat.offline import sha256_file
-
-    record = json.loads(Path(record_path).read_text())
-    path = Path(record_path).parent / record["classifier_file"]
-    if sha256_file(path) != record["classifier_sha256"]:
-        raise TlfeatError(f"{path} does not match the sha256 in its record; refusing to unpickle it")
-    return joblib.load(path)
+    """The saved classifier of a fit, checked against its record before it is loaded."""
+    record = RunRecord.load(record_path)
+    saved = record.provenance.get("classifier") or {
+        "file": record.details.get("classifier_file"),
+        "sha256": record.details.get("classifier_sha256"),
+        "format": "joblib",
+    }
+    return classifiers.load(Path(record_path).parent, saved)
 
 
-def load_records(results_dir: Path | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-    root = Path(results_dir) if results_dir else default_results_dir()
-    out = []
-    for path in sorted(root.glob("*/*/record.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("skipping unreadable record %s", path)
-            continue
-        if kind is None or record.get("kind") == kind:
-            record["_path"] = str(path)
-            out.append(record)
-    return out
+# --------------------------------------------------------------------------- tables
+
+TABLE_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")
+VARIANT_FIELDS = ("layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed")
+
+
+def variant(record: RunRecord, differing: list[str]) -> str:
+    parts = []
+    for name in differing:
+        value = getattr(record, name)
+        parts.append(f"{name.replace('_', ' ')} {value if value not in (None, '') else '-'}")
+    return f" [{', '.join(parts)}]" if parts else ""
 
 
 def table(
-    records: list[dict[str, Any]], metric: str = "accuracy"
+    records: list[RunRecord], metric: str = "accuracy"
 ) -> tuple[list[str], list[str], dict[tuple[str, str], float | None]]:
-    """Rows (models) x columns (datasets) of `metric`, as transfer-learning papers lay it out."""
-    rows = sorted({r["model"] for r in records})
-    cols = sorted({_short(r["dataset"]) for r in records})
-    cells = {(r["model"], _short(r["dataset"])): r["metrics"].get(metric) for r in records}
+    """Rows (models, one per variant) x columns (datasets) of `metric`; no variant is dropped."""
+    by_pair: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        by_pair.setdefault((r.model, r.dataset), []).append(r)
+    cells: dict[tuple[str, str], float | None] = {}
+    for (model, dataset), group in by_pair.items():
+        differing = [f for f in VARIANT_FIELDS if len({str(getattr(r, f)) for r in group}) > 1]
+        for r in group:
+            cells[(model + variant(r, differing), datasets.short_name(dataset))] = r.metrics.get(metric)
+    rows = sorted({k[0] for k in cells})
+    cols = sorted({k[1] for k in cells})
     return rows, cols, cells
 
 
-def _short(dataset: str) -> str:
-    return dataset if "/" not in dataset else Path(dataset).name
+__all__ = ["FitConfig", "FitResult", "Pair", "fit", "fit_pair", "load_classifier", "pairs", "replace", "table"]

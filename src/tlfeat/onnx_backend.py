@@ -1,9 +1,11 @@
-"""The ONNX Runtime backend: export the truncated network once, cache the export, run it on CPU.
+"""The ONNX Runtime backend: export the cut network once, check it on every use, run it on CPU.
 
 On a 2-core CPU ONNX Runtime's fused convolutions beat PyTorch's eager channels_last path
-(`benchmarks/extract_speed.py` measures by how much). The export is cached next to the features
-under `<cache dir>/onnx/`, keyed by everything that changes the graph, so it is made once per
-(model, weights, image size). Features agree with the torch backend to 1e-4 relative (tested).
+(`benchmarks/extract_speed.py` measures by how much). The export lives under
+`<cache dir>/onnx/`, named by everything that changes the graph (model, weights file, layers,
+image size, opset, precision), with a sidecar `.json` holding its sha256 and provenance: a
+damaged or edited export is detected before it computes a single feature, set aside and made
+again. With an export in place, extraction needs neither torch nor torchvision.
 """
 
 from __future__ import annotations
@@ -18,22 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import cache
-from tlfeat.errors import TlfeatError
+from tlfeat import fsio, offline
+from tlfeat.errors import TlfeatError, first_line
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-INSTALL_HINT = "install it with `pip install onnxruntime onnx` (or `pip install 'tlfeat[onnx]'`)"
+INSTALL_HINT = "install it with `pip install onnxruntime onnx`"
 
 
 def available() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
 def require() -> None:
@@ -41,54 +40,119 @@ def require() -> None:
         raise TlfeatError(f"--backend onnxruntime needs the onnxruntime and onnx packages; {INSTALL_HINT}")
 
 
-def export_path(cache_dir: Path, model: str, weights_id: str, weights_sha: str, image_size: int) -> Path:
-    import torch
-
-    ident = json.dumps([model, weights_id, weights_sha, image_size, OPSET, torch.__version__], sort_keys=True)
+def export_path(
+    cache_dir: Path,
+    model: str,
+    weights_id: str,
+    weights_tag: str,
+    image_size: int,
+    layers: list[str],
+    precision: str = "fp32",
+) -> Path:
+    """Where the export of this graph lives; `weights_tag` identifies the weights file (hash prefix)."""
+    ident = json.dumps([model, weights_id, weights_tag, image_size, layers, OPSET, precision])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return Path(cache_dir) / "onnx" / f"{model}__{image_size}px__{digest}.onnx"
+    suffix = "" if precision == "fp32" else f"__{precision}"
+    return Path(cache_dir) / "onnx" / f"{model}__{image_size}px__{digest}{suffix}.onnx"
 
 
-def export(extractor: Any, path: Path, image_size: int) -> Path:
-    """Write the ONNX graph of `extractor` (batch axis dynamic) to `path`, once, atomically."""
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def verified(path: Path) -> dict[str, Any] | None:
+    """The provenance of a whole export, or None when there is none; a damaged one is set aside."""
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar(path).read_text())
+        expected = meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        meta, expected = {}, None
+    if expected is None or offline.sha256_file(path) != expected:
+        aside = fsio.set_aside(path)
+        sidecar(path).unlink(missing_ok=True)
+        log.warning("the ONNX export %s failed its checksum; moved it to %s and exporting again", path.name, aside.name)
+        return None
+    return meta
+
+
+def export(
+    extractor: Any, path: Path, image_size: int, outputs: list[str], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the ONNX graph of `extractor` (batch axis dynamic) and its sidecar, once, atomically."""
     import torch
 
-    if path.is_file():
-        return path
-    with cache.lock(path):
-        if path.is_file():
-            return path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        example = torch.zeros(2, 3, image_size, image_size)
-        log.info("exporting %s to ONNX (once; cached at %s)", type(extractor).__name__, path)
+    names = [f"features{i}" for i in range(len(outputs))]
+    example = torch.zeros(2, 3, image_size, image_size)
+    log.info("exporting %s to ONNX (once; cached at %s)", provenance.get("model"), path)
+    try:
+        with fsio.atomic_path(path) as tmp, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                extractor.cpu(),
+                (example,),
+                str(tmp),
+                input_names=["images"],
+                output_names=names,
+                dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    except TlfeatError:
+        raise
+    except Exception as exc:
+        raise TlfeatError(
+            f"could not export this model to ONNX ({type(exc).__name__}: {first_line(exc)}); use --backend torch"
+        ) from exc
+    return write_sidecar(path, {**provenance, "outputs": outputs, "opset": OPSET, "torch": torch.__version__})
+
+
+def write_sidecar(path: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+    meta = {**provenance, "sha256": offline.sha256_file(path), "file": path.name}
+    fsio.atomic_write(sidecar(path), json.dumps(meta, indent=1, sort_keys=True, default=str))
+    return meta
+
+
+def quantize(fp32: Path, int8: Path, calibration: list[np.ndarray], provenance: dict[str, Any]) -> dict[str, Any]:
+    """Static int8 quantization (QDQ, per-channel weights) calibrated on the dataset's first images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": np.ascontiguousarray(batch, dtype=np.float32)}
+
+    with fsio.atomic_path(int8) as tmp:
+        prepped = tmp.with_name(tmp.name + ".pre.onnx")
         try:
-            with cache.writing(path), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    extractor.cpu(),
-                    (example,),
-                    str(tmp),
-                    input_names=["images"],
-                    output_names=["features"],
-                    dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-                    opset_version=OPSET,
-                    dynamo=False,
-                )
-                os.replace(tmp, path)
-        except TlfeatError:
-            raise
+            quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepped),
+                str(tmp),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         except Exception as exc:
             raise TlfeatError(
-                f"could not export this model to ONNX ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                "use --backend torch"
+                f"could not quantize {fp32.name} to int8 ({type(exc).__name__}: {first_line(exc)})"
             ) from exc
         finally:
-            tmp.unlink(missing_ok=True)
-    return path
+            prepped.unlink(missing_ok=True)
+    return write_sidecar(
+        int8, {**provenance, "quantized_from": fp32.name, "calibration_images": sum(len(b) for b in calibration)}
+    )
 
 
 class Session:
-    """Callable like the torch extractor: a float32 NCHW batch in, (n, d) float32 numpy out.
+    """Callable like the torch extractor: float32 NCHW in, a list of (n, d) float32 arrays out.
 
     `spin=False` makes idle intra-op threads sleep instead of busy-waiting, which is right when
     decoding workers share the cores: measured 118 -> 130 img/s end to end for MobileNetV2.
@@ -96,22 +160,25 @@ class Session:
 
     def __init__(self, path: Path, threads: int | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
-        import torch
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.intra_op_num_threads = threads or _cores()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # a damaged export: say so, and let the next run make it again
-            path.unlink(missing_ok=True)
-            raise TlfeatError(f"the cached ONNX export {path} was unreadable and has been removed; run again") from exc
+        except Exception as exc:  # passed its checksum yet unreadable: a bug or an incompatible runtime
+            raise TlfeatError(
+                f"ONNX Runtime cannot load {path} ({first_line(exc)}); delete it to export again"
+            ) from exc
         self.version = ort.__version__
 
-    def __call__(self, batch: Any) -> np.ndarray:
-        array = batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)
-        return self.session.run(None, {"images": np.ascontiguousarray(array, dtype=np.float32)})[0]
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None, {"images": np.ascontiguousarray(batch, dtype=np.float32)}))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -8,15 +8,14 @@ against the sha256 prefix torchvision puts in its file names.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlfeat import offline
+from tlfeat import config, offline
 from tlfeat.backbones import weights_entry
-from tlfeat.errors import TlfeatError, WeightsNotFound
+from tlfeat.errors import TlfeatError, WeightsNotFound, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,9 +43,8 @@ class ResolvedWeights:
 
 
 def hub_checkpoints() -> Path:
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch's hub cache of weights files (found without importing torch)."""
+    return config.torch_home() / "checkpoints"
 
 
 def expected_prefix(filename: str) -> str | None:
@@ -55,12 +53,19 @@ def expected_prefix(filename: str) -> str | None:
     return match.group(1) if match else None
 
 
-def locate(name: str, weights_id: str | None) -> tuple[Path | None, str]:
-    """Where the weights would come from without downloading: (path or None, source)."""
+def locate(name: str, weights_id: str | None, verify: bool = False) -> tuple[Path | None, str]:
+    """Where the weights would come from without downloading: (path or None, source).
+
+    With `verify`, a file in the hub cache whose sha256 disagrees with its name is reported as
+    "corrupt ..." instead of found.
+    """
     entry = weights_entry(name, weights_id)
     filename = entry.url.rsplit("/", 1)[-1]
     hub_file = hub_checkpoints() / filename
     if hub_file.is_file():
+        prefix = expected_prefix(filename)
+        if verify and prefix and not offline.sha256_file(hub_file).startswith(prefix):
+            return None, f"corrupt file in the hub cache ({hub_file}): delete it"
         return hub_file, "hub-cache"
     rf = REGISTRY_WEIGHTS.get((name, entry.name))
     if rf is not None:
@@ -118,7 +123,7 @@ def resolve(
         except TlfeatError as exc:
             errors.append(str(exc))
 
-    if allow_download and os.environ.get("TLFEAT_OFFLINE", "") in ("", "0"):
+    if allow_download and not config.offline():
         import torch
 
         try:
@@ -144,8 +149,8 @@ def load_state_dict(path: Path) -> dict:  # type: ignore[type-arg]
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise TlfeatError(f"{path} is not a loadable weights file ({str(exc).splitlines()[0]})") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, IndexError) as exc:
+        raise TlfeatError(f"{path} is not a loadable weights file ({first_line(exc)})") from exc
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state"):
             if key in obj and isinstance(obj[key], dict):
@@ -179,11 +184,20 @@ def build_with_weights(name: str, resolved: ResolvedWeights) -> nn.Module:
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad = [k for k in missing if k not in mismatched] + list(unexpected)
     else:
-        try:
-            model.load_state_dict(state, strict=True)
-            bad = []
-        except RuntimeError as exc:
-            bad = [str(exc).splitlines()[0]]
+        missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+        bad = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and own[k].shape != v.shape
+        ]
+        if missing or unexpected or bad:
+            raise TlfeatError(
+                f"{resolved.path} does not fit {name}: {len(missing)} tensor(s) missing (e.g. {', '.join(missing[:2]) or '-'}), "
+                f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'}), {len(bad)} of another shape "
+                f"(e.g. {', '.join(bad[:2]) or '-'}); is it a checkpoint of another architecture?"
+            )
+        model.load_state_dict(state, strict=True)
+        return model
     if bad:
         raise TlfeatError(f"{resolved.path} does not fit {name}: {bad[:3]}")
     return model

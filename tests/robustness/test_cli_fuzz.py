@@ -63,11 +63,13 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     one = make_tree(root / "one-image-classes", per_class=1, size=16)
     flat = make_tree(root / "flat", per_class=1, splits=("",), size=16)
     (root / "a file.txt").write_text("not a folder")
+    (root / "zero.pt").write_bytes(b"")
     return {
         "empty": str(root / "empty"),
         "one": str(one),
         "flat": str(flat),
         "file": str(root / "a file.txt"),
+        "zero_bytes": str(root / "zero.pt"),
         "missing": str(root / "missing" / "ünï"),
         "root": str(root),
     }
@@ -80,8 +82,9 @@ def _options(command: click.Command) -> list[click.Option]:
 
 @st.composite
 def invocations(draw: st.DrawFn, places: dict[str, str]) -> list[str]:
-    name = draw(st.sampled_from(sorted(cli.commands)))  # type: ignore[attr-defined]
-    command = cli.commands[name]  # type: ignore[attr-defined]
+    ctx = click.Context(cli)
+    name = draw(st.sampled_from(sorted(cli.list_commands(ctx))))  # type: ignore[attr-defined]
+    command = cli.get_command(ctx, name)  # type: ignore[attr-defined]
     values = st.one_of(
         st.sampled_from(HOSTILE),
         st.sampled_from(list(places.values())),
@@ -165,6 +168,10 @@ def test_hostile_arguments_get_a_clear_line(places: dict[str, str]) -> None:
         ["finetune", "--model", "resnet18", "--data", "{one}", "--epochs", "99999999999"],
         ["compare", "--models", "resnet18:untrained", "--data", "{flat}", "--methods", "logreg", "--image-size", "16"],
         ["compare", "--models", "", "--data", "", "--methods", ""],
+        ["extract", "--model", "resnet18", "--data", ""],
+        ["extract", "--model", "resnet18", "--untrained", "--data", "{one}", "--device", "cuda", "--backend", "torch"],
+        ["extract", "--model", "resnet18", "--untrained", "--data", "{one}", "--device", "bogus"],
+        ["extract", "--model", "resnet18", "--data", "{one}", "--weights", "{zero_bytes}"],
         ["report", "{empty}"],
         ["report", "{missing}"],
         ["results", "--model", "ünï"],

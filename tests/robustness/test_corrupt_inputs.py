@@ -65,7 +65,7 @@ def test_skip_records_every_broken_file_in_the_cache_ls_fit_and_report(tmp_path:
     fitted = cli("fit", "--clf", "logreg", "--C", "1", "--json", "--cache-dir", cache_dir, "--results-dir", results)
     assert fitted.returncode == 0, fitted.stderr
     [record] = json.loads(fitted.stdout)
-    assert record["n_skipped"] == {"train": 3, "test": 0} and record["n_train"] == 24
+    assert record["details"]["n_skipped"] == {"train": 3, "test": 0} and record["n_train"] == 24
 
     out = tmp_path / "cmp"
     compared = cli(

@@ -41,7 +41,7 @@ def _incomplete(path: Path) -> None:
     [
         (_truncate, "damaged"),
         (_edit_one_value, "checksum differs"),
-        (_older_format, "written by another tlfeat (format 0"),
+        (_older_format, "written by an older tlfeat (format 0"),
         (_incomplete, "incomplete"),
     ],
     ids=["truncated", "edited", "older-format", "incomplete"],

@@ -101,7 +101,7 @@ def test_read_only_cache_and_results(tmp_path: Path, small_fs: Path) -> None:
 
     assert_one_clear_line(cli(*args, "--image-size", "48"), "cannot write", "read-only")
     fit = cli("fit", "--clf", "logreg", "--C", "1", "--cache-dir", cache_dir, "--results-dir", results)
-    assert_one_clear_line(fit, "cannot write", "read-only")
+    assert_one_clear_line(fit, "cannot write", "read-only", str(results))  # the line names what it could not write
     listing = cli("ls", "--cache-dir", cache_dir)
     assert listing.returncode == 0 and listing.stdout.count(" ok ") == 2, listing.stdout
     reused = cli(*args)  # reading a complete cache needs no write access

@@ -1,0 +1,74 @@
+"""`tlfeat fit`: classifiers on cached features, with test metrics and a models x datasets table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tlfeat.config import ExtractConfig, FitConfig
+from tlfeat.fitting import TABLE_METRICS
+from tlfeat_cli.main import user_errors
+from tlfeat_cli.options import from_config, given, json_option, markdown_table, table
+
+FIELDS = (
+    "clf", "model", "data", "layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed", "C", "kernel",
+    "epochs", "lr", "seed", "cv_folds", "route", "memory_gb", "refit", "cache_dir", "results_dir",
+)  # fmt: skip
+
+
+@click.command("fit")
+@from_config(FitConfig, *FIELDS, short={"model": "-m", "data": "-d"})
+@click.option(
+    "--metric",
+    type=click.Choice(TABLE_METRICS),
+    default="accuracy",
+    show_default=True,
+    help="Metric shown in the table.",
+)
+@click.option(
+    "--allow-stale", is_flag=True, help="Fit features whose images changed since extraction (normally refused)."
+)
+@from_config(ExtractConfig, "data_dir")
+@json_option
+@user_errors()
+def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool, **options: Any) -> None:
+    """Train a classifier on every selected pair of cached train/test features and report test metrics."""
+    from tlfeat.fitting import fit
+    from tlfeat.fitting import table as make_table
+
+    cfg = FitConfig(**given(options))
+    results = fit(cfg, allow_stale=allow_stale, data_dir=data_dir)
+    for res in results:
+        r = res.record
+        m, t = r.metrics, r.timings
+        auc = "-" if m.get("roc_auc") is None else f"{m['roc_auc']:.4f}"
+        low, high = m.get("accuracy_ci95", (float("nan"), float("nan")))
+        how = (
+            "reused"
+            if res.reused
+            else f"fit {t.train_seconds:.2f}s (+C search {t.search_seconds:.1f}s), predict {t.predict_seconds:.2f}s"
+        )
+        untrained = "" if r.pretrained else " [UNTRAINED backbone]"
+        click.echo(
+            f"{r.method} {r.model}/{Path(r.dataset).name} ({r.layer}, n_train {r.n_train}, n_test {r.n_test}){untrained}: "
+            f"accuracy {m['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), balanced {m['balanced_accuracy']:.4f}, ROC AUC {auc}, "
+            f"C={r.params['C']:g}; {how}  -> {res.path.parent}",
+            err=as_json,
+        )
+        if m.get("near_chance"):
+            click.echo(f"  warning: {m['near_chance']}", err=True)
+    if len(results) > 1 or as_json:
+        rows, cols, cells = make_table([r.record for r in results], metric)
+        body = [
+            [row] + ["-" if cells.get((row, c)) is None else f"{cells[(row, c)]:.4f}" for c in cols] for row in rows
+        ]
+        header = [f"{metric} (model \\ dataset)", *cols]
+        click.echo(table(body, header), err=as_json)
+        out = Path(cfg.results_dir) / "tables" / f"fit-{cfg.method}-{metric}.md"
+        from tlfeat import fsio
+
+        fsio.atomic_write(out, markdown_table(body, header) + "\n")
+    if as_json:
+        click.echo("[" + ",\n".join(r.record.to_json() for r in results) + "]")

@@ -1,0 +1,101 @@
+"""Command-line options made from the configs' field declarations, so each option is written once.
+
+`from_config(ExtractConfig, "model", "data", ...)` adds one click option per named field, with the
+field's help text and the right kind (flag, number, path, list); values the user did not give are
+left out, so the config's own defaults (and environment variables, read in `tlfeat.config`) apply.
+Bounds are checked by the config, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tlfeat.constraints import Choice, option_name
+
+# Fields given as comma-separated lists on the command line.
+LISTS = {"models", "datas", "methods", "layers"}
+# Fields that may be given several times (--split train --split test).
+MULTIPLE = {"splits"}
+
+
+def _kind(annotation: str) -> Any:
+    text = annotation.replace(" ", "")
+    if text.startswith("bool"):
+        return bool
+    if "Path" in text:
+        return click.Path(path_type=Path)
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
+
+
+def _option(config: type, field: dataclasses.Field[Any], short: str | None = None) -> Callable[[Any], Any]:
+    meta = field.metadata
+    names = [option_name(field)] + ([short] if short else [])
+    help_text = meta.get("help", "")
+    check = meta.get("check")
+    if isinstance(check, Choice) and "one of" not in help_text:
+        help_text += f" [{'|'.join(check.choices)}]"
+    if field.default not in (dataclasses.MISSING, None, False, True, ()):
+        help_text += f" [default: {field.default}]"
+    kind = _kind(str(field.type))
+    required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    if kind is bool:
+        flag = meta.get("flag")
+        if flag:  # a default-on setting turned off: --no-update sets update=False
+            return click.option(flag, field.name, flag_value=False, default=None, help=help_text)
+        return click.option(*names, field.name, is_flag=True, help=help_text)
+    if field.name in MULTIPLE:
+        return click.option(*names, field.name, multiple=True, help=help_text)
+    if field.name in LISTS:
+        return click.option(
+            *names, field.name, type=str, required=required, help=help_text + " (comma-separated)"
+        )
+    return click.option(*names, field.name, type=kind, required=required, help=help_text)
+
+
+def from_config(config: type, *names: str, short: dict[str, str] | None = None) -> Callable[[Any], Any]:
+    """Add the options of `names` (fields of `config`), in that order."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    missing = [n for n in names if n not in fields]
+    if missing:
+        raise ValueError(f"{config.__name__} has no field(s) {missing}")
+    short = short or {}
+
+    def decorate(fn: Any) -> Any:
+        for name in reversed(names):
+            fn = _option(config, fields[name], short.get(name))(fn)
+        return fn
+
+    return decorate
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave (None and empty repeats mean "not given": the config's default applies)."""
+    return {k: v for k, v in values.items() if v is not None and v != ()}
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (messages go to stderr).")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def table(rows: list[list[Any]] | list[tuple[Any, ...]], header: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[Any]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""Every file tlfeat writes goes through here: a crash never leaves half of one.
+
+`atomic_write` / `atomic_path`: write under a temporary name in the same folder, fsync, rename
+over the final name, fsync the folder. `writing` turns a full disk or a read-only folder into one
+clear error line. `lock` keeps two processes from computing the same output. `set_aside` moves a
+damaged file out of the way without deleting it. `sweep_temps` removes the temporary files of
+processes that were killed mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from tlfeat.errors import WriteFailed
+
+log = logging.getLogger(__name__)
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def temp_name(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place (`.NAME.PID.tmp`, same folder)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, mkdir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path for a library that writes by file name (torch.save, savefig, h5py).
+
+    When the block ends without error the file is fsynced and renamed to `path`; otherwise it is
+    removed and `path` is untouched. Write errors become one clear `WriteFailed`.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    with writing(path):
+        if mkdir:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    payload = data.encode() if isinstance(data, str) else data
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(payload)
+    return Path(path)
+
+
+def sweep_temps(folder: Path) -> int:
+    """Remove temporary files left in `folder` by tlfeat processes that no longer exist."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        match = _TEMP.match(name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        try:
+            target = Path(folder) / name
+            if target.is_dir():
+                import shutil
+
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# errno values that mean "this place cannot be written", with what the user can do about it.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this filesystem or process limit",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def write_failed(path: Path, code: int, detail: str = "") -> WriteFailed:
+    reason = _WRITE_ERRORS[code] + (f": {detail}" if detail else "")
+    return WriteFailed(
+        f"cannot write {path} ({reason}); free space or choose a writable --cache-dir/--results-dir/--out. "
+        "Finished files are untouched and completed blocks are kept for the next run"
+    )
+
+
+def as_write_failed(path: Path, exc: BaseException) -> WriteFailed | None:
+    """`exc` as one clear WriteFailed if it means the disk is full or `path` not writable, else None."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code not in _WRITE_ERRORS:  # HDF5 puts the errno in its message
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code not in _WRITE_ERRORS:
+        return None
+    named = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else path
+    return write_failed(named, code)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only, no permission) into one clear WriteFailed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        clear = as_write_failed(path, exc)
+        if clear is None:
+            raise
+        raise clear from exc
+
+
+def check_room(path: Path, needed: int) -> None:
+    """Refuse to start a file that cannot fit: the free space and the process's file-size limit."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        raise write_failed(
+            path, errno.EFBIG, f"needs about {needed / 1e6:.1f} MB, the file-size limit is {limit / 1e6:.1f} MB"
+        )
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise write_failed(path, errno.ENOSPC, f"needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+
+
+@contextlib.contextmanager
+def lock(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock for computing `final`, so two processes never write the same output.
+
+    A second process waits here, then finds the finished output and reuses it. The lock is a POSIX
+    record lock on `<final>.lock`: the kernel drops it when its process dies, and processes forked
+    from the holder (decoding workers) never hold it, so a killed run leaves no lock behind.
+    """
+    lock_path = final.with_name(final.name + ".lock")
+    with writing(lock_path):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks on this platform: run unlocked
+        with fh:
+            yield
+        return
+    with fh:
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            log.warning("another tlfeat process is computing %s; waiting for it", final.name)
+            fcntl.lockf(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fh, fcntl.LOCK_UN)
+
+
+def set_aside(path: Path, suffix: str = ".damaged") -> Path:
+    """Move a damaged file out of the way (never delete computed data); an earlier one is kept too."""
+    aside = path.with_name(path.name + suffix)
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}{suffix}.{n}")
+        n += 1
+    with writing(aside):
+        os.replace(path, aside)
+    return aside

@@ -1,0 +1,100 @@
+"""Decoding one image, from a file, from bytes or from an array, to 8-bit RGB. PIL and numpy only.
+
+Grey, palette, RGBA (composited on white), 16-bit and CMYK images all become 8-bit RGB. Any
+failure (an empty, truncated or non-image file, a decompression bomb) is one `TlfeatError` that
+names the image, so `--on-error skip` can record it and `fail` can stop on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlfeat.errors import TlfeatError, printable
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+# What an image is read from: ("path", str), ("bytes", bytes) or ("array", uint8 ndarray).
+Item = tuple[str, Any]
+
+
+def content_digest(data: bytes | np.ndarray) -> bytes:
+    """sha256 of an image's bytes (a file's contents, or an array's pixels): 32 raw bytes."""
+    view = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+    return hashlib.sha256(view).digest()
+
+
+def read(item: Item) -> tuple[bytes | np.ndarray, str]:
+    """The raw content of an item and a name for messages."""
+    kind, value = item
+    if kind == "path":
+        name = printable(str(value))
+        try:
+            with open(value, "rb") as fh:
+                return fh.read(), name
+        except OSError as exc:
+            raise TlfeatError(f"cannot read image {name}: {exc.strerror or exc}") from exc
+    if kind == "bytes":
+        data, name = value
+        return data, printable(str(name))
+    if kind == "array":
+        array, name = value
+        return array, str(name)
+    raise TlfeatError(f"internal: unknown image item kind {kind!r}")
+
+
+def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None):  # type: ignore[no-untyped-def]
+    """8-bit RGB PIL image of `content`; with `draft_size`, a large JPEG is decoded at reduced scale
+    (DCT-domain downscaling) to the smallest size whose both sides are still >= draft_size."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(content, np.ndarray):
+        return Image.fromarray(content).convert("RGB")
+    try:
+        with warnings.catch_warnings():
+            # A large image triggers a warning before the hard limit's error; log it, never print it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(io.BytesIO(content))
+            except Image.DecompressionBombWarning as warning:
+                log.info("%s: %s", name, warning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(content))
+            with img:
+                if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
+                    img.draft("RGB", (draft_size, draft_size))
+                img.load()
+                return to_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise TlfeatError(f"cannot decode image {name}: {exc} (a decompression bomb?)") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise TlfeatError(f"cannot decode image {name}: {exc}") from exc
+
+
+def to_rgb(img: Any) -> Any:
+    """Any PIL mode as 8-bit RGB: 16-bit and float scaled to 8 bits, transparency composited on white."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def open_rgb(path: Path | str):  # type: ignore[no-untyped-def]
+    """Open any common image file as 8-bit RGB (one TlfeatError naming the file on failure)."""
+    content, name = read(("path", str(path)))
+    return decode(content, name)

@@ -1,0 +1,200 @@
+"""The frozen network as a function: float32 NCHW batch in, one (n, d) float32 array per layer out.
+
+Two runtimes. ONNX Runtime (the CPU default): the exported graph, checked against its sidecar
+checksum, no torch needed once exported. torch: channels_last, inference mode, on any device;
+micro-batches of a fixed size, the last one padded, so an image's features do not depend on which
+images share its batch (torch's CPU kernels change with the batch size; measured). That makes a
+partial update, a resumed run and a Ray worker give the same bits as one uninterrupted pass.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlfeat import backbones, onnx_backend
+from tlfeat.errors import TlfeatError
+from tlfeat.weights import ResolvedWeights
+
+log = logging.getLogger(__name__)
+
+CPU_MICRO_BATCH = 4  # images per torch forward pass on CPU: the activations stay in cache
+GPU_MICRO_BATCH = 64
+CALIBRATION_IMAGES = 256  # int8: images of the dataset used to calibrate activation ranges
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which network, cut where, with which weights, at which input size: what a runner needs."""
+
+    model: str
+    layers: tuple[str | None, ...]
+    weights_id: str  # torchvision entry, "file:<sha12>" or "untrained:seed<k>"
+    weights_id_arg: str | None  # what the user asked for (None: the default entry)
+    weights_file: Path | None
+    untrained: bool
+    seed: int
+    image_size: int
+    backend: str
+    precision: str
+    device: str
+    cache_dir: Path
+
+    @property
+    def weights_tag(self) -> str:
+        """Identifies the weights file without reading it: torchvision's hash prefix, or the id."""
+        if self.untrained or self.weights_file is not None:
+            return self.weights_id
+        return backbones.weights_entry(self.model, self.weights_id_arg).sha_prefix or self.weights_id
+
+    def onnx_path(self) -> Path:
+        layers = [layer or backbones.PENULTIMATE for layer in self.layers]
+        return onnx_backend.export_path(
+            self.cache_dir, self.model, self.weights_id, self.weights_tag, self.image_size, layers, self.precision
+        )
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape the numbers, read without importing them."""
+    out = {}
+    for name in ("torch", "torchvision", "onnxruntime"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = ""
+    return out
+
+
+class TorchRunner:
+    def __init__(self, spec: ModelSpec, resolved: ResolvedWeights) -> None:
+        from tlfeat.weights import build_with_weights
+
+        check_device(spec.device)
+        net = build_with_weights(spec.model, resolved)
+        self._setup(spec, backbones.feature_extractor(net, spec.model, list(spec.layers)))
+
+    @classmethod
+    def from_state(cls, spec: ModelSpec, state: dict[str, Any]) -> TorchRunner:
+        """The same network from the state dict of another runner's extractor (Ray replicas)."""
+        runner = cls.__new__(cls)
+        extractor = backbones.feature_extractor(backbones.build(spec.model), spec.model, list(spec.layers))
+        extractor.load_state_dict(state)
+        runner._setup(spec, extractor)
+        return runner
+
+    def _setup(self, spec: ModelSpec, extractor: Any) -> None:
+        import torch
+
+        for p in extractor.parameters():
+            p.requires_grad_(False)
+        self.device = spec.device
+        self.cpu = spec.device.startswith("cpu")
+        self.extractor = extractor.eval().to(spec.device, memory_format=torch.channels_last)
+        self.micro = CPU_MICRO_BATCH if self.cpu else GPU_MICRO_BATCH
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        self.autocast = dtypes.get(spec.precision)
+        if self.autocast is not None and self.cpu:
+            raise TlfeatError(f"--precision {spec.precision} is for GPUs (autocast); on the CPU use fp32 or int8")
+        self.backend, self.version = "torch", torch.__version__
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        import torch
+
+        n = len(batch)
+        pad = (-n) % self.micro
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        if not self.cpu:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        parts: list[list[np.ndarray]] = []
+        with (
+            torch.inference_mode(),
+            torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None),
+        ):
+            for i in range(0, len(x), self.micro):
+                out = self.extractor(x[i : i + self.micro].contiguous(memory_format=torch.channels_last))
+                outs = out if isinstance(out, tuple) else (out,)
+                parts.append([o.float().cpu().numpy() for o in outs])
+        return [np.concatenate([p[k] for p in parts])[:n] for k in range(len(parts[0]))]
+
+
+class OnnxRunner:
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        # The decoding workers share these cores, so ONNX Runtime's idle threads must not spin.
+        self.session = onnx_backend.Session(path, spin=False)
+        self.meta = meta
+        self.backend, self.version = "onnxruntime", self.session.version
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session(batch)
+
+
+def check_device(device: str) -> None:
+    """A device torch can use here, or one line saying why not."""
+    if device.startswith("cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TlfeatError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise TlfeatError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0..)")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TlfeatError("--device mps: the Metal backend is not available here; use --device cpu")
+
+
+def load(spec: ModelSpec, calibration: Any = None) -> tuple[Any, dict[str, Any]]:
+    """A runner for `spec` and the weights' provenance (id, source, sha256).
+
+    ONNX Runtime with a verified export needs no torch; otherwise the network is built with torch
+    (and exported, and for int8 quantized with `calibration()` batches, once).
+    """
+    if spec.backend == "onnxruntime":
+        path = spec.onnx_path()
+        meta = onnx_backend.verified(path)
+        if meta is None:
+            meta = _export(spec, path, calibration)
+        return OnnxRunner(path, meta), {k: meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+    resolved = _resolve(spec)
+    return TorchRunner(spec, resolved), _weights_meta(resolved)
+
+
+def _resolve(spec: ModelSpec) -> ResolvedWeights:
+    from tlfeat.weights import resolve
+
+    return resolve(spec.model, spec.weights_id_arg, spec.weights_file, untrained=spec.untrained, seed=spec.seed)
+
+
+def _weights_meta(resolved: ResolvedWeights) -> dict[str, Any]:
+    return {
+        "weights_id": resolved.weights_id,
+        "weights_source": resolved.source,
+        "weights_sha256": resolved.sha256 or "",
+    }
+
+
+def _export(spec: ModelSpec, path: Path, calibration: Any) -> dict[str, Any]:
+    from tlfeat.weights import build_with_weights
+
+    resolved = _resolve(spec)
+    layers = [layer or backbones.PENULTIMATE for layer in spec.layers]
+    provenance = {"model": spec.model, "layers": layers, "image_size": spec.image_size, **_weights_meta(resolved)}
+    if spec.precision == "int8":
+        fp32 = ModelSpec(**{**spec.__dict__, "precision": "fp32"})
+        fp32_path = fp32.onnx_path()
+        if onnx_backend.verified(fp32_path) is None:
+            _export(fp32, fp32_path, None)
+        if calibration is None:
+            raise TlfeatError("internal: int8 needs calibration images")
+        return onnx_backend.quantize(fp32_path, path, calibration(), {**provenance, "precision": "int8"})
+    net = build_with_weights(spec.model, resolved)
+    extractor = backbones.feature_extractor(net, spec.model, list(spec.layers))
+    return onnx_backend.export(extractor, path, spec.image_size, layers, {**provenance, "precision": "fp32"})

@@ -1,0 +1,268 @@
+"""What a run is and what it leaves behind: `Method` (the only place that knows how methods are
+spelled) and `RunRecord` (the one record format fit and fine-tune write, and compare, report and
+the CLI read).
+
+A method is written `logreg`, `svm`, `svm-rbf`, `linear` (classifiers on frozen features),
+`finetune:full`, `finetune:head`, `finetune:freeze:K`, `finetune:discriminative[:RATIO]` or
+`scratch`; its folder name (`slug`) never contains a colon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tlfeat import fsio, strategies
+from tlfeat.errors import TlfeatError
+
+log = logging.getLogger(__name__)
+
+FROZEN = ("logreg", "svm", "svm-rbf", "linear")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of using a backbone: a classifier on its frozen features, or a fine-tuning strategy."""
+
+    clf: str = ""  # logreg, svm, linear (frozen methods)
+    kernel: str = "linear"
+    strategy: strategies.Strategy | None = None  # fine-tuning methods
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        value = str(text).strip().lower()
+        if value in FROZEN:
+            clf, _, kernel = value.partition("-")
+            return cls(clf=clf, kernel=kernel or "linear")
+        if value == "scratch":
+            return cls(strategy=strategies.Strategy("scratch"))
+        if value.startswith("finetune:"):
+            return cls(strategy=strategies.parse(value.split(":", 1)[1]))
+        raise TlfeatError(f"unknown method {text!r}; valid: {', '.join(valid_methods())}")
+
+    @classmethod
+    def frozen(cls, clf: str, kernel: str = "linear") -> Method:
+        return cls.parse(clf if kernel == "linear" else f"{clf}-{kernel}")
+
+    @classmethod
+    def finetune(cls, strategy: str) -> Method:
+        parsed = strategies.parse(strategy)
+        return cls.parse("scratch" if parsed.kind == "scratch" else f"finetune:{parsed}")
+
+    def __str__(self) -> str:
+        if self.strategy is None:
+            return self.clf if self.kernel == "linear" else f"{self.clf}-{self.kernel}"
+        return "scratch" if self.strategy.kind == "scratch" else f"finetune:{self.strategy}"
+
+    @property
+    def slug(self) -> str:
+        """The method in a folder name."""
+        return str(self).replace("finetune:", "finetune-").replace(":", "")
+
+    @property
+    def is_frozen(self) -> bool:
+        return self.strategy is None
+
+    @property
+    def is_finetune(self) -> bool:
+        return self.strategy is not None
+
+    @property
+    def is_scratch(self) -> bool:
+        return self.strategy is not None and self.strategy.kind == "scratch"
+
+    @property
+    def rank(self) -> int:
+        """Table order: frozen routes, fine-tuning, then the no-transfer baseline."""
+        return 2 if self.is_scratch else 1 if self.is_finetune else 0
+
+    def describe(self, model: str) -> str:
+        """The method in a sentence: "frozen resnet50 + logreg", "resnet50 fine-tuned (head)"."""
+        if self.is_scratch:
+            return f"{model} trained from scratch"
+        if self.strategy is not None:
+            return f"{model} fine-tuned ({self.strategy})"
+        return f"frozen {model} + {self}"
+
+
+def valid_methods() -> list[str]:
+    return [
+        *FROZEN,
+        "finetune:full",
+        "finetune:head",
+        "finetune:freeze:K",
+        "finetune:discriminative[:RATIO]",
+        "scratch",
+    ]
+
+
+@dataclass
+class Timings:
+    """Seconds of each part of a run. `total_seconds` is computed once, when the record is written.
+
+    For a frozen route, `extract_seconds` is the one-time extraction its feature sets cost, shared by
+    every classifier fitted on them; `search_seconds` the choice of C; `train_seconds` the final fit.
+    For a fine-tune, `train_seconds` is every epoch with its validation pass.
+    """
+
+    train_seconds: float = 0.0
+    search_seconds: float = 0.0
+    predict_seconds: float = 0.0
+    extract_seconds: float = 0.0
+    total_seconds: float = 0.0
+    load_start: float | None = None  # 1-minute load average when the run started and ended
+    load_end: float | None = None
+    cpus: int | None = None
+
+    def finish(self) -> Timings:
+        self.total_seconds = self.extract_seconds + self.search_seconds + self.train_seconds + self.predict_seconds
+        return self
+
+    @property
+    def busy(self) -> bool:
+        """Was the machine loaded beyond its cores during the run (times then read high)?"""
+        loads = [x for x in (self.load_start, self.load_end) if x is not None]
+        return bool(self.cpus and loads and max(loads) > 1.5 * self.cpus)
+
+
+def load_now() -> tuple[float | None, int | None]:
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2), len(os.sched_getaffinity(0)) if hasattr(
+            os, "sched_getaffinity"
+        ) else os.cpu_count()
+    except OSError:
+        return None, os.cpu_count()
+
+
+REQUIRED = ("kind", "method", "model", "dataset", "metrics", "n_train", "n_test")
+
+
+@dataclass
+class RunRecord:
+    """Everything about one finished run: what ran, on what, how well, how long, from which inputs."""
+
+    kind: str  # "fit" or "finetune"
+    key: str
+    method: str
+    model: str
+    dataset: str
+    n_train: int
+    n_test: int
+    metrics: dict[str, Any]
+    layer: str = "penultimate"
+    weights_id: str = ""
+    pretrained: bool = True
+    image_size: int | None = None
+    limit: int | None = None
+    test_limit: int | None = None
+    subset_seed: int = 0
+    seed: int = 0
+    n_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # cv, history, checkpoints, parameter counts...
+    created: str = ""
+    path: Path | None = None  # the record.json it was read from
+
+    @property
+    def parsed_method(self) -> Method:
+        return Method.parse(self.method)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("path")
+        return json.dumps(data, indent=2, default=str)
+
+    def save(self, path: Path) -> Path:
+        fsio.atomic_write(path, self.to_json())
+        self.path = Path(path)
+        return self.path
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path | None = None) -> RunRecord:
+        """A record from its JSON; records of earlier tlfeat versions are read too. ValueError if malformed."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a record is a JSON object, not {type(data).__name__}")
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        if not isinstance(data["metrics"], dict) or "accuracy" not in data["metrics"]:
+            raise ValueError("metrics without an accuracy")
+        Method.parse(data["method"])
+        known = {f.name for f in fields(cls)} - {"path", "timings", "details"}
+        values = {k: data[k] for k in known if k in data}
+        details = dict(data.get("details") or {})
+        details.update({k: v for k, v in data.items() if k not in known and k not in ("timings", "details")})
+        values["timings"] = _timings(data)
+        values["seed"] = int(data.get("seed", (data.get("config") or {}).get("seed", 0)) or 0)
+        values.setdefault("key", "")
+        if "provenance" not in data:  # an earlier version's record: its inputs were top-level fields
+            values["provenance"] = {k: details[k] for k in ("features", "versions", "weights_source") if k in details}
+        record = cls(**values, details=details, path=path)
+        record.limit = record.limit or None
+        record.test_limit = record.test_limit or None
+        return record
+
+    @classmethod
+    def load(cls, path: Path) -> RunRecord:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"unreadable ({exc})") from exc
+        return cls.from_dict(data, Path(path))
+
+
+def _timings(data: dict[str, Any]) -> Timings:
+    raw = data.get("timings") or {}
+    if not isinstance(raw, dict):
+        raise ValueError("timings is not an object")
+    if "search_seconds" in raw or "total_seconds" in raw:
+        return Timings(**{k: v for k, v in raw.items() if k in {f.name for f in fields(Timings)}})
+    # Earlier records: a fit's train_seconds included the C search; a fine-tune's total was its epochs.
+    if data.get("kind") == "finetune":
+        epochs = sum(float(h.get("epoch_seconds", 0.0)) for h in data.get("history") or [])
+        t = Timings(
+            train_seconds=epochs or float(raw.get("train_seconds", 0.0)),
+            predict_seconds=float(raw.get("predict_seconds", 0.0)),
+        )
+    else:
+        t = Timings(
+            train_seconds=float(raw.get("fit_seconds", raw.get("train_seconds", 0.0))),
+            search_seconds=float(raw.get("cv_seconds", 0.0)),
+            predict_seconds=float(raw.get("predict_seconds", 0.0)),
+            extract_seconds=float(raw.get("extract_seconds", 0.0)),
+        )
+    return t.finish()
+
+
+def load_records(results_dir: Path, kind: str | None = None) -> list[RunRecord]:
+    """Every readable record under `results_dir` (fits/*/ and finetunes/*/); malformed ones are skipped with a warning."""
+    out = []
+    for path in sorted(Path(results_dir).glob("*/*/record.json")):
+        try:
+            record = RunRecord.load(path)
+        except (ValueError, TypeError, TlfeatError) as exc:
+            log.warning("skipping record %s: %s", path, exc)
+            continue
+        if kind is None or record.kind == kind:
+            out.append(record)
+    return out
+
+
+def load_record(path: Path) -> RunRecord | None:
+    """The record at `path`, or None when it is missing or malformed (the run is then done again)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return RunRecord.load(path)
+    except (ValueError, TypeError, TlfeatError) as exc:
+        log.warning("ignoring record %s: %s", path, exc)
+        return None

@@ -1,0 +1,67 @@
+"""The comparison report, rebuilt from saved records only: Markdown, self-contained HTML, PNG plots,
+`rows.csv` (every run), `summary.csv` (every configuration) and `tables.tex` (booktabs).
+
+Everything in it is computed from the JSON records under `<out>/results/`, so `tlfeat report`
+gives the same output as the `compare` run that made them, without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tlfeat import fsio
+from tlfeat.errors import TlfeatError
+from tlfeat.report import export, plots, render
+from tlfeat.report.rows import configs, penultimate, rows
+from tlfeat.report.sections import recommendation, sections
+
+__all__ = ["build", "recommendation", "rows"]
+
+
+def _json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else default
+    except (OSError, ValueError):
+        return default
+
+
+def make_plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
+    folder = out / "plots"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.png"):  # plots of configurations no longer in the results
+        old.unlink()
+    palette = plots.Palette(sorted({r["method"] for r in items}), sorted({r["model"] for r in items}))
+    made: dict[str, Path] = {}
+    if (p := plots.accuracy_vs_time(items, palette, folder / "accuracy_vs_time.png")) is not None:
+        made["Accuracy against time"] = p
+    if (p := plots.learning_curves(items, palette, folder / "learning_curves.png")) is not None:
+        made["Learning curves of the fine-tuning runs"] = p
+    for dataset in sorted({r["dataset"] for r in penultimate(items)}):
+        cfgs = configs([r for r in penultimate(items) if r["dataset"] == dataset])
+        best = max(cfgs, key=lambda c: (c.metric, -c.seconds("total_seconds")))
+        slug = "".join(ch if ch.isalnum() else "-" for ch in dataset)
+        made[f"Confusion matrix, {dataset}: {best.label()}"] = plots.confusion(best, folder / f"confusion_{slug}.png")
+    if (p := plots.accuracy_per_layer(items, folder / "accuracy_per_layer.png")) is not None:
+        made["Accuracy per feature layer"] = p
+    for title, path in plots.run_histories(items, folder).items():
+        made[f"Loss and accuracy per epoch, {title}"] = path
+    return made
+
+
+def build(out: Path) -> Path:
+    """Write report.md, report.html, rows.csv, summary.csv, tables.tex and plots/ under `out`; returns report.md."""
+    out = Path(out)
+    if not (out / "results").is_dir():
+        raise TlfeatError(f"{out} holds no results; run `tlfeat compare ... --out {out}` first")
+    items = rows(out)
+    meta = _json(out / "compare.json", {})
+    failures = _json(out / "failures.json", {}).get("failures", {})
+    blocks = sections(items, failures, meta, make_plots(out, items))
+    fsio.atomic_write(out / "report.md", render.markdown(blocks))
+    fsio.atomic_write(out / "report.html", render.page(blocks, out.name))
+    fsio.atomic_write(out / "rows.csv", render.csv_text(items))
+    fsio.atomic_write(out / "summary.csv", export.summary_csv(items))
+    fsio.atomic_write(out / "tables.tex", export.latex(items))
+    return out / "report.md"

@@ -1,0 +1,106 @@
+"""Tables for a paper: `summary.csv` (one row per configuration, full precision) and LaTeX
+(booktabs), numbers rounded for reading."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from tlfeat.report.rows import configs, group, mean_sd, penultimate
+
+
+def summary_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for c in sorted(configs(items), key=lambda c: (c.dataset, c.parsed.rank, c.model, c.method, c.variant)):
+        acc = [r["accuracy"] for r in c.runs]
+        mean, sd = mean_sd(acc)
+        low, high = c.ci95
+        aucs = [r["roc_auc"] for r in c.runs if r["roc_auc"] is not None]
+        out.append(
+            {
+                "dataset": c.dataset,
+                "model": c.model,
+                "method": c.method,
+                "variant": c.variant,
+                "layer": c.runs[0]["layer"],
+                "n_runs": len(c.runs),
+                "n_train": c.runs[0]["n_train"],
+                "n_test": c.n_test,
+                "accuracy_mean": mean,
+                "accuracy_sd": sd,
+                "accuracy_ci95_low": low,
+                "accuracy_ci95_high": high,
+                "roc_auc_mean": mean_sd(aucs)[0] if aucs else "",
+                "macro_f1_mean": mean_sd([r["macro_f1"] for r in c.runs])[0],
+                "extract_seconds": c.seconds("extract_seconds"),
+                "search_seconds": c.seconds("search_seconds"),
+                "train_seconds": c.seconds("train_seconds"),
+                "total_seconds": c.seconds("total_seconds"),
+                "near_chance": c.near_chance,
+            }
+        )
+    return out
+
+
+def summary_csv(items: list[dict[str, Any]]) -> str:
+    rows_ = summary_rows([r for r in items if r["layer"] in ("penultimate", "-")] or items)
+    buf = io.StringIO()
+    if rows_:
+        writer = csv.DictWriter(buf, fieldnames=list(rows_[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows_)
+    return buf.getvalue()
+
+
+def _tex(text: str) -> str:
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("_", r"\_"),
+        ("#", r"\#"),
+        ("$", r"\$"),
+        ("{", r"\{"),
+        ("}", r"\}"),
+    ):
+        text = text.replace(a, b)
+    return text
+
+
+def latex(items: list[dict[str, Any]]) -> str:
+    """One booktabs table per method: models x datasets, accuracy in percent, mean ± sd, best in bold."""
+    parts = ["% tlfeat comparison tables; needs \\usepackage{booktabs}", ""]
+    for (method,), runs in sorted(
+        group(penultimate(items), "method").items(), key=lambda kv: (kv[1][0]["method_rank"], kv[0])
+    ):
+        cols = sorted({r["dataset"] for r in runs})
+        models = sorted({r["model"] + (f" [{r['variant']}]" if r["variant"] else "") for r in runs})
+        cells: dict[tuple[str, str], list[float]] = {}
+        for r in runs:
+            cells.setdefault((r["model"] + (f" [{r['variant']}]" if r["variant"] else ""), r["dataset"]), []).append(
+                100 * r["accuracy"]
+            )
+        best = {d: max((mean_sd(cells[(m, d)])[0] for m in models if (m, d) in cells), default=None) for d in cols}
+        parts += [
+            "\\begin{table}[t]",
+            "\\centering",
+            f"\\caption{{Test accuracy (\\%) of {_tex(method)} (mean $\\pm$ sd over repeats).}}",
+            "\\begin{tabular}{l" + "r" * len(cols) + "}",
+            "\\toprule",
+            "Model & " + " & ".join(_tex(d) for d in cols) + " \\\\",
+            "\\midrule",
+        ]
+        for m in models:
+            line = [_tex(m)]
+            for d in cols:
+                if (m, d) not in cells:
+                    line.append("--")
+                    continue
+                mean, sd = mean_sd(cells[(m, d)])
+                text = f"{mean:.2f}" + (f" $\\pm$ {sd:.2f}" if len(cells[(m, d)]) > 1 else "")
+                choice = sum((x, d) in cells for x in models) > 1
+                line.append(f"\\textbf{{{text}}}" if choice and mean == best[d] else text)
+            parts.append(" & ".join(line) + " \\\\")
+        parts += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(parts)

@@ -1,0 +1,201 @@
+"""Report rows: one per saved run, read from the records under `<out>/results/`, and the statistics
+the tables are made of (configurations, their runs, means, intervals, paired tests)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlfeat import datasets, stats
+from tlfeat.records import Method, RunRecord, load_records
+
+# Fields that make runs of one (dataset, model, method, layer) different configurations, not repeats.
+VARIANT_FIELDS = ("image_size", "limit", "test_limit")
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    """One row per saved run, sorted: dataset, model, method, layer, variant, seed."""
+    records = load_records(Path(out) / "results")
+    variants = _variants(records)
+    out_rows = [_row(r, Path(out), variants.get(id(r), "")) for r in records]
+    out_rows.sort(
+        key=lambda x: (
+            x["dataset"],
+            x["model"],
+            x["method_rank"],
+            x["method"],
+            str(x["layer"]),
+            x["variant"],
+            x["seed"],
+            x["subset_seed"],
+        )
+    )
+    return out_rows
+
+
+def _variants(records: list[RunRecord]) -> dict[int, str]:
+    groups: dict[tuple[str, str, str, str], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        groups[(r.dataset, r.model, r.method, r.layer)].append(r)
+    out = {}
+    for group in groups.values():
+        differing = [f for f in VARIANT_FIELDS if len({str(getattr(r, f)) for r in group}) > 1]
+        for r in group:
+            out[id(r)] = ", ".join(f"{f.replace('_', ' ')} {getattr(r, f) or 'all'}" for f in differing)
+    return out
+
+
+def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
+    method = r.parsed_method
+    m, t = r.metrics, r.timings
+    binary = r.n_classes == 2
+    correct = int(round(m["accuracy"] * r.n_test))
+    low, high = m.get("accuracy_ci95") or stats.wilson(correct, r.n_test)
+    untrained = not r.pretrained and not method.is_scratch
+    predictions = m.get("predictions") or {}
+    return {
+        "dataset": datasets.short_name(r.dataset),
+        "model": r.model + (" (UNTRAINED)" if untrained else ""),
+        "method": str(method),
+        "method_rank": method.rank,
+        "layer": r.layer,
+        "variant": variant,
+        "seed": r.seed,
+        "subset_seed": r.subset_seed,
+        "metric_name": "roc_auc" if binary else "accuracy",
+        "metric": m.get("roc_auc") if binary else m["accuracy"],
+        "accuracy": m["accuracy"],
+        "ci95_low": low,
+        "ci95_high": high,
+        "balanced_accuracy": m.get("balanced_accuracy"),
+        "roc_auc": m.get("roc_auc"),
+        "macro_f1": m.get("macro_f1"),
+        "near_chance": m.get("near_chance")
+        or (
+            stats.near_chance(m["accuracy"], np.asarray(predictions["y_true"]), np.asarray(predictions["y_pred"]))
+            if predictions.get("y_true")
+            else None
+        )
+        or "",
+        "extract_seconds": t.extract_seconds,
+        "search_seconds": t.search_seconds,
+        "train_seconds": t.train_seconds,
+        "predict_seconds": t.predict_seconds,
+        "total_seconds": t.total_seconds,
+        "busy": t.busy,
+        "weights_id": r.weights_id,
+        "pretrained": r.pretrained,
+        "n_train": r.n_train,
+        "n_test": r.n_test,
+        "n_skipped": sum((r.details.get("n_skipped") or {}).values()),
+        "image_size": r.image_size,
+        "limit": r.limit,
+        "test_limit": r.test_limit,
+        "record": str(Path(r.path).resolve().relative_to(out.resolve())) if r.path else "",
+        "_record": r,
+        "_method": method,
+    }
+
+
+def group(items: list[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for item in items:
+        groups[tuple(item[k] for k in keys)].append(item)
+    return groups
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if not len(arr):
+        return float("nan"), 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def fmt_ms(values: list[float], digits: int = 4) -> str:
+    mean, sd = mean_sd(values)
+    if mean != mean:  # nan
+        return "—"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def penultimate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in items if r["layer"] in ("penultimate", "-")]
+
+
+CONFIG = ("dataset", "model", "method", "variant")
+
+
+@dataclass
+class Config:
+    """The runs of one configuration (repeats) and what the tables say of them."""
+
+    dataset: str
+    model: str
+    method: str
+    variant: str
+    runs: list[dict[str, Any]]
+
+    @property
+    def parsed(self) -> Method:
+        return self.runs[0]["_method"]
+
+    @property
+    def accuracy(self) -> float:
+        return mean_sd([r["accuracy"] for r in self.runs])[0]
+
+    @property
+    def metric(self) -> float:
+        return mean_sd([r["metric"] for r in self.runs])[0]
+
+    @property
+    def metric_name(self) -> str:
+        return str(self.runs[0]["metric_name"])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.runs[0]["n_test"])
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """95% Wilson interval of the mean accuracy over the test images (test-set sampling)."""
+        return stats.wilson(int(round(self.accuracy * self.n_test)), self.n_test)
+
+    def seconds(self, name: str) -> float:
+        return mean_sd([r[name] for r in self.runs])[0]
+
+    @property
+    def near_chance(self) -> str:
+        flags = [r["near_chance"] for r in self.runs if r["near_chance"]]
+        return flags[0] if len(flags) * 2 > len(self.runs) else ""
+
+    @property
+    def busy(self) -> bool:
+        return any(r["busy"] for r in self.runs)
+
+    def label(self) -> str:
+        text = self.parsed.describe(self.model)
+        return text + (f" [{self.variant}]" if self.variant else "")
+
+    def correct(self) -> tuple[str | None, np.ndarray] | None:
+        """(test ids digest, per-image correctness) of the first seed's run, for paired tests."""
+        first = min(self.runs, key=lambda r: (r["seed"], r["subset_seed"]))
+        p = first["_record"].metrics.get("predictions") or {}
+        if not p.get("y_true"):
+            return None
+        return p.get("ids_sha256"), np.asarray(p["y_true"]) == np.asarray(p["y_pred"])
+
+
+def configs(items: list[dict[str, Any]]) -> list[Config]:
+    return [Config(d, m, me, v, runs) for (d, m, me, v), runs in group(items, *CONFIG).items()]
+
+
+def paired(a: Config, b: Config) -> stats.McNemar | None:
+    """McNemar test of two configurations on the same test images, where both saved predictions."""
+    ca, cb = a.correct(), b.correct()
+    if ca is None or cb is None or ca[0] != cb[0] or ca[0] is None or len(ca[1]) != len(cb[1]):
+        return None
+    return stats.mcnemar(ca[1], cb[1])
