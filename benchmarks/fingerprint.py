@@ -71,7 +71,7 @@ def main() -> None:
         quick_s, _ = timed(lambda: fingerprint.compare(stored, signature, split))
         rows_s, changes = timed(lambda: fingerprint.compare(stored, "forced-mismatch", split))
         assert not changes.stale
-        touched = split.refs[:: 100]
+        touched = split.refs[::100]
         for path in touched:
             os.utime(path, ns=(1, 1))
         touched_split = datasets.load_split(str(tmp), "train")
@@ -92,7 +92,9 @@ def main() -> None:
     print(f"{n} files ({made:.1f} s to create), best of 3 (the last two: one run)")
     for name, seconds in rows:
         print(f"  {name:<62} {seconds:7.3f} s   {seconds / n * 1e6:6.2f} us/file")
-    print(f"  => a cache hit of this folder costs {listing_s + signature_s + quick_s:.2f} s; 1 M files ~{(listing_s + signature_s + quick_s) * 1e6 / n:.0f} s")
+    print(
+        f"  => a cache hit of this folder costs {listing_s + signature_s + quick_s:.2f} s; 1 M files ~{(listing_s + signature_s + quick_s) * 1e6 / n:.0f} s"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fingerprint.json").write_text(json.dumps({"files": n, "seconds": dict(rows)}, indent=2))
 

@@ -55,9 +55,7 @@ def _option(config: type, field: dataclasses.Field[Any], short: str | None = Non
     if field.name in MULTIPLE:
         return click.option(*names, field.name, multiple=True, help=help_text)
     if field.name in LISTS:
-        return click.option(
-            *names, field.name, type=str, required=required, help=help_text + " (comma-separated)"
-        )
+        return click.option(*names, field.name, type=str, required=required, help=help_text + " (comma-separated)")
     return click.option(*names, field.name, type=kind, required=required, help=help_text)
 
 

@@ -8,8 +8,8 @@ import pytest
 
 import tlfeat
 from tlfeat import ExtractConfig, cache, extract, load_features
-from tlfeat.writer import Listing, Writer
 from tlfeat.errors import CacheMismatch, TlfeatError
+from tlfeat.writer import Listing, Writer
 
 
 def small(tree: Path, tmp_path: Path, **kw: object) -> ExtractConfig:

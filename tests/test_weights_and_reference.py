@@ -78,7 +78,6 @@ def test_worker_and_batch_halves_of_preprocessing_equal_torchvisions_bit_for_bit
 ) -> None:
     """Workers send resized uint8 crops; the batch is normalised in the main process. Same bits."""
     import skimage.data
-
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms._presets import ImageClassification
 

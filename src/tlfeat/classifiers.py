@@ -103,8 +103,6 @@ class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
         self.block_rows = block_rows
 
     def fit(self, X: Any, y: Any) -> LogReg:
-        from scipy.optimize import minimize
-        from sklearn.exceptions import ConvergenceWarning
         from threadpoolctl import threadpool_limits
 
         X, y = validate_data(self, X, y, dtype=np.float32, order="C")
@@ -117,53 +115,66 @@ class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
         threads = max(1, int(self.n_threads or _usable_cpus()))
         blocks = [(lo, min(lo + int(self.block_rows), n)) for lo in range(0, n, int(self.block_rows))]
         chunks = [blocks[i::threads] for i in range(min(threads, len(blocks)))]
-        l2 = 1.0 / (self.C * n)
 
         def part(chunk: list[tuple[int, int]], W: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-            loss, gW, gb = 0.0, np.zeros((d, k), np.float32), np.zeros(k, np.float64)
+            total = (0.0, np.zeros((d, k), np.float32), np.zeros(k, np.float64))
             for lo, hi in chunk:
-                Xb, yb, rows = X[lo:hi], y_idx[lo:hi], np.arange(hi - lo)
-                Z = Xb @ W
-                Z += b
-                Z -= Z.max(axis=1, keepdims=True)
-                E = np.exp(Z)
-                s = E.sum(axis=1)
-                loss += float(np.log(s, dtype=np.float64).sum() - Z[rows, yb].sum(dtype=np.float64))
-                E /= s[:, None]
-                E[rows, yb] -= 1.0  # d(loss)/d(logits) = softmax - one-hot
-                gW += Xb.T @ E
-                gb += E.sum(axis=0, dtype=np.float64)
-            return loss, gW, gb
+                total = _add(total, block_loss_grad(X[lo:hi], y_idx[lo:hi], W, b))
+            return total
+
+        with ThreadPoolExecutor(len(chunks)) as pool, threadpool_limits(1, user_api="blas"):
+
+            def parts(W: np.ndarray, b: np.ndarray) -> list[tuple[float, np.ndarray, np.ndarray]]:
+                return list(pool.map(lambda c: part(c, W, b), chunks)) if len(chunks) > 1 else [part(chunks[0], W, b)]
+
+            self._minimize(parts, n, d, k)
+        return self
+
+    def _minimize(self, parts: Any, n: int, d: int, k: int) -> None:
+        """Minimise the penalised mean cross-entropy, given a function summing its terms over row blocks."""
+        from scipy.optimize import minimize
+        from sklearn.exceptions import ConvergenceWarning
+
+        l2 = 1.0 / (self.C * n)
 
         def loss_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
             Wb = w.reshape(d + 1, k)
-            W, b = Wb[:d].astype(np.float32), Wb[d].astype(np.float32)
-            parts = list(pool.map(lambda c: part(c, W, b), chunks)) if len(chunks) > 1 else [part(chunks[0], W, b)]
+            found = parts(Wb[:d].astype(np.float32), Wb[d].astype(np.float32))
             grad = np.empty((d + 1, k))
-            grad[:d] = sum(p[1] for p in parts) / n + l2 * Wb[:d]
-            grad[d] = sum(p[2] for p in parts) / n
-            loss = sum(p[0] for p in parts) / n + 0.5 * l2 * float((Wb[:d] ** 2).sum())
+            grad[:d] = sum(p[1] for p in found) / n + l2 * Wb[:d]
+            grad[d] = sum(p[2] for p in found) / n
+            loss = sum(p[0] for p in found) / n + 0.5 * l2 * float((Wb[:d] ** 2).sum())
             return loss, grad.ravel()
 
-        with ThreadPoolExecutor(len(chunks)) as pool, threadpool_limits(1, user_api="blas"):
-            res = minimize(
-                loss_grad,
-                np.zeros((d + 1) * k),
-                jac=True,
-                method="L-BFGS-B",
-                options={
-                    "maxiter": int(self.max_iter),
-                    "maxls": 50,
-                    "gtol": self.tol,
-                    "ftol": 64 * np.finfo(float).eps,
-                },
-            )
+        options = {"maxiter": int(self.max_iter), "maxls": 50, "gtol": self.tol, "ftol": 64 * np.finfo(float).eps}
+        res = minimize(loss_grad, np.zeros((d + 1) * k), jac=True, method="L-BFGS-B", options=options)
         if res.status == 1:
-            warnings.warn(f"LogReg stopped after max_iter={self.max_iter} iterations", ConvergenceWarning, stacklevel=2)
+            warnings.warn(f"LogReg stopped after max_iter={self.max_iter} iterations", ConvergenceWarning, stacklevel=3)
         Wb = res.x.reshape(d + 1, k)
         self.coef_, self.intercept_ = np.ascontiguousarray(Wb[:d].T), Wb[d].copy()
         self.n_iter_ = np.array([res.nit])
-        return self
+
+
+def block_loss_grad(
+    Xb: np.ndarray, yb: np.ndarray, W: np.ndarray, b: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Cross-entropy summed over one block of rows, and its gradient (W: (d, k), b: (k,)), in one pass in cache."""
+    rows = np.arange(len(yb))
+    Z = Xb @ W
+    Z += b
+    Z -= Z.max(axis=1, keepdims=True)
+    E = np.exp(Z)
+    s = E.sum(axis=1)
+    loss = float(np.log(s, dtype=np.float64).sum() - Z[rows, yb].sum(dtype=np.float64))
+    E /= s[:, None]
+    E[rows, yb] -= 1.0  # d(loss)/d(logits) = softmax - one-hot
+    return loss, Xb.T @ E, E.sum(axis=0, dtype=np.float64)
+
+
+def _add(
+    a: tuple[float, np.ndarray, np.ndarray], b: tuple[float, np.ndarray, np.ndarray]
+) -> tuple[float, np.ndarray, np.ndarray]:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
 class LinearHead(_LinearScores, ClassifierMixin, BaseEstimator):
@@ -252,6 +263,9 @@ def check_classifier(name: str, kernel: str = "linear") -> None:
         raise TlfeatError(f"--kernel applies to --clf svm only, not {name}")
 
 
+ABSENT_SCORE = -1e30  # the score of a class the classifier never saw: below any real one
+
+
 def scores(pipeline: Any, X: Any, n_classes: int) -> np.ndarray:
     """Per-class scores for ROC AUC, (n, n_classes), column c for class c: probabilities where the
     model has them, else margins. A class the classifier never saw gets a constant column."""
@@ -263,7 +277,7 @@ def scores(pipeline: Any, X: Any, n_classes: int) -> np.ndarray:
         if raw.ndim == 1:  # binary: margin of the positive class
             raw = np.column_stack([-raw, raw])
     classes = np.asarray(est.classes_, dtype=np.int64)
-    out = np.full((raw.shape[0], n_classes), float(raw.min()) - 1.0 if raw.size else 0.0)
+    out = np.full((raw.shape[0], n_classes), ABSENT_SCORE)
     out[:, classes] = raw
     return out
 
@@ -276,7 +290,7 @@ LINEAR_FORMAT = "tlfeat-linear-v1"
 def _linear_parts(pipeline: Pipeline) -> dict[str, np.ndarray] | None:
     """A standardise + linear pipeline as plain arrays, or None for other models (an RBF SVM)."""
     scale, est = pipeline.named_steps["scale"], pipeline[-1]
-    if not hasattr(est, "coef_") or not isinstance(est, (LogReg, LinearHead, _linear_svc())):
+    if not hasattr(est, "coef_") or not isinstance(est, (LogReg, LinearHead, *_sklearn_linear())):
         return None
     return {
         "kind": np.asarray(type(est).__name__),
@@ -288,10 +302,11 @@ def _linear_parts(pipeline: Pipeline) -> dict[str, np.ndarray] | None:
     }
 
 
-def _linear_svc() -> type:
+def _sklearn_linear() -> tuple[type, ...]:
+    from sklearn.linear_model import SGDClassifier
     from sklearn.svm import LinearSVC
 
-    return LinearSVC
+    return LinearSVC, SGDClassifier
 
 
 def save(pipeline: Pipeline, folder: Path) -> dict[str, Any]:
@@ -350,9 +365,10 @@ def load(folder: Path, saved: dict[str, Any]) -> Any:
 
 
 def _rebuild(parts: dict[str, np.ndarray]) -> Pipeline:
+    from sklearn.linear_model import SGDClassifier
     from sklearn.svm import LinearSVC
 
-    kinds = {"LogReg": LogReg, "LinearHead": LinearHead, "LinearSVC": LinearSVC}
+    kinds = {"LogReg": LogReg, "LinearHead": LinearHead, "LinearSVC": LinearSVC, "SGDClassifier": SGDClassifier}
     scale = StandardScaler()
     scale.mean_, scale.scale_ = parts["mean"], parts["scale"]
     scale.var_ = parts["scale"] ** 2

@@ -160,7 +160,7 @@ def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha:
     )
 
 
-def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def choose_C(cfg: FitConfig, X: Any, y: np.ndarray) -> dict[str, Any]:
     """Cross-validated choice of C on (a stratified subset of) the training split."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -180,7 +180,7 @@ def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         n_jobs=1,
     )
     t0 = time.perf_counter()
-    search.fit(np.asarray(X[idx] if isinstance(X, np.ndarray) else X[np.sort(idx)]), y[idx])
+    search.fit(np.asarray(X[idx]), y[idx])  # a subset: in memory also when X streams from disk
     return {
         "C": float(search.best_params_["clf__C"]),
         "chosen_by": f"{folds}-fold cross-validation",
@@ -189,6 +189,16 @@ def choose_C(cfg: FitConfig, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         "cv_samples": len(idx),
         "cv_seconds": time.perf_counter() - t0,
     }
+
+
+def resolve_route(cfg: FitConfig, attrs: dict[str, Any], dim: int) -> str:
+    """memory, or streaming when the features would not fit the memory the fit may use."""
+    from tlfeat import outofcore
+
+    if cfg.route != "auto":
+        return "memory" if cfg.route == "memory" else "streaming"
+    budget = int(cfg.memory_gb * 1e9) if cfg.memory_gb else None
+    return "streaming" if outofcore.needs_streaming(int(attrs.get("n_images", 0)), dim, budget) else "memory"
 
 
 def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
@@ -200,44 +210,99 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
     if cfg.refit and path.is_file():  # --refit: keep the earlier result, write a new one beside it
         stamp = datetime.now(timezone.utc).strftime("-%Y%m%dT%H%M%S%f")
         path = path.parent.with_name(path.parent.name + stamp) / "record.json"
-    train, test = cache.read(pair.train.path), cache.read(pair.test.path)
+    route = resolve_route(cfg, pair.train.attrs, _dim(pair.train.path))
+    lazy = route == "streaming"
+    train, test = cache.read(pair.train.path, lazy=lazy), cache.read(pair.test.path, lazy=lazy)
     check_pair(train, test)
     with fsio.lock(path.parent):  # a second process fitting the same config waits, then reuses
         if not cfg.refit and (record := load_record(path)) is not None:
             return FitResult(record, path, reused=True)
         fsio.sweep_temps(path.parent)
-        return FitResult(_fit_and_save(cfg, train, test, path), path)
+        return FitResult(_fit_and_save(cfg, train, test, path, route), path)
 
 
-def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, path: Path) -> RunRecord:
-    import sklearn
+def _dim(path: Path) -> int:
+    import h5py
 
-    load_start, cpus = load_now()
+    with h5py.File(path, "r") as h5:
+        return int(h5["features"].shape[1])
+
+
+def _train(cfg: FitConfig, train: cache.FeatureSet, route: str) -> tuple[Any, dict[str, Any], float]:
+    """The fitted pipeline, how C was chosen, and the fit's seconds."""
+    from tlfeat import outofcore
+
     cv = choose_C(cfg, train.X, train.y)
-    pipeline = classifiers.make_classifier(
-        cfg.clf, C=cv["C"], kernel=cfg.kernel, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed
-    )
     t0 = time.perf_counter()
-    pipeline.fit(train.X, train.y)
-    fit_seconds = time.perf_counter() - t0
+    if route == "streaming":
+        pipeline = outofcore.fit(cfg.clf, train, cv["C"], cfg.epochs, cfg.lr, cfg.seed)
+    else:
+        pipeline = classifiers.make_classifier(
+            cfg.clf, C=cv["C"], kernel=cfg.kernel, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed
+        )
+        pipeline.fit(train.X, train.y)
+    return pipeline, cv, time.perf_counter() - t0
+
+
+def _evaluate(
+    pipeline: Any, train: cache.FeatureSet, test: cache.FeatureSet, route: str
+) -> tuple[dict[str, Any], float]:
+    from tlfeat import outofcore
+
     t0 = time.perf_counter()
-    y_pred = pipeline.predict(test.X)
-    scores = classifiers.scores(pipeline, test.X, len(train.class_names))
-    predict_seconds = time.perf_counter() - t0
-    result_metrics = metrics.evaluate(test.y, y_pred, scores, list(train.class_names), test.ids)
-    absent = sorted(set(range(len(train.class_names))) - set(np.unique(train.y).tolist()))
+    n_classes = len(train.class_names)
+    if route == "streaming":
+        y_pred, scores = outofcore.predict(pipeline, test, n_classes)
+    else:
+        y_pred, scores = pipeline.predict(test.X), classifiers.scores(pipeline, test.X, n_classes)
+    seconds = time.perf_counter() - t0
+    return metrics.evaluate(test.y, y_pred, scores, list(train.class_names), test.ids), seconds
+
+
+def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, path: Path, route: str) -> RunRecord:
+    load_start, cpus = load_now()
+    pipeline, cv, fit_seconds = _train(cfg, train, route)
+    result_metrics, predict_seconds = _evaluate(pipeline, train, test, route)
     saved = classifiers.save(pipeline, path.parent)
-    meta = train.meta
     timings = Timings(
         train_seconds=fit_seconds,
         search_seconds=float(cv.get("cv_seconds", 0.0)),
         predict_seconds=predict_seconds,
-        extract_seconds=float(meta.get("extract_seconds", 0.0)) + float(test.meta.get("extract_seconds", 0.0)),
+        extract_seconds=float(train.meta.get("extract_seconds", 0.0)) + float(test.meta.get("extract_seconds", 0.0)),
         load_start=load_start,
         load_end=load_now()[0],
         cpus=cpus,
     ).finish()
-    record = RunRecord(
+    record = _record(cfg, train, test, path, result_metrics, timings)
+    record.provenance["classifier"] = saved
+    record.params["C"] = cv["C"]
+    absent = sorted(set(range(len(train.class_names))) - set(np.unique(train.y).tolist()))
+    record.details.update(
+        cv=cv,
+        route=route,
+        solver=type(pipeline[-1]).__name__
+        + (" (hinge loss, streamed)" if route == "streaming" and cfg.clf == "svm" else ""),
+        n_skipped={fs.split: len(fs.meta.get("skipped") or []) for fs in (train, test)},
+        classes_without_training_images=[train.class_names[i] for i in absent],
+        n_features=int(train.X.shape[1]),
+    )
+    record.save(path)
+    log.info("%s on %s/%s: accuracy %.4f", cfg.method, train.model, train.meta["dataset"], result_metrics["accuracy"])
+    return record
+
+
+def _record(
+    cfg: FitConfig,
+    train: cache.FeatureSet,
+    test: cache.FeatureSet,
+    path: Path,
+    result_metrics: dict[str, Any],
+    timings: Timings,
+) -> RunRecord:
+    import sklearn
+
+    meta = train.meta
+    return RunRecord(
         kind="fit",
         key=path.parent.name.rsplit("__", 1)[-1].split("-")[0],
         method=cfg.method,
@@ -257,7 +322,7 @@ def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSe
         class_names=list(train.class_names),
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         params={
-            "C": cv["C"],
+            "C": None,
             "kernel": cfg.kernel if cfg.clf == "svm" else None,
             **({"epochs": cfg.epochs, "lr": cfg.lr} if cfg.clf == "linear" else {}),
         },
@@ -272,25 +337,14 @@ def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSe
                 }
                 for fs in (train, test)
             },
-            "classifier": saved,
             "versions": {
                 "tlfeat": __version__,
                 "scikit-learn": sklearn.__version__,
                 "python": platform.python_version(),
             },
         },
-        details={
-            "cv": cv,
-            "route": "memory",
-            "n_skipped": {fs.split: len(fs.meta.get("skipped") or []) for fs in (train, test)},
-            "classes_without_training_images": [train.class_names[i] for i in absent],
-            "n_features": int(train.X.shape[1]),
-        },
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    record.save(path)
-    log.info("%s on %s/%s: accuracy %.4f", cfg.method, meta["model"], meta["dataset"], result_metrics["accuracy"])
-    return record
 
 
 def fit(cfg: FitConfig, allow_stale: bool = False, data_dir: Path | None = None) -> list[FitResult]:

@@ -43,17 +43,40 @@ def connect(cfg: ExtractConfig) -> Any:
     ray = require()
     if ray.is_initialized():
         return ray
+    if cfg.address and cfg.address != "auto":
+        _reachable(cfg.address)
     try:
-        ray.init(address=cfg.address, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+        # No --address: a Ray of its own on this machine ("local"), never someone else's by accident.
+        ray.init(
+            address=cfg.address or "local", log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING
+        )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = cfg.address or "this machine"
-        raise TlfeatError(f"cannot reach a Ray cluster at {where} ({first_line(exc)}); start one with `ray start --head` or drop --address") from exc
+        raise TlfeatError(
+            f"cannot reach a Ray cluster at {where} ({first_line(exc)}); start one with `ray start --head` or drop --address"
+        ) from exc
     if cfg.gpus_per_worker > 0:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < cfg.gpus_per_worker:
             ray.shutdown()
-            raise TlfeatError(f"--gpus-per-worker {cfg.gpus_per_worker:g} but the Ray cluster has {gpus:g} GPU(s); use --gpus-per-worker 0")
+            raise TlfeatError(
+                f"--gpus-per-worker {cfg.gpus_per_worker:g} but the Ray cluster has {gpus:g} GPU(s); use --gpus-per-worker 0"
+            )
     return ray
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once (Ray itself retries for minutes) when nothing listens at host:port."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise TlfeatError(
+            f"cannot reach a Ray cluster at {address} ({exc}); start one with `ray start --head` or drop --address"
+        ) from exc
 
 
 def _rows_dataset(ray: Any, images: ImageSplit, rows: list[int]) -> Any:
@@ -70,29 +93,25 @@ def _rows_dataset(ray: Any, images: ImageSplit, rows: list[int]) -> Any:
     return ray.data.from_items(items)
 
 
-class Decode:
+def decode(batch: dict[str, Any], prep: Preprocessing, skip: bool) -> dict[str, Any]:
     """A Ray Data CPU task: references -> uint8 crops, errors and digests (the local workers' function)."""
+    from tlfeat.datasets.base import read_range
+    from tlfeat.pool import decode_batch
 
-    def __init__(self, prep: Preprocessing, skip: bool) -> None:
-        self.prep, self.skip = prep, skip
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from tlfeat.datasets.base import _read_range
-        from tlfeat.pool import decode_batch
-
-        items = []
-        for kind, ref, name in zip(batch["kind"], batch["ref"], batch["name"], strict=True):
-            if kind == "array":
-                items.append(("array", (np.asarray(ref), str(name))))
-            elif kind == "range":
-                path, offset, size = ref
-                items.append(("bytes", (_read_range(str(path), int(offset), int(size)), f"{path}:{name}")))
-            elif kind == "bytes":
-                items.append(("bytes", (bytes(ref), str(name))))
-            else:
-                items.append(("path", str(ref)))
-        decoded = decode_batch(items, self.prep, self.skip)
-        return {"row": np.asarray(batch["row"]), "crop": decoded.crops, "error": np.asarray(decoded.errors, dtype=object), "digest": decoded.digests}
+    items = []
+    for kind, ref, name in zip(batch["kind"], batch["ref"], batch["name"], strict=True):
+        if kind == "array":
+            items.append(("array", (np.asarray(ref), str(name))))
+        elif kind == "range":
+            path, offset, size = ref
+            items.append(("bytes", (read_range(str(path), int(offset), int(size)), f"{path}:{name}")))
+        elif kind == "bytes":
+            items.append(("bytes", (bytes(ref), str(name))))
+        else:
+            items.append(("path", str(ref)))
+    decoded = decode_batch(items, prep, skip)
+    errors = np.asarray(decoded.errors, dtype=object)
+    return {"row": np.asarray(batch["row"]), "crop": decoded.crops, "error": errors, "digest": decoded.digests}
 
 
 class Embed:
@@ -132,7 +151,9 @@ def _runner_from(payload: dict[str, Any], spec: inference.ModelSpec) -> Any:
     return inference.TorchRunner.from_state(spec, payload["state_dict"])
 
 
-def chunks(cfg: ExtractConfig, images: ImageSplit, rows: list[int], prep: Preprocessing, runner: Any, spec: inference.ModelSpec) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[str], np.ndarray]]:
+def chunks(
+    cfg: ExtractConfig, images: ImageSplit, rows: list[int], prep: Preprocessing, runner: Any, spec: inference.ModelSpec
+) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[str], np.ndarray]]:
     """Compute `rows` on the cluster; yields them back in row order, in consecutive runs."""
     from tlfeat.engine import progress
 
@@ -141,11 +162,14 @@ def chunks(cfg: ExtractConfig, images: ImageSplit, rows: list[int], prep: Prepro
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     context.execution_options.preserve_order = False  # rows are placed by their number, not by arrival
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
     model_ref = ray.put(_payload(spec, runner))
     ds = _rows_dataset(ray, images, rows)
-    ds = ds.map_batches(Decode, fn_constructor_args=(prep, cfg.on_error == "skip"), batch_size=BATCH, concurrency=(1, workers), num_cpus=1)
+    ds = ds.map_batches(decode, fn_kwargs={"prep": prep, "skip": cfg.on_error == "skip"}, batch_size=BATCH, num_cpus=1)
     ds = ds.map_batches(
         Embed,
         fn_constructor_args=(model_ref, spec, prep),
@@ -162,7 +186,11 @@ def chunks(cfg: ExtractConfig, images: ImageSplit, rows: list[int], prep: Prepro
         for batch in _iterate(ds):
             n_out = len([k for k in batch if k.startswith("features")])
             for k, row in enumerate(batch["row"]):
-                pending[int(row)] = ([batch[f"features{j}"][k] for j in range(n_out)], str(batch["error"][k] or ""), batch["digest"][k])
+                pending[int(row)] = (
+                    [batch[f"features{j}"][k] for j in range(n_out)],
+                    str(batch["error"][k] or ""),
+                    batch["digest"][k],
+                )
             bar.update(len(batch["row"]))
             run: list[int] = []
             while nxt is not None and nxt in pending:
@@ -192,7 +220,9 @@ def _iterate(ds: Any) -> Iterator[dict[str, Any]]:
         raise
 
 
-def _chunk(run: list[int], pending: dict[int, tuple[list[np.ndarray], str, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray], list[str], np.ndarray]:
+def _chunk(
+    run: list[int], pending: dict[int, tuple[list[np.ndarray], str, np.ndarray]]
+) -> tuple[np.ndarray, list[np.ndarray], list[str], np.ndarray]:
     rows = [pending.pop(i) for i in run]
     outputs = [np.stack([r[0][k] for r in rows]) for k in range(len(rows[0][0]))]
     return np.asarray(run), outputs, [r[1] for r in rows], np.stack([r[2] for r in rows])

@@ -55,7 +55,7 @@ class ImageSplit:
             return ("array", (self.arrays[i], self.ids[i]))
         if self.kind == "members":
             tar, offset, size = self.refs[i]
-            return ("bytes", (_read_range(tar, offset, size), f"{tar}:{self.ids[i]}"))
+            return ("bytes", (read_range(tar, offset, size), f"{tar}:{self.ids[i]}"))
         from tlfeat.datasets.shards import parquet_bytes
 
         return ("bytes", (parquet_bytes(self.refs[i]), f"{self.refs[i][0]}:{self.ids[i]}"))
@@ -108,7 +108,7 @@ class ImageSplit:
         )
 
 
-def _read_range(path: str, offset: int, size: int) -> bytes:
+def read_range(path: str, offset: int, size: int) -> bytes:
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)

@@ -66,6 +66,8 @@ def canonical(data: str) -> str:
     """The dataset id of a shard spec: the same spec with absolute paths."""
     parts = _spec_parts(data)
     absolute = {k: os.path.abspath(os.path.expanduser(v)) for k, v in parts.items()}
+    if "val" in absolute and "test" not in absolute:  # as in folder trees: val is the evaluation split
+        absolute["test"] = absolute.pop("val")
     if "" in absolute:
         return "shards:" + absolute[""]
     return "shards:" + ",".join(f"{k}={v}" for k, v in sorted(absolute.items()))
@@ -91,7 +93,8 @@ def splits_of(dataset_id: str) -> tuple[str, ...]:
     parts = _spec_parts(spec)
     if "" in parts:
         return ("train", "test")
-    return tuple(parts)
+    order = {"train": 0, "val": 1, "test": 2}
+    return tuple(sorted(parts, key=lambda s: (order.get(s, 3), s)))
 
 
 # --------------------------------------------------------------------------- listing

@@ -1,0 +1,215 @@
+"""Extraction on Ray: the same bits as the local engine, resumable, surviving a lost node, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlfeat import ExtractConfig, cache, extract
+
+from ..conftest import make_tree
+from ..robustness.helpers import assert_one_clear_line, cli, env
+from ..robustness.test_interrupt import STOPPING_CHILD, wait_until_stopped
+
+ray = pytest.importorskip("ray", reason="Ray is installed by `pip install '.[dev]'`; CI has it")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> object:
+    """One local Ray for the module (2 CPUs): tlfeat joins the running instance."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _cfg(tree: Path, cache_dir: Path, **kw: object) -> ExtractConfig:
+    base: dict[str, object] = dict(
+        model="resnet18",
+        data=str(tree),
+        untrained=True,
+        image_size=32,
+        batch_size=8,
+        cache_dir=cache_dir,
+        progress=False,
+        workers=0,
+    )
+    base.update(kw)
+    return ExtractConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_ray_features_equal_the_local_engine_bit_for_bit(local_ray: object, tmp_path: Path, backend: str) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=10)
+    local = extract(_cfg(tree, tmp_path / "local", backend=backend))
+    for workers in (1, 2):
+        remote = extract(_cfg(tree, tmp_path / f"ray{workers}", backend=backend, engine="ray", num_workers=workers))
+        for a, b in zip(local, remote, strict=True):
+            assert a.ids == b.ids and np.array_equal(a.X, b.X) and a.sha256 == b.sha256
+            assert b.meta["engine"] == "ray"
+    assert all(
+        fs.reused for fs in extract(_cfg(tree, tmp_path / "ray1", backend=backend))
+    )  # the local engine reuses them
+
+
+def test_named_datasets_go_through_the_object_store(local_ray: object, tmp_path: Path) -> None:
+    kw = dict(data="digits", limit=40, test_limit=20)
+    local = extract(_cfg(Path("digits"), tmp_path / "local", **kw))
+    remote = extract(_cfg(Path("digits"), tmp_path / "ray", engine="ray", num_workers=2, **kw))
+    assert all(np.array_equal(a.X, b.X) and a.ids == b.ids for a, b in zip(local, remote, strict=True))
+
+
+def test_a_killed_driver_resumes_with_only_the_missing_blocks(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=40)
+    args: list[str | Path] = [
+        "extract",
+        "--data",
+        tree,
+        "--model",
+        "resnet18",
+        "--untrained",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "-q",
+        "--split",
+        "train",
+    ]
+    reference = extract(_cfg(tree, tmp_path / "ref", splits=("train",)))[0]
+    cache_dir = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            STOPPING_CHILD,
+            *map(str, args),
+            "--engine",
+            "ray",
+            "--num-workers",
+            "1",
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        env=env(STOP_AFTER="2", TLFEAT_FLUSH_EVERY="8", RAY_ADDRESS=""),
+        start_new_session=True,  # its Ray processes go with it
+    )
+    wait_until_stopped(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
+    [partial] = cache.scan(cache_dir)
+    done = int(partial.attrs["n_done"])
+    assert partial.status == "partial" and 0 < done < 120, partial
+    rerun = cli(*args, "--cache-dir", cache_dir)  # the local engine finishes what Ray started
+    assert rerun.returncode == 0, rerun.stderr
+    [resumed] = [cache.read(e.path) for e in cache.scan(cache_dir)]
+    assert resumed.meta["resumed_from"] == done and resumed.meta["computed_rows"] == 120 - done
+    assert np.array_equal(resumed.X, reference.X) and resumed.ids == reference.ids
+
+
+# A cluster of a head and two worker nodes on this machine; one worker node is removed as soon as
+# the driver has received its first results. Prints OK when the features equal the local engine's.
+NODE_LOSS = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from ray.cluster_utils import Cluster
+    from tlfeat import ExtractConfig, extract, ray_engine
+    tree, cache = sys.argv[1], sys.argv[2]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    removed = []
+    original = ray_engine._chunk
+    def chunk(run, pending):
+        if not removed:
+            cluster.remove_node(workers[0], allow_graceful=False)
+            removed.append(True)
+        return original(run, pending)
+    ray_engine._chunk = chunk
+    kw = dict(model="resnet18", data=tree, untrained=True, image_size=32, batch_size=4, progress=False, workers=0, splits=("train",))
+    local = extract(ExtractConfig(**kw, cache_dir=cache + "/local"))[0]
+    remote = extract(ExtractConfig(**kw, cache_dir=cache + "/ray", engine="ray", address=cluster.address, num_workers=2))[0]
+    assert removed, "no node was removed"
+    assert remote.ids == local.ids and np.array_equal(remote.X, local.X), "features differ"
+    print("OK", len(remote), flush=True)
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def test_losing_a_node_mid_run_completes_with_equal_features(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=40)
+    proc = subprocess.run(
+        [sys.executable, "-c", NODE_LOSS, str(tree), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "OK 120" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_ray_errors_are_one_line(local_ray: object, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=4)
+    base = [
+        "extract",
+        "--data",
+        tree,
+        "--model",
+        "resnet18",
+        "--untrained",
+        "--image-size",
+        "32",
+        "-q",
+        "--engine",
+        "ray",
+    ]
+    nowhere = cli(*base, "--address", "127.0.0.1:9", "--cache-dir", tmp_path / "c1")
+    assert_one_clear_line(nowhere, "cannot reach a Ray cluster at 127.0.0.1:9")
+    assert not list((tmp_path / "c1").glob("*.h5"))
+    gpu = cli(*base, "--gpus-per-worker", "1", "--cache-dir", tmp_path / "c2")
+    assert_one_clear_line(gpu, "--gpus-per-worker 1 but the Ray cluster has 0 GPU(s)")
+    blocked = (
+        "import sys; sys.modules['ray'] = None; from tlfeat_cli.main import cli; cli(sys.argv[1:], prog_name='tlfeat')"
+    )
+    no_ray = subprocess.run(
+        [sys.executable, "-c", blocked, *map(str, base), "--cache-dir", str(tmp_path / "c3")],
+        capture_output=True,
+        text=True,
+        env=env(),
+    )
+    assert_one_clear_line(no_ray, "pip install 'tlfeat[ray]'")
+
+
+def test_an_image_a_worker_cannot_read(local_ray: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listed by the driver, gone when a worker reads it: named, and skipped with --on-error skip."""
+    from tlfeat import ray_engine
+
+    tree = make_tree(tmp_path / "tree", per_class=4)
+    victim = tree / "train" / "bees" / "2.png"
+    original = ray_engine._rows_dataset
+
+    def vanish(ray_: object, images: object, rows: list[int]) -> object:
+        victim.unlink(missing_ok=True)
+        return original(ray_, images, rows)
+
+    monkeypatch.setattr(ray_engine, "_rows_dataset", vanish)
+    from tlfeat.errors import TlfeatError
+
+    with pytest.raises(TlfeatError, match=r"cannot read image .*2\.png: No such file"):
+        extract(_cfg(tree, tmp_path / "c", engine="ray", num_workers=1, splits=("train",)))
+    assert not list((tmp_path / "c").glob("*.h5"))
+    victim.write_bytes(b"")  # listed again next time, then removed again by the hook
+    [train] = extract(_cfg(tree, tmp_path / "c", engine="ray", num_workers=1, splits=("train",), on_error="skip"))
+    assert [s["id"] for s in train.meta["skipped"]] == ["train/bees/2.png"] and len(train) == 11
