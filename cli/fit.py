@@ -7,8 +7,7 @@ from typing import Any
 
 import click
 
-from tlfeat.config import ExtractConfig, FitConfig
-from tlfeat.fitting import TABLE_METRICS
+from tlfeat.config import TABLE_METRICS, ExtractConfig, FitConfig
 from tlfeat_cli.main import user_errors
 from tlfeat_cli.options import from_config, given, json_option, markdown_table, table
 

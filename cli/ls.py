@@ -26,11 +26,11 @@ def command(as_json: bool, quick: bool, show_skipped: bool, **options: Any) -> N
 
     A set is STALE when its images changed since it was extracted (the same `extract` updates it).
     """
-    from tlfeat import cache, config, freshness
+    from tlfeat import catalog, config, freshness
     from tlfeat.errors import printable
 
     cache_dir = options["cache_dir"] or config.default_cache_dir()
-    entries = cache.scan(cache_dir, verify=not quick)
+    entries = catalog.scan(cache_dir, verify=not quick)
     states = {}
     if not quick:
         for e in entries:

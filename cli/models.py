@@ -25,9 +25,8 @@ def command(show_all: bool, layers_of: str | None, nodes: bool, as_json: bool) -
         names = backbones.graph_nodes(model) if nodes else backbones.layer_names(model)
         click.echo(json.dumps(names) if as_json else "\n".join(names))
         return
-    names = backbones.available_models() if show_all else backbones.STUDIED
     rows = []
-    for name in names:
+    for name in backbones.available_models() if show_all else backbones.STUDIED:
         fam = backbones.family(name)
         wid = backbones.default_weights_id(name)
         path, source = weights.locate(name, wid, verify=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tlfeat
-from tlfeat import ExtractConfig, cache, extract, load_features
+from tlfeat import ExtractConfig, cache, catalog, extract, load_features
 from tlfeat.errors import CacheMismatch, TlfeatError
 from tlfeat.writer import Listing, Writer
 
@@ -127,7 +127,7 @@ def test_interrupted_extraction_resumes_and_equals_an_uninterrupted_run(
     monkeypatch.setattr(Writer, "append", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract(small(tree, tmp_path, splits=("train",)))
-    [entry] = cache.scan(tmp_path / "cache")
+    [entry] = catalog.scan(tmp_path / "cache")
     assert entry.status == "partial" and entry.attrs["n_done"] == 8
 
     monkeypatch.setattr(Writer, "append", original)

@@ -69,3 +69,25 @@ def test_backend_errors_are_one_clear_line(tree: Path, tmp_path: Path, monkeypat
     with pytest.raises(TlfeatError, match="pip install onnxruntime"):
         choose_backend(_cfg(tree, tmp_path, "onnxruntime", model="resnet18"))
     assert choose_backend(_cfg(tree, tmp_path, "auto", model="resnet18")) == "torch"
+
+
+def test_an_earlier_layer_runs_under_onnx_runtime_and_equals_torch(tree: Path, tmp_path: Path) -> None:
+    """The graph cut at layer3 (torchvision's create_feature_extractor) exports and runs under ONNX Runtime."""
+    kw = dict(model="resnet50", untrained=True, layer="layer3", splits=("train",))
+    [t] = extract(_cfg(tree, tmp_path / "c", "torch", **kw))
+    [o] = extract(_cfg(tree, tmp_path / "c", "onnxruntime", **kw))
+    assert o.meta["layer"] == "layer3" and o.X.shape == t.X.shape == (12, 1024)
+    assert np.abs(o.X - t.X).max() <= 1e-4 * np.abs(t.X).max()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_several_layers_in_one_pass_equal_one_pass_each(tree: Path, tmp_path: Path, backend: str) -> None:
+    kw = dict(model="resnet18", untrained=True, splits=("train",))
+    together = extract(_cfg(tree, tmp_path / "one", backend, layer="layer1,layer3,penultimate", **kw))
+    assert [fs.meta["layer"] for fs in together] == ["layer1", "layer3", "penultimate"]
+    assert len({fs.path for fs in together}) == 3  # one file (and key) per layer
+    for fs in together:
+        layer = None if fs.meta["layer"] == "penultimate" else fs.meta["layer"]
+        [alone] = extract(_cfg(tree, tmp_path / "each", backend, layer=layer, **kw))
+        assert np.array_equal(fs.X, alone.X) and alone.path is not None and fs.path is not None
+        assert alone.path.name == fs.path.name  # the same key whichever way it was made

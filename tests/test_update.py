@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tlfeat import ExtractConfig, cache, extract, freshness
+from tlfeat import ExtractConfig, cache, catalog, extract, freshness
 from tlfeat.errors import CacheDamaged, StaleFeatures
 from tlfeat.fitting import FitConfig, fit
 from tlfeat_cli.main import cli
@@ -53,7 +53,7 @@ def test_changed_folder_is_updated_and_equals_a_fresh_extraction(tmp_path: Path,
     cache_dir = tmp_path / "cache"
     [before, _] = extract(_cfg(tree, cache_dir, backend=backend))
     _change(tree)
-    [entry] = [e for e in cache.scan(cache_dir) if e.attrs["split"] == "train"]
+    [entry] = [e for e in catalog.scan(cache_dir) if e.attrs["split"] == "train"]
     stale = freshness.status(entry)
     assert stale.state == "stale" and stale.changes is not None
     assert stale.changes.summary() == "1 added, 1 removed, 1 modified"
@@ -65,7 +65,7 @@ def test_changed_folder_is_updated_and_equals_a_fresh_extraction(tmp_path: Path,
     [fresh, _] = extract(_cfg(tree, tmp_path / "fresh", backend=backend))
     assert np.array_equal(after.X, fresh.X) and after.ids == fresh.ids and np.array_equal(after.y, fresh.y)
     assert after.sha256 == fresh.sha256  # features, labels, ids and fingerprints: the very same file content
-    assert freshness.status(next(e for e in cache.scan(cache_dir) if e.attrs["split"] == "train")).state == "fresh"
+    assert freshness.status(next(e for e in catalog.scan(cache_dir) if e.attrs["split"] == "train")).state == "fresh"
     again = extract(_cfg(tree, cache_dir, backend=backend))
     assert all(fs.reused for fs in again)
 

@@ -290,15 +290,16 @@ LINEAR_FORMAT = "tlfeat-linear-v1"
 def _linear_parts(pipeline: Pipeline) -> dict[str, np.ndarray] | None:
     """A standardise + linear pipeline as plain arrays, or None for other models (an RBF SVM)."""
     scale, est = pipeline.named_steps["scale"], pipeline[-1]
+    est_: Any = est
     if not hasattr(est, "coef_") or not isinstance(est, (LogReg, LinearHead, *_sklearn_linear())):
         return None
     return {
         "kind": np.asarray(type(est).__name__),
         "mean": np.asarray(scale.mean_, dtype=np.float64),
         "scale": np.asarray(scale.scale_, dtype=np.float64),
-        "coef": np.asarray(est.coef_, dtype=np.float64),
-        "intercept": np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64)),
-        "classes": np.asarray(est.classes_),
+        "coef": np.asarray(est_.coef_, dtype=np.float64),
+        "intercept": np.atleast_1d(np.asarray(est_.intercept_, dtype=np.float64)),
+        "classes": np.asarray(est_.classes_),
     }
 
 
@@ -325,7 +326,8 @@ def save(pipeline: Pipeline, folder: Path) -> dict[str, Any]:
     if parts is not None:
         path = Path(folder) / "classifier.npz"
         with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, format=np.asarray(LINEAR_FORMAT), **parts)
+            arrays: dict[str, Any] = {"format": np.asarray(LINEAR_FORMAT), **parts}
+            np.savez(fh, **arrays)
         fmt = LINEAR_FORMAT
     else:
         import joblib
@@ -374,7 +376,7 @@ def _rebuild(parts: dict[str, np.ndarray]) -> Pipeline:
     scale.var_ = parts["scale"] ** 2
     scale.n_features_in_ = len(parts["mean"])
     scale.n_samples_seen_ = 0
-    est = kinds[str(parts["kind"])]()
+    est: Any = kinds[str(parts["kind"])]()
     est.coef_, est.intercept_, est.classes_ = parts["coef"], parts["intercept"], parts["classes"]
     est.n_features_in_ = parts["coef"].shape[1]
     return Pipeline([("scale", scale), ("clf", est)])

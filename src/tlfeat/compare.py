@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tlfeat import backbones, cache, datasets, fsio
+from tlfeat import backbones, cache, catalog, datasets, fsio
 from tlfeat.config import CompareConfig, ExtractConfig, FinetuneConfig, FitConfig
 from tlfeat.errors import TlfeatError, first_line
 from tlfeat.records import Method, RunRecord
@@ -205,7 +205,8 @@ def run_cell(cfg: CompareConfig, cell: Cell) -> RunRecord:
     layer = cell.layer or "penultimate"
     found = [fs for fs in extraction.extract(extract_config(cfg, cell)) if str(fs.meta.get("layer")) == layer]
     train, test = (next(fs for fs in found if fs.split == s) for s in ("train", "test"))
-    pair = fitting.Pair(*(cache.Entry(fs.path, fs.meta, "ok") for fs in (train, test)))  # type: ignore[arg-type]
+    assert train.path is not None and test.path is not None
+    pair = fitting.Pair(catalog.Entry(train.path, train.meta, "ok"), catalog.Entry(test.path, test.meta, "ok"))
     return fitting.fit_pair(fit_config(cfg, cell), pair).record
 
 

@@ -98,6 +98,7 @@ SCHEDULES = ("step", "cosine")
 CLASSIFIERS = ("logreg", "svm", "linear")
 KERNELS = ("linear", "rbf")
 ROUTES = ("auto", "memory", "streaming")
+TABLE_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")  # what `fit --metric` can show
 
 _LIMIT_HELP = "Fixed stratified subset of N training images (the test split stays whole; see --test-limit)."
 _TEST_LIMIT_HELP = "Fixed stratified subset of N images of every evaluation split (default: all of them)."

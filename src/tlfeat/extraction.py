@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tlfeat import __version__, backbones, cache, config, constraints, datasets, fingerprint, fsio
+from tlfeat import __version__, backbones, cache, catalog, config, constraints, datasets, fingerprint, fsio
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
 from tlfeat.errors import CacheDamaged, CacheMismatch, StaleFeatures, TlfeatError, printable
@@ -366,7 +366,7 @@ def load_features(
     `fs.X` reads rows on demand and `fs.iter_batches(n)` streams them.
     """
     folder = Path(cache_dir) if cache_dir else config.default_cache_dir()
-    path = cache.find(
+    path = catalog.find(
         folder,
         model,
         datasets.canonical(data),

@@ -136,122 +136,138 @@ def _build(cfg: FinetuneConfig, strategy: strategies.Strategy, n_classes: int) -
     return model, resolved
 
 
-def _train(cfg: FinetuneConfig, out_dir: Path, wid: str) -> RunRecord:
-    """Set up, train epoch by epoch (saving state at each end), evaluate the best epoch on test."""
+@dataclass
+class Run:
+    """Everything one fine-tuning run is set up with before its first epoch."""
+
+    cfg: FinetuneConfig
+    out_dir: Path
+    wid: str
+    strategy: strategies.Strategy
+    splits: Splits
+    model: Any
+    resolved: Any
+    opt: Any
+    sched: Any
+    prep: Any
+    augment: str
+    workers: int
+    setup: dict[str, Any]
+    load: tuple[Any, Any]
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def batches(self, split: datasets.ImageSplit, train_epoch: int | None = None) -> Any:
+        """Training batches of one epoch (augmented, shuffled by seed and epoch), or evaluation batches."""
+        if train_epoch is None:
+            return training.loader(split, training.EvalTransform(self.prep), max(self.cfg.batch_size, 64), self.workers)
+        transform = training.train_transform(self.prep, self.augment)
+        seed = self.cfg.seed * 1000 + train_epoch
+        return training.loader(split, transform, self.cfg.batch_size, self.workers, shuffle=True, seed=seed)
+
+
+def _prepare(cfg: FinetuneConfig, out_dir: Path, wid: str) -> Run:
+    """Data, model with its new head, strategy, optimizer and schedule."""
     import torch
 
     from tlfeat.engine import default_workers
     from tlfeat.inference import check_device
 
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if last_path.is_file() and not cfg.resume:
+    if (out_dir / "last.pt").is_file() and not cfg.resume:
         raise TlfeatError(
             f"{out_dir} holds an unfinished run of this configuration; add --resume to continue it (or delete the folder to start over)"
         )
     check_device(cfg.device)
     strategy = strategies.parse(cfg.strategy)
     splits = load_splits(cfg)
-    load_start, cpus = load_now()
+    load = load_now()
     allocator.pin_malloc_thresholds()  # a MobileNetV2 training step on CPU: 56-62 -> 81-83 img/s
     torch.manual_seed(cfg.seed)
     model, resolved = _build(cfg, strategy, len(splits.train.class_names))
-    groups = strategies.apply(model, cfg.model, strategy, cfg.learning_rate)
-    prep = backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
-    augment = training.resolve_augment(cfg, splits.train.dataset)
-    workers = cfg.workers if cfg.workers is not None else default_workers()
-    eval_tf = training.EvalTransform(prep)
-    steps = max(1, len(splits.train) // cfg.batch_size if len(splits.train) > cfg.batch_size else 1)
-    opt = training.optimizer(cfg, groups)
-    sched = training.schedule(cfg, opt, steps)
+    opt = training.optimizer(cfg, strategies.apply(model, cfg.model, strategy, cfg.learning_rate))
+    steps = max(1, len(splits.train) // cfg.batch_size)
     setup = {
         "param_group_lrs": {g["name"]: g["lr"] for g in opt.param_groups},
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
         "n_blocks": len(strategies.blocks(model, cfg.model)),
     }
-    state = (
-        training.TrainState.load(last_path, model, opt, sched, cfg.model)
-        if cfg.resume and last_path.is_file()
-        else training.TrainState()
-    )
-    model = model.to(cfg.device, memory_format=torch.channels_last)
-    val_batches = training.loader(splits.val, eval_tf, max(cfg.batch_size, 64), workers)
+    return Run(
+        cfg, out_dir, wid, strategy, splits, model, resolved, opt, training.schedule(cfg, opt, steps),
+        backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size), training.resolve_augment(cfg, splits.train.dataset),
+        cfg.workers if cfg.workers is not None else default_workers(), setup, load,
+    )  # fmt: skip
+
+
+def _train(cfg: FinetuneConfig, out_dir: Path, wid: str) -> RunRecord:
+    """Set up, train epoch by epoch (saving the state at each end), evaluate the best epoch on test."""
+    import torch
+
+    run = _prepare(cfg, out_dir, wid)
+    state = training.TrainState()
+    if cfg.resume and run.last.is_file():
+        state = training.TrainState.load(run.last, run.model, run.opt, run.sched, cfg.model)
+    run.model = run.model.to(cfg.device, memory_format=torch.channels_last)
     out_dir.mkdir(parents=True, exist_ok=True)
+    val_batches = run.batches(run.splits.val)
     for epoch in range(state.epoch, int(cfg.epochs or 1)):
-        train_batches = training.loader(
-            splits.train,
-            training.train_transform(prep, augment),
-            cfg.batch_size,
-            workers,
-            shuffle=True,
-            seed=cfg.seed * 1000 + epoch,
-        )
-        entry = _epoch(cfg, model, strategy, train_batches, val_batches, splits.val, opt, sched, epoch)
-        state.history.append(entry)
-        state.train_seconds += entry["epoch_seconds"]
-        state.epoch = epoch + 1
-        if state.improved(entry["val_accuracy"], entry["val_loss"]):
-            state.best_accuracy, state.best_loss, state.best_epoch = entry["val_accuracy"], entry["val_loss"], epoch + 1
-            training.save_checkpoint(
-                best_path,
-                {
-                    "model": training.cpu_state(model),
-                    "model_name": cfg.model,
-                    "epoch": epoch + 1,
-                    "class_names": list(splits.train.class_names),
-                    "val_accuracy": state.best_accuracy,
-                },
-            )
-        state.save(last_path, model, opt, sched, cfg.model)
-        fsio.atomic_write(out_dir / "history.json", _json(state.history))
-        plot_history(
-            state.history,
-            out_dir / "history.png",
-            title=f"{cfg.model} {Method.finetune(cfg.strategy)} on {datasets.short_name(splits.train.dataset)}",
-        )
-    model.load_state_dict(training.load_checkpoint(best_path, cfg.model)["model"])
+        entry = _epoch(run, run.batches(run.splits.train, epoch), val_batches, epoch)
+        _end_epoch(run, state, entry)
+    run.model.load_state_dict(training.load_checkpoint(run.best, cfg.model)["model"])
     test_eval, predict_seconds = training.timed(
-        training.evaluate,
-        model,
-        splits.test,
-        training.loader(splits.test, eval_tf, max(cfg.batch_size, 64), workers),
-        cfg.device,
+        training.evaluate, run.model, run.splits.test, run.batches(run.splits.test), cfg.device
     )
-    record = _record(
-        cfg, out_dir, wid, resolved, splits, state, setup, augment, test_eval, predict_seconds, (load_start, cpus)
-    )
+    record = _record(run, state, test_eval, predict_seconds)
     record.save(out_dir / "record.json")
     if not cfg.keep_last:  # only resuming needs it, and a complete run is reused, never resumed
-        last_path.unlink()
+        run.last.unlink()
     return record
 
 
-def _epoch(
-    cfg: FinetuneConfig,
-    model: Any,
-    strategy: strategies.Strategy,
-    train_batches: Any,
-    val_batches: Any,
-    val: datasets.ImageSplit,
-    opt: Any,
-    sched: Any,
-    epoch: int,
-) -> dict[str, Any]:
+def _end_epoch(run: Run, state: training.TrainState, entry: dict[str, Any]) -> None:
+    """Keep the best epoch's weights, save the state to resume from, rewrite the history and its plot."""
+    cfg = run.cfg
+    state.history.append(entry)
+    state.train_seconds += entry["epoch_seconds"]
+    state.epoch = entry["epoch"]
+    if state.improved(entry["val_accuracy"], entry["val_loss"]):
+        state.best_accuracy, state.best_loss, state.best_epoch = (
+            entry["val_accuracy"],
+            entry["val_loss"],
+            entry["epoch"],
+        )
+        best = {"model": training.cpu_state(run.model), "model_name": cfg.model, "epoch": entry["epoch"]}
+        best.update(class_names=list(run.splits.train.class_names), val_accuracy=state.best_accuracy)
+        training.save_checkpoint(run.best, best)
+    state.save(run.last, run.model, run.opt, run.sched, cfg.model)
+    fsio.atomic_write(run.out_dir / "history.json", _json(state.history))
+    title = f"{cfg.model} {Method.finetune(cfg.strategy)} on {datasets.short_name(run.splits.train.dataset)}"
+    plot_history(state.history, run.out_dir / "history.png", title=title)
+
+
+def _epoch(run: Run, train_batches: Any, val_batches: Any, epoch: int) -> dict[str, Any]:
     """Train one epoch, re-estimate BatchNorm statistics if the recipe says so, validate."""
     import time
 
+    cfg, model = run.cfg, run.model
     t0 = time.perf_counter()
-    lrs = [g["lr"] for g in opt.param_groups]
+    lrs = [g["lr"] for g in run.opt.param_groups]
     model.train()
     strategies.freeze_batchnorm_stats(model)
     bar = _progress(cfg, len(train_batches.dataset), f"epoch {epoch + 1}/{cfg.epochs}")
     try:
-        scores = training.run_epoch(model, train_batches, opt, sched, cfg.device, bar)
+        scores = training.run_epoch(model, train_batches, run.opt, run.sched, cfg.device, bar)
     finally:
         bar.close()
     train_seconds = time.perf_counter() - t0
     training.precise_bn(model, train_batches, int(cfg.precise_bn or 0), cfg.device)
-    val_eval = training.evaluate(model, val, val_batches, cfg.device)
+    val_eval = training.evaluate(model, run.splits.val, val_batches, cfg.device)
     entry = {
         "epoch": epoch + 1,
         **scores,
@@ -266,40 +282,48 @@ def _epoch(
     return entry
 
 
-def _record(
-    cfg: FinetuneConfig,
-    out_dir: Path,
-    wid: str,
-    resolved: Any,
-    splits: Splits,
-    state: training.TrainState,
-    setup: dict[str, Any],
-    augment: str,
-    test_eval: dict[str, Any],
-    predict_seconds: float,
-    load: tuple[Any, Any],
-) -> RunRecord:
+PARAMS = (
+    "optimizer",
+    "lr",
+    "schedule",
+    "epochs",
+    "step_size",
+    "gamma",
+    "warmup_epochs",
+    "weight_decay",
+    "batch_size",
+    "precise_bn",
+)
+
+
+def _record(run: Run, state: training.TrainState, test_eval: dict[str, Any], predict_seconds: float) -> RunRecord:
     import torch
     import torchvision
 
-    prep = backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
+    cfg, splits = run.cfg, run.splits
     timings = Timings(
         train_seconds=state.train_seconds,
         predict_seconds=predict_seconds,
-        load_start=load[0],
+        load_start=run.load[0],
         load_end=load_now()[0],
-        cpus=load[1],
-    ).finish()
+        cpus=run.load[1],
+    )
+    versions = {
+        "tlfeat": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
     return RunRecord(
         kind="finetune",
-        key=out_dir.name.rsplit("__", 1)[-1],
+        key=run.out_dir.name.rsplit("__", 1)[-1],
         method=str(Method.finetune(cfg.strategy)),
         model=cfg.model,
         dataset=splits.train.dataset,
         layer="-",
-        weights_id=wid,
-        pretrained=resolved.pretrained,
-        image_size=prep.crop_size,
+        weights_id=run.wid,
+        pretrained=run.resolved.pretrained,
+        image_size=run.prep.crop_size,
         limit=cfg.limit,
         test_limit=cfg.test_limit,
         subset_seed=cfg.subset_seed,
@@ -309,38 +333,18 @@ def _record(
         n_classes=len(splits.train.class_names),
         class_names=list(splits.train.class_names),
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        params={
-            k: getattr(cfg, k)
-            for k in (
-                "optimizer",
-                "lr",
-                "schedule",
-                "epochs",
-                "step_size",
-                "gamma",
-                "warmup_epochs",
-                "weight_decay",
-                "batch_size",
-                "precise_bn",
-            )
-        }
-        | {"augment": augment},
+        params={k: getattr(cfg, k) for k in PARAMS} | {"augment": run.augment},
         metrics=test_eval["metrics"],
-        timings=timings,
+        timings=timings.finish(),
         provenance={
-            "weights_source": resolved.source,
-            "weights_sha256": resolved.sha256 or "",
-            "versions": {
-                "tlfeat": __version__,
-                "torch": torch.__version__,
-                "torchvision": torchvision.__version__,
-                "python": platform.python_version(),
-            },
+            "weights_source": run.resolved.source,
+            "weights_sha256": run.resolved.sha256 or "",
+            "versions": versions,
             "device": cfg.device,
             "threads": torch.get_num_threads(),
         },
         details={
-            "strategy": str(strategies.parse(cfg.strategy)),
+            "strategy": str(run.strategy),
             "n_val": len(splits.val),
             "validation": splits.how,
             "best_epoch": state.best_epoch,
@@ -348,7 +352,7 @@ def _record(
             "history": state.history,
             "checkpoints": {"best": "best.pt", "last": "last.pt" if cfg.keep_last else None},
             "plot": "history.png",
-            **setup,
+            **run.setup,
         },
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, cache, classifiers, constraints, datasets, freshness, fsio, metrics
+from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics
 from tlfeat.config import FitConfig
 from tlfeat.errors import CacheDamaged, TlfeatError
 from tlfeat.records import Method, RunRecord, Timings, load_now, load_record
@@ -53,8 +53,8 @@ PAIR_FIELDS = (
 
 @dataclass(frozen=True)
 class Pair:
-    train: cache.Entry
-    test: cache.Entry
+    train: catalog.Entry
+    test: catalog.Entry
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -78,10 +78,10 @@ def pairs(cfg: FitConfig) -> list[Pair]:
     wanted = {k: v for k, v in cfg.selectors().items() if k not in ("limit", "test_limit")}
     entries = [
         e
-        for e in cache.scan(cfg.cache_dir)
+        for e in catalog.scan(cfg.cache_dir)
         if (not cfg.model or e.attrs.get("model") == cfg.model)
         and (not dataset_id or e.attrs.get("dataset") == dataset_id)
-        and cache.matches(e.attrs, **wanted)
+        and catalog.matches(e.attrs, **wanted)
     ]
     ok = [e for e in entries if e.status == "ok"]
     damaged = [e for e in entries if e.status == "damaged"]
@@ -93,13 +93,13 @@ def pairs(cfg: FitConfig) -> list[Pair]:
             raise CacheDamaged(damaged[0].problem)
         hint = f"tlfeat extract --model {cfg.model or 'mobilenet_v2'} --data {cfg.data or 'digits'}"
         raise TlfeatError(f"no cached features{' for ' + what if what else ''} in {cfg.cache_dir}; run `{hint}` first")
-    groups: dict[str, dict[str, list[cache.Entry]]] = {}
+    groups: dict[str, dict[str, list[catalog.Entry]]] = {}
     for e in ok:
         groups.setdefault(_group(e.attrs), {}).setdefault(str(e.attrs.get("split")), []).append(e)
     out = []
     for group in groups.values():
-        trains = [e for e in group.get("train", []) if cache.matches(e.attrs, limit=cfg.limit)]
-        tests = [e for e in group.get("test", []) if cache.matches(e.attrs, limit=cfg.test_limit)]
+        trains = [e for e in group.get("train", []) if catalog.matches(e.attrs, limit=cfg.limit)]
+        tests = [e for e in group.get("test", []) if catalog.matches(e.attrs, limit=cfg.test_limit)]
         out += [Pair(tr, te) for tr in trains for te in tests]
     for e in damaged:
         log.warning("%s", e.problem)
@@ -368,7 +368,6 @@ def load_classifier(record_path: Path) -> Any:
 
 # --------------------------------------------------------------------------- tables
 
-TABLE_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")
 VARIANT_FIELDS = ("layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlfeat import cache, datasets, fingerprint
+from tlfeat import cache, catalog, datasets, fingerprint
 from tlfeat.errors import StaleFeatures, TlfeatError, printable
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _sources_present(attrs: dict[str, Any]) -> str | None:
     return None
 
 
-def status(entry: cache.Entry, data_dir: Path | None = None, verify_content: bool = False) -> Freshness:
+def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: bool = False) -> Freshness:
     """How the cache file of `entry` compares with its images now."""
     attrs = entry.attrs
     gone = _sources_present(attrs)
@@ -75,7 +75,7 @@ def status(entry: cache.Entry, data_dir: Path | None = None, verify_content: boo
     return Freshness("stale", changes) if changes.stale else Freshness("fresh")
 
 
-def require_fresh(entries: list[cache.Entry], data_dir: Path | None = None) -> None:
+def require_fresh(entries: list[catalog.Entry], data_dir: Path | None = None) -> None:
     """Raise StaleFeatures for the first entry whose images changed since it was extracted."""
     seen: set[Path] = set()
     for entry in entries:

@@ -12,11 +12,14 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlfeat.errors import TlfeatError, printable
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def read(item: Item) -> tuple[bytes | np.ndarray, str]:
     raise TlfeatError(f"internal: unknown image item kind {kind!r}")
 
 
-def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None):  # type: ignore[no-untyped-def]
+def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None) -> Image.Image:
     """8-bit RGB PIL image of `content`; with `draft_size`, a large JPEG is decoded at reduced scale
     (DCT-domain downscaling) to the smallest size whose both sides are still >= draft_size."""
     from PIL import Image, UnidentifiedImageError
@@ -94,7 +97,7 @@ def to_rgb(img: Any) -> Any:
     return img.convert("RGB")
 
 
-def open_rgb(path: Path | str):  # type: ignore[no-untyped-def]
+def open_rgb(path: Path | str) -> Image.Image:
     """Open any common image file as 8-bit RGB (one TlfeatError naming the file on failure)."""
     content, name = read(("path", str(path)))
     return decode(content, name)

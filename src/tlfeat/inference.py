@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import backbones, onnx_backend
+from tlfeat import backbones, fsio, onnx_backend
 from tlfeat.errors import TlfeatError
 from tlfeat.weights import ResolvedWeights
 
@@ -161,10 +161,23 @@ def load(spec: ModelSpec, calibration: Any = None) -> tuple[Any, dict[str, Any]]
         path = spec.onnx_path()
         meta = onnx_backend.verified(path)
         if meta is None:
-            meta = _export(spec, path, calibration)
+            with fsio.lock(path):  # two processes never export the same graph at once
+                meta = onnx_backend.verified(path) or export_elsewhere(
+                    spec, path, calibration() if spec.precision == "int8" else None
+                )
         return OnnxRunner(path, meta), {k: meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
     resolved = _resolve(spec)
     return TorchRunner(spec, resolved), _weights_meta(resolved)
+
+
+def export_elsewhere(spec: ModelSpec, path: Path, calibration: list[np.ndarray] | None) -> dict[str, Any]:
+    """Export in a fresh process, so this one never imports torch nor holds a torch model beside the
+    ONNX Runtime session (the export's memory is given back when that process ends)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_export, spec, path, calibration).result()
 
 
 def _resolve(spec: ModelSpec) -> ResolvedWeights:
@@ -194,7 +207,7 @@ def _export(spec: ModelSpec, path: Path, calibration: Any) -> dict[str, Any]:
             _export(fp32, fp32_path, None)
         if calibration is None:
             raise TlfeatError("internal: int8 needs calibration images")
-        return onnx_backend.quantize(fp32_path, path, calibration(), {**provenance, "precision": "int8"})
+        return onnx_backend.quantize(fp32_path, path, calibration, {**provenance, "precision": "int8"})
     net = build_with_weights(spec.model, resolved)
     extractor = backbones.feature_extractor(net, spec.model, list(spec.layers))
     return onnx_backend.export(extractor, path, spec.image_size, layers, {**provenance, "precision": "fp32"})

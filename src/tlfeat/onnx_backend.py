@@ -30,9 +30,13 @@ INSTALL_HINT = "install it with `pip install onnxruntime onnx`"
 
 
 def available() -> bool:
+    """Are onnxruntime and onnx installed (without importing them: that costs start-up time)?"""
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    except (ImportError, ValueError):  # a broken installation counts as none
+        return False
 
 
 def require() -> None:

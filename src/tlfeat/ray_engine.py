@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import inference
+from tlfeat import images, inference
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
 from tlfeat.errors import TlfeatError, first_line
@@ -98,7 +98,7 @@ def decode(batch: dict[str, Any], prep: Preprocessing, skip: bool) -> dict[str, 
     from tlfeat.datasets.base import read_range
     from tlfeat.pool import decode_batch
 
-    items = []
+    items: list[images.Item] = []
     for kind, ref, name in zip(batch["kind"], batch["ref"], batch["name"], strict=True):
         if kind == "array":
             items.append(("array", (np.asarray(ref), str(name))))
@@ -209,9 +209,9 @@ def _iterate(ds: Any) -> Iterator[dict[str, Any]]:
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     except Exception as exc:  # noqa: BLE001 - Ray wraps what its tasks raised
-        cause = exc
-        while getattr(cause, "cause", None) is not None or getattr(cause, "__cause__", None) is not None:
-            cause = getattr(cause, "cause", None) or cause.__cause__
+        cause: BaseException = exc
+        while (deeper := getattr(cause, "cause", None) or cause.__cause__) is not None:
+            cause = deeper
         if isinstance(cause, TlfeatError):
             raise TlfeatError(str(cause)) from exc
         text = str(exc)

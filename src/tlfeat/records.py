@@ -230,12 +230,12 @@ def _timings(data: dict[str, Any]) -> Timings:
     if data.get("kind") == "finetune":
         epochs = sum(float(h.get("epoch_seconds", 0.0)) for h in data.get("history") or [])
         t = Timings(
-            train_seconds=epochs or float(raw.get("train_seconds", 0.0)),
+            train_seconds=epochs or float(raw.get("train_seconds") or 0.0),
             predict_seconds=float(raw.get("predict_seconds", 0.0)),
         )
     else:
         t = Timings(
-            train_seconds=float(raw.get("fit_seconds", raw.get("train_seconds", 0.0))),
+            train_seconds=float(raw.get("fit_seconds") or raw.get("train_seconds") or 0.0),
             search_seconds=float(raw.get("cv_seconds", 0.0)),
             predict_seconds=float(raw.get("predict_seconds", 0.0)),
             extract_seconds=float(raw.get("extract_seconds", 0.0)),

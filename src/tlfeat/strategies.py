@@ -173,10 +173,12 @@ def replace_head(model: nn.Module, name: str, n_classes: int, seed: int = 0) -> 
     parent, child = backbones.get_submodule_parent(model, fam.head)
     old = getattr(parent, child)
     gen = torch.Generator().manual_seed(seed)
+    new: nn.Conv2d | nn.Linear
     if fam.conv_head:
-        new: nn.Module = nn.Conv2d(old.in_channels, n_classes, kernel_size=1)
+        new = nn.Conv2d(old.in_channels, n_classes, kernel_size=1)
     else:
         new = nn.Linear(old.in_features, n_classes)
+    assert new.bias is not None
     with torch.no_grad():
         new.weight.copy_(torch.randn(new.weight.shape, generator=gen) * 0.01)
         new.bias.zero_()

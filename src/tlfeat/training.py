@@ -93,7 +93,7 @@ def load_checkpoint(path: Path, model_name: str) -> dict[str, Any]:
 
 
 class Images:
-    """torch Dataset over an ImageSplit: (transformed tensor, label)."""
+    """A map-style torch Dataset over an ImageSplit: (transformed tensor, label)."""
 
     def __init__(self, split: datasets.ImageSplit, transform: Any) -> None:
         self.split, self.transform = split, transform
@@ -159,8 +159,9 @@ def loader(
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    dataset: Any = Images(split, transform)  # map-style: __len__ and __getitem__, all DataLoader needs
     return DataLoader(
-        Images(split, transform),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers if len(split) > batch_size else 0,

@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tlfeat import config, offline
 from tlfeat.backbones import weights_entry
@@ -141,7 +141,7 @@ def resolve(
     )
 
 
-def load_state_dict(path: Path) -> dict:  # type: ignore[type-arg]
+def load_state_dict(path: Path) -> dict[str, Any]:
     """Load a state dict from a file with `weights_only=True`: tensors, never arbitrary objects."""
     import pickle
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import cache, fsio
+from tlfeat import cache, catalog, fsio
 from tlfeat.errors import TlfeatError
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,11 @@ class Writer:
         self.done = 0
         self.leftover: list[Block] = []  # blocks of an earlier image list, to carry rows over from
         manifest = {"key": key, "n_images": self.n, "format": cache.FORMAT_VERSION, "listing": listing.digest()}
-        shown = {k: _attr(v) for k, v in attrs.items() if k in cache.SHOWN}  # for `tlfeat ls` while in progress
+        shown = {k: _attr(v) for k, v in attrs.items() if k in catalog.SHOWN}  # for `tlfeat ls` while in progress
         with fsio.writing(self.partial):
             if self.partial.is_file():  # a partial HDF5 file from tlfeat 0.1: start over
                 self.partial.unlink()
-            stored = (cache.read_manifest(self.partial) or {}) if self.partial.is_dir() else {}
+            stored = (catalog.read_manifest(self.partial) or {}) if self.partial.is_dir() else {}
             blocks = whole_blocks(self.partial) if self.partial.is_dir() else []
             if blocks and {k: stored.get(k) for k in manifest} == manifest:
                 self._drop_after(blocks[-1][1])
@@ -153,7 +153,7 @@ class Writer:
                     )
                 shutil.rmtree(self.partial, ignore_errors=True)
                 self.partial.mkdir(parents=True)
-                fsio.atomic_write(self.partial / cache.MANIFEST, json.dumps({**manifest, "attrs": shown}))
+                fsio.atomic_write(self.partial / catalog.MANIFEST, json.dumps({**manifest, "attrs": shown}))
         self.flushed = self.resumed_from = self.done
 
     def _drop_after(self, row: int) -> None:

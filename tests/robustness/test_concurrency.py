@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlfeat import cache
+from tlfeat import catalog
 
 from ..conftest import make_tree
 from .helpers import FAST, cli, popen
@@ -23,7 +23,7 @@ def test_two_extract_processes_on_the_same_key(tmp_path: Path) -> None:
     stdout = _race("extract", "--data", tree, *FAST, "--image-size", "96", "--cache-dir", cache_dir)
     # Per split, exactly one process computed the features and the other reused them.
     assert stdout.count("computed in") == 2 and stdout.count("cached, no work done") == 2, stdout
-    files = cache.scan(cache_dir)
+    files = catalog.scan(cache_dir)
     assert len(files) == 2 and all(e.status == "ok" for e in files)
     assert not list(cache_dir.glob("*.partial"))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfeat import cache
+from tlfeat import cache, catalog
 
 from ..conftest import make_tree
 from .helpers import FAST, assert_one_clear_line, cli, env
@@ -38,7 +38,7 @@ def test_broken_images_fail_naming_the_file_and_keep_finished_blocks(tmp_path: P
     )
     line = assert_one_clear_line(proc, "cannot decode image")
     assert any(str(path) in line for path in bad.values()), line
-    [partial] = cache.scan(cache_dir)
+    [partial] = catalog.scan(cache_dir)
     assert partial.status == "partial" and partial.attrs["n_done"] >= 16  # the ants and bees blocks
 
 
@@ -50,7 +50,7 @@ def test_skip_records_every_broken_file_in_the_cache_ls_fit_and_report(tmp_path:
     assert proc.returncode == 0, proc.stderr
     assert "train: 24 x 512" in proc.stdout and "skipped 3 unreadable image(s)" in proc.stdout
 
-    [train] = [cache.read(e.path) for e in cache.scan(cache_dir) if e.attrs["split"] == "train"]
+    [train] = [cache.read(e.path) for e in catalog.scan(cache_dir) if e.attrs["split"] == "train"]
     assert len(train) == 24 and np.isfinite(train.X).all()
     assert {Path(item["id"]).name for item in train.meta["skipped"]} == {path.name for path in bad.values()}
     assert not any(Path(i).name.startswith("zz_") for i in train.ids)

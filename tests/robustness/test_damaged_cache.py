@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tlfeat import cache, load_features
+from tlfeat import cache, catalog, load_features
 from tlfeat.errors import CacheDamaged
 
 from ..conftest import make_tree
@@ -51,7 +51,7 @@ def test_damage_is_detected_marked_and_rebuilt(tmp_path: Path, damage: Callable[
     cache_dir = tmp_path / "cache"
     args = ["extract", "--data", tree, *FAST, "--split", "train", "--cache-dir", cache_dir]
     assert cli(*args).returncode == 0
-    [entry] = cache.scan(cache_dir)
+    [entry] = catalog.scan(cache_dir)
     original = cache.read(entry.path)
     damage(entry.path)
 
@@ -66,5 +66,5 @@ def test_damage_is_detected_marked_and_rebuilt(tmp_path: Path, damage: Callable[
     assert np.array_equal(cache.read(entry.path).X, original.X)
     aside = entry.path.with_name(entry.path.name + cache.DAMAGED)
     assert aside.is_file(), "the damaged file is set aside, not deleted"
-    statuses = sorted(e.status for e in cache.scan(cache_dir))
+    statuses = sorted(e.status for e in catalog.scan(cache_dir))
     assert statuses == ["ok", "set aside"]

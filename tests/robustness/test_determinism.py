@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlfeat import cache
+from tlfeat import cache, catalog
 
 from ..conftest import make_tree
 from .helpers import FAST, cli
@@ -25,7 +25,7 @@ def test_same_command_twice_is_bit_identical(tmp_path: Path) -> None:
             fitted = cli("fit", "--clf", clf, "--json", "--cache-dir", cache_dir, "--results-dir", results)
             assert fitted.returncode == 0, fitted.stderr
             records += json.loads(fitted.stdout)
-        sets = {e.attrs["split"]: cache.read(e.path) for e in cache.scan(cache_dir)}
+        sets = {e.attrs["split"]: cache.read(e.path) for e in catalog.scan(cache_dir)}
         runs.append((sets, records))
     (sets_a, records_a), (sets_b, records_b) = runs
     for split in ("train", "test"):

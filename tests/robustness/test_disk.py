@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tlfeat import cache
+from tlfeat import cache, catalog
 
 from ..conftest import make_tree
 from .helpers import FAST, assert_one_clear_line, cli, env
@@ -40,12 +40,12 @@ def test_file_size_limit_while_writing_the_cache(tmp_path: Path) -> None:
     proc = cli(*args, "--split", "train", env=env(TLFEAT_FLUSH_EVERY="4"), preexec_fn=_file_size_limit(40_000))
     assert_one_clear_line(proc, "cannot write", "file too large", "completed blocks are kept")
     assert _digest(cache_dir) == before, "files already complete must not change"
-    [partial] = [e for e in cache.scan(cache_dir) if e.status == "partial"]
+    [partial] = [e for e in catalog.scan(cache_dir) if e.status == "partial"]
     assert partial.attrs["n_done"] == 24 and not list(cache_dir.glob("*.writing"))
 
     rerun = cli(*args, "--split", "train")
     assert rerun.returncode == 0, rerun.stderr
-    [train] = [cache.read(e.path) for e in cache.scan(cache_dir) if e.attrs.get("split") == "train"]
+    [train] = [cache.read(e.path) for e in catalog.scan(cache_dir) if e.attrs.get("split") == "train"]
     assert train.meta["resumed_from"] == 24, "every row was computed before the limit hit: nothing is recomputed"
 
 
@@ -79,15 +79,15 @@ def test_full_disk_keeps_earlier_files_and_resumes_when_space_is_freed(tmp_path:
     assert_one_clear_line(proc, "cannot write", "no space left on the device")
     assert _digest(cache_dir) == before
 
-    [partial] = [e for e in cache.scan(cache_dir) if e.status == "partial"]
+    [partial] = [e for e in catalog.scan(cache_dir) if e.status == "partial"]
     assert partial.attrs["n_done"] == 24
 
     filler.unlink()
     rerun = cli(*args, "--split", "train")
     assert rerun.returncode == 0, rerun.stderr
-    statuses = {e.attrs.get("split"): e.status for e in cache.scan(cache_dir)}
+    statuses = {e.attrs.get("split"): e.status for e in catalog.scan(cache_dir)}
     assert statuses == {"train": "ok", "test": "ok"}
-    [train] = [cache.read(e.path) for e in cache.scan(cache_dir) if e.attrs.get("split") == "train"]
+    [train] = [cache.read(e.path) for e in catalog.scan(cache_dir) if e.attrs.get("split") == "train"]
     assert train.meta["resumed_from"] == 24
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlfeat import cache, metrics
+from tlfeat import cache, catalog, metrics
 from tlfeat.classifiers import make_classifier, scores
 
 from ..conftest import make_tree
@@ -75,7 +75,7 @@ def test_a_block_cut_in_half_is_computed_again(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", per_class=8)
     args = ["extract", "--data", tree, *FAST, "--split", "train"]
     assert cli(*args, "--cache-dir", tmp_path / "ref").returncode == 0
-    [reference] = [cache.read(e.path) for e in cache.scan(tmp_path / "ref")]
+    [reference] = [cache.read(e.path) for e in catalog.scan(tmp_path / "ref")]
     cache_dir = tmp_path / "cache"
     proc = subprocess.run(
         [sys.executable, "-c", _STOP_AFTER_BLOCKS, *map(str, args), "--cache-dir", str(cache_dir)],
@@ -88,7 +88,7 @@ def test_a_block_cut_in_half_is_computed_again(tmp_path: Path) -> None:
     blocks[1].write_bytes(blocks[1].read_bytes()[: blocks[1].stat().st_size // 2])
     rerun = cli(*args, "--cache-dir", cache_dir)
     assert rerun.returncode == 0, rerun.stderr
-    [fixed] = [cache.read(e.path) for e in cache.scan(cache_dir)]
+    [fixed] = [cache.read(e.path) for e in catalog.scan(cache_dir)]
     assert fixed.meta["resumed_from"] == 4 and np.array_equal(fixed.X, reference.X)
 
 
@@ -226,10 +226,10 @@ def test_disk_filled_by_another_process_during_assembly(tmp_path: Path) -> None:
             assert "Traceback" not in proc.stderr and "Segmentation" not in proc.stderr
             if when == "after":
                 assert proc.returncode == 0, proc.stderr
-                assert [e.status for e in cache.scan(cache_dir)] == ["ok"]
+                assert [e.status for e in catalog.scan(cache_dir)] == ["ok"]
             else:
                 assert_one_clear_line(proc, "no space left on the device")
-                assert not list(cache_dir.glob("*.h5")) and [e.status for e in cache.scan(cache_dir)] == ["partial"]
+                assert not list(cache_dir.glob("*.h5")) and [e.status for e in catalog.scan(cache_dir)] == ["partial"]
             (mnt / f"filler-{when}").unlink()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

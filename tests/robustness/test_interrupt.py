@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlfeat import cache
+from tlfeat import cache, catalog
 
 from ..conftest import make_tree
 from .helpers import FAST, cli, env
@@ -74,7 +74,7 @@ def test_killed_extraction_resumes_from_its_last_block(tmp_path: Path, sig: sign
     args: list[str | Path] = ["extract", "--data", tree, *FAST, "--image-size", "64", "--split", "train"]
     ref = cli(*args, "--cache-dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
-    [reference] = [cache.read(e.path) for e in cache.scan(tmp_path / "ref")]
+    [reference] = [cache.read(e.path) for e in catalog.scan(tmp_path / "ref")]
 
     cache_dir = tmp_path / "cache"
     proc = start_stopping([*args, "--cache-dir", cache_dir], stop_after, TLFEAT_FLUSH_EVERY="4")
@@ -86,14 +86,14 @@ def test_killed_extraction_resumes_from_its_last_block(tmp_path: Path, sig: sign
     if sig == signal.SIGINT:
         assert "Traceback" not in stderr and "interrupted: completed work is kept" in stderr
 
-    [partial] = cache.scan(cache_dir)
+    [partial] = catalog.scan(cache_dir)
     done = int(partial.attrs["n_done"])
     assert partial.status == "partial" and done == 4 * stop_after, partial
     assert not list(cache_dir.glob("*.h5")), "an incomplete run must never leave a file under the final name"
 
     rerun = cli(*args, "--cache-dir", cache_dir)
     assert rerun.returncode == 0, rerun.stderr
-    [entry] = cache.scan(cache_dir)
+    [entry] = catalog.scan(cache_dir)
     resumed = cache.read(entry.path)
     assert entry.status == "ok" and resumed.meta["resumed_from"] == done
     assert np.array_equal(resumed.X, reference.X) and resumed.ids == reference.ids

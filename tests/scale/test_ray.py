@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlfeat import ExtractConfig, cache, extract
+from tlfeat import ExtractConfig, cache, catalog, extract
 
 from ..conftest import make_tree
 from ..robustness.helpers import assert_one_clear_line, cli, env
@@ -105,12 +105,12 @@ def test_a_killed_driver_resumes_with_only_the_missing_blocks(tmp_path: Path) ->
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)
-    [partial] = cache.scan(cache_dir)
+    [partial] = catalog.scan(cache_dir)
     done = int(partial.attrs["n_done"])
     assert partial.status == "partial" and 0 < done < 120, partial
     rerun = cli(*args, "--cache-dir", cache_dir)  # the local engine finishes what Ray started
     assert rerun.returncode == 0, rerun.stderr
-    [resumed] = [cache.read(e.path) for e in cache.scan(cache_dir)]
+    [resumed] = [cache.read(e.path) for e in catalog.scan(cache_dir)]
     assert resumed.meta["resumed_from"] == done and resumed.meta["computed_rows"] == 120 - done
     assert np.array_equal(resumed.X, reference.X) and resumed.ids == reference.ids
 

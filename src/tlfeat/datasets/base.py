@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlfeat import images
 from tlfeat.errors import TlfeatError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SPLIT_SEED = 0  # flat folders and digits are split with this seed (recorded in every cache file)
 TEST_FRACTION = 0.25
@@ -63,7 +66,7 @@ class ImageSplit:
     def items(self, indices: Any) -> list[images.Item]:
         return [self.item(int(i)) for i in indices]
 
-    def image(self, i: int):  # type: ignore[no-untyped-def]
+    def image(self, i: int) -> Image.Image:
         """The i-th image as an 8-bit RGB PIL image."""
         content, name = images.read(self.item(i))
         return images.decode(content, name)
@@ -163,7 +166,8 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int = SPLIT_SEED) -> np.
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices; every class with 2+ samples appears in both."""
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    train: list[int] = []
+    test: list[int] = []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         n_test = int(round(len(members) * test_fraction))

@@ -13,6 +13,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -196,7 +197,7 @@ def _load_fashion(split: str, data_dir: Path) -> ImageSplit:
 # --------------------------------------------------------------------------- CIFAR and STL-10 (torchvision's layout)
 
 
-def _unpickle(path: Path) -> dict:  # type: ignore[type-arg]
+def _unpickle(path: Path) -> dict[str, Any]:
     # torchvision reads these python pickles the same way; they hold only arrays and lists.
     try:
         with open(path, "rb") as fh:

@@ -204,11 +204,17 @@ def _list(pattern: str, label_field: str) -> tuple[list[str], list[Any], list[An
             kinds.add("parquet")
             rows = _parquet_samples(path, label_field)
             for key, label, ref, size in rows:
-                ids.append(key), labels.append(label), refs.append(ref), stats.append((size, mtime))
+                ids.append(key)
+                labels.append(label)
+                refs.append(ref)
+                stats.append((size, mtime))
         else:
             kinds.add("members")
             for key, label, offset, size in _tar_samples(path, label_field):
-                ids.append(key), labels.append(label), refs.append((path, offset, size)), stats.append((size, mtime))
+                ids.append(key)
+                labels.append(label)
+                refs.append((path, offset, size))
+                stats.append((size, mtime))
     if len(kinds) > 1:
         raise TlfeatError(f"shards {printable(pattern)} mix tar and Parquet files; give them as separate datasets")
     if len(set(ids)) != len(ids):

@@ -1,0 +1,154 @@
+"""Comparisons a reviewer would accept: whole test sets, honest intervals, paired tests, flagged chance runs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tlfeat import ExtractConfig, extract, metrics, stats
+from tlfeat.compare import compare
+from tlfeat.config import CompareConfig, FinetuneConfig
+from tlfeat.finetune import finetune_one
+from tlfeat.fitting import FitConfig, fit, table
+from tlfeat_cli.main import cli
+
+from .conftest import make_tree
+
+
+def test_wilson_interval_agrees_with_scipy_and_by_hand() -> None:
+    from scipy.stats import binomtest
+
+    for k, n in ((81, 100), (0, 20), (20, 20), (9741, 10000), (3, 600)):
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert stats.wilson(k, n) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    # By hand, 81 of 100: centre (0.81 + 1.96^2/200) / (1 + 1.96^2/100) = 0.7985, half-width 0.0763.
+    low, high = stats.wilson(81, 100)
+    assert low == pytest.approx(0.7222, abs=1e-4) and high == pytest.approx(0.8749, abs=1e-4)
+
+
+def test_mcnemar_exact_p_values() -> None:
+    from scipy.stats import binomtest
+
+    a = np.array([True] * 10 + [False] * 2 + [True] * 50)
+    b = np.array([False] * 10 + [True] * 2 + [True] * 50)
+    test = stats.mcnemar(a, b)
+    assert (test.b, test.c) == (10, 2)
+    assert test.p_value == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 2 P(X <= 2), X ~ Binomial(12, 1/2)
+    assert test.verdict() == "first better"
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.random(500) < 0.8, rng.random(500) < 0.78
+        t = stats.mcnemar(a, b)
+        assert t.p_value == pytest.approx(binomtest(min(t.b, t.c), t.b + t.c, 0.5).pvalue, rel=1e-9)
+    same = stats.mcnemar(a, a)
+    assert same.p_value == 1.0 and same.verdict() == "indistinguishable"
+
+
+def test_constant_predictions_and_chance_level_runs_are_flagged() -> None:
+    y = np.repeat(np.arange(10), 60)
+    constant = metrics.evaluate(y, np.zeros_like(y), None, [str(i) for i in range(10)])
+    assert constant["near_chance"] == "predicts one class for every image" and constant["accuracy"] == 0.1
+    rng = np.random.default_rng(0)
+    guess = rng.integers(0, 10, len(y))  # guessing: about 10%
+    assert "within noise of chance" in (
+        metrics.evaluate(y, guess, None, [str(i) for i in range(10)])["near_chance"] or ""
+    )
+    good = np.where(rng.random(len(y)) < 0.5, y, (y + 1) % 10)
+    assert metrics.evaluate(y, good, None, [str(i) for i in range(10)])["near_chance"] is None
+
+
+def test_limit_never_cuts_the_test_split(tmp_path: Path) -> None:
+    base = dict(
+        model="resnet18", data="digits", untrained=True, image_size=16, workers=0, cache_dir=tmp_path, progress=False
+    )
+    train, test = extract(ExtractConfig(**base, limit=100))  # type: ignore[arg-type]
+    assert len(train) == 100 and len(test) == 450  # the whole test split
+    _, small_test = extract(ExtractConfig(**base, limit=100, test_limit=50))  # type: ignore[arg-type]
+    assert len(small_test) == 50 and small_test.path != test.path
+    _, again = extract(ExtractConfig(**base, limit=200))  # type: ignore[arg-type]
+    assert again.reused and again.path == test.path  # the whole test split is computed once for every budget
+    tree = make_tree(tmp_path / "t", per_class=8)
+    res = finetune_one(
+        FinetuneConfig(
+            model="resnet18",
+            data=str(tree),
+            strategy="scratch",
+            epochs=1,
+            limit=12,
+            image_size=32,
+            workers=0,
+            batch_size=8,
+            results_dir=tmp_path / "r",
+            progress=False,
+        )
+    )
+    assert res.record.n_test == 24 and res.record.n_train + res.record.details["n_val"] == 12
+
+
+def test_fit_reports_every_cached_variant_of_a_pair(tmp_path: Path) -> None:
+    base = dict(
+        model="resnet18", data="digits", untrained=True, workers=0, cache_dir=tmp_path / "c", progress=False, limit=200
+    )
+    for size in (16, 24):
+        extract(ExtractConfig(**base, image_size=size))  # type: ignore[arg-type]
+    results = fit(FitConfig(C=1.0, cache_dir=tmp_path / "c", results_dir=tmp_path / "r"))
+    assert sorted(r.record.image_size for r in results) == [16, 24]
+    rows, cols, cells = table([r.record for r in results])
+    assert rows == ["resnet18 [image size 16]", "resnet18 [image size 24]"] and cols == ["digits"]
+    assert all(cells[(row, "digits")] is not None for row in rows)
+    picked = fit(FitConfig(C=1.0, image_size=24, cache_dir=tmp_path / "c", results_dir=tmp_path / "r"))
+    assert [r.record.image_size for r in picked] == [24] and picked[0].reused
+
+
+def test_augmentation_defaults_follow_the_data(tmp_path: Path) -> None:
+    from tlfeat.training import resolve_augment
+
+    def augment(data: str, **kw: object) -> str:
+        return resolve_augment(FinetuneConfig(model="resnet18", data=data, **kw), data)  # type: ignore[arg-type]
+
+    assert augment("digits") == augment("mnist") == "crop"  # a mirrored digit is another digit, or none
+    assert augment("fashion-mnist") == "flip"
+    assert augment(str(tmp_path)) == "standard"
+    assert augment("mnist", augment="none") == "none"
+
+
+@pytest.mark.slow
+def test_a_small_comparison_has_intervals_paired_tests_per_class_tables_and_exports(tmp_path: Path) -> None:
+    cfg = CompareConfig(
+        models=("resnet18:untrained",),
+        datas=("digits",),
+        methods=("logreg", "svm", "scratch"),
+        repeats=2,
+        resample=True,
+        limit=150,
+        test_limit=200,
+        image_size=16,
+        epochs=1,
+        scratch_epochs=2,
+        workers=0,
+        out=tmp_path / "report",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    compare(cfg, echo=lambda _line: None)
+    out = tmp_path / "report"
+    md = (out / "report.md").read_text()
+    for needle in ("95% CI", "vs best", "McNemar", "digits: per class", "Amortised cost", "n_test"):
+        assert needle in md, needle
+    with open(out / "rows.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and {r["n_test"] for r in rows} == {"200"}
+    assert len({r["subset_seed"] for r in rows if r["method"] == "logreg"}) == 2  # --resample: two training subsets
+    with open(out / "summary.csv") as fh:
+        summary = list(csv.DictReader(fh))
+    assert {r["method"] for r in summary} == {"logreg", "svm", "scratch"} and all(r["n_runs"] == "2" for r in summary)
+    for r in summary:
+        assert float(r["accuracy_ci95_low"]) <= float(r["accuracy_mean"]) <= float(r["accuracy_ci95_high"])
+    tex = (out / "tables.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "logreg" in tex
+    rebuilt = CliRunner().invoke(cli, ["report", str(out)])
+    assert rebuilt.exit_code == 0 and (out / "report.md").read_text() == md
