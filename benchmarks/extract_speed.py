@@ -149,7 +149,8 @@ def ceilings(name: str, seconds: float = 6.0) -> dict[str, float]:
                 out["torch"] = max(out.get("torch", 0.0), rate(m, x.contiguous(memory_format=layout), batch))
     if onnx_backend.available():
         with tempfile.TemporaryDirectory() as tmp:
-            path = onnx_backend.export(build_model(name), Path(tmp) / "m.onnx", 224)
+            path = Path(tmp) / "m.onnx"
+            onnx_backend.export(build_model(name), path, 224, ["penultimate"], {"model": name})
             for spin in (True, False):
                 session = onnx_backend.Session(path, spin=spin)
                 for batch in (4, 32):

@@ -47,10 +47,8 @@ def main() -> None:
     for clf in ("logreg", "svm", "linear"):
         [res] = fit(FitConfig(clf=clf, model=args.model, data=args.data, cache_dir=cache_dir, results_dir=results_dir))
         r = res.record
-        train_s = r["timings"]["train_seconds"]
-        rows.append(
-            (f"extract + {clf}", r["metrics"]["accuracy"], r["n_train"], train_s, extract_s, extract_s + train_s)
-        )
+        train_s = r.timings.train_seconds + r.timings.search_seconds
+        rows.append((f"extract + {clf}", r.metrics["accuracy"], r.n_train, train_s, extract_s, extract_s + train_s))
 
     for strategy in ("head", "freeze:10", "discriminative", "full", "scratch"):
         res = finetune_one(
@@ -66,8 +64,7 @@ def main() -> None:
             )
         )
         r = res.record
-        total = sum(h["epoch_seconds"] for h in r["history"]) + r["timings"]["predict_seconds"]
-        rows.append((r["method"], r["metrics"]["accuracy"], r["n_train"], r["timings"]["train_seconds"], 0.0, total))
+        rows.append((r.method, r.metrics["accuracy"], r.n_train, r.timings.train_seconds, 0.0, r.timings.total_seconds))
 
     lines = [
         f"{args.model} on {args.data}, --limit {args.limit} per split, {args.image_size} px, fine-tuning "

@@ -36,7 +36,8 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from tlfeat import ExtractConfig, extract
-    from tlfeat.fitting import FitConfig, fit_pair
+    from tlfeat.catalog import Entry
+    from tlfeat.fitting import FitConfig, Pair, fit_pair
 
     train, test = extract(
         ExtractConfig(model=args.model, data=args.data, image_size=args.image_size, cache_dir=args.cache_dir)
@@ -58,20 +59,21 @@ def main() -> None:
     for label, C in (("same objective, --C 1", 1.0), ("C by cross-validation", None)):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            rec = fit_pair(FitConfig(clf="logreg", C=C, results_dir=Path(tmp)), train, test).record
+            pair = Pair(Entry(train.path, train.meta, "ok"), Entry(test.path, test.meta, "ok"))
+            rec = fit_pair(FitConfig(clf="logreg", C=C, results_dir=Path(tmp), route="memory"), pair).record
             seconds = time.perf_counter() - t0
-        t = rec["timings"]
+        t = rec.timings
         routes[label] = {
-            "accuracy": rec["metrics"]["accuracy"],
+            "accuracy": rec.metrics["accuracy"],
             "seconds": seconds,
-            "timings": t,
-            "C": rec["params"]["C"],
+            "timings": vars(t),
+            "C": rec.params["C"],
         }
         print(
-            f"tlfeat fit --clf logreg ({label}): {rec['metrics']['accuracy']:.4f} in {seconds:.1f} s "
-            f"(CV {t['cv_seconds']:.1f} s, C={rec['params']['C']:g}, fit {t['fit_seconds']:.1f} s); "
+            f"tlfeat fit --clf logreg ({label}): {rec.metrics['accuracy']:.4f} in {seconds:.1f} s "
+            f"(C search {t.search_seconds:.1f} s, C={rec.params['C']:g}, fit {t.train_seconds:.1f} s); "
             f"{sk_seconds / seconds:.2f}x scikit-learn's speed, accuracy "
-            f"{100 * (rec['metrics']['accuracy'] - sk_acc):+.2f} points"
+            f"{100 * (rec.metrics['accuracy'] - sk_acc):+.2f} points"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
 
 from tlfeat.config import REPEATS, FinetuneConfig
 from tlfeat_cli.main import user_errors
-from tlfeat_cli.options import from_config, given, json_option, quiet_option
+from tlfeat_cli.options import echo_result, from_config, given, json_option, quiet_option
 
 FIELDS = (
     "model", "data", "strategy", "epochs", "lr", "optimizer", "schedule", "step_size", "warmup_epochs", "weight_decay",
@@ -39,14 +40,12 @@ def command(repeats: int, quiet: bool, as_json: bool, **options: Any) -> None:
         m = r.metrics
         auc = "-" if m.get("roc_auc") is None else f"{m['roc_auc']:.4f}"
         how = "reused" if res.reused else f"trained {r.timings.train_seconds:.1f}s"
-        click.echo(
+        line = (
             f"{r.method} {r.model}/{r.dataset.rsplit('/', 1)[-1]} seed {r.seed}: test accuracy {m['accuracy']:.4f} "
             f"(n_test {r.n_test}), ROC AUC {auc} (best epoch {r.details['best_epoch']}/{r.params['epochs']}, "
-            f"{r.details['trainable_params']:,}/{r.details['total_params']:,} params trained); {how}  -> {res.path.parent}",
-            err=as_json,
+            f"{r.details['trainable_params']:,}/{r.details['total_params']:,} params trained); {how}  -> {res.path.parent}"
         )
-        if m.get("near_chance"):
-            click.echo(f"  warning: {m['near_chance']}", err=True)
+        echo_result(line, m, as_json)
     summary = summarize(results)
     if len(results) > 1:
         click.echo(
@@ -59,5 +58,5 @@ def command(repeats: int, quiet: bool, as_json: bool, **options: Any) -> None:
         click.echo(
             records[0]
             if len(records) == 1
-            else '{"runs": [' + ",\n".join(records) + f'], "summary": {__import__("json").dumps(summary)}}}'
+            else '{"runs": [' + ",\n".join(records) + f'], "summary": {json.dumps(summary)}}}'
         )

@@ -9,7 +9,7 @@ import click
 
 from tlfeat.config import TABLE_METRICS, ExtractConfig, FitConfig
 from tlfeat_cli.main import user_errors
-from tlfeat_cli.options import from_config, given, json_option, markdown_table, table
+from tlfeat_cli.options import echo_result, from_config, given, json_option, markdown_table, table
 
 FIELDS = (
     "clf", "model", "data", "layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed", "C", "kernel",
@@ -50,14 +50,12 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
             else f"fit {t.train_seconds:.2f}s (+C search {t.search_seconds:.1f}s), predict {t.predict_seconds:.2f}s"
         )
         untrained = "" if r.pretrained else " [UNTRAINED backbone]"
-        click.echo(
+        line = (
             f"{r.method} {r.model}/{Path(r.dataset).name} ({r.layer}, n_train {r.n_train}, n_test {r.n_test}){untrained}: "
             f"accuracy {m['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), balanced {m['balanced_accuracy']:.4f}, ROC AUC {auc}, "
-            f"C={r.params['C']:g}; {how}  -> {res.path.parent}",
-            err=as_json,
+            f"C={r.params['C']:g}; {how}  -> {res.path.parent}"
         )
-        if m.get("near_chance"):
-            click.echo(f"  warning: {m['near_chance']}", err=True)
+        echo_result(line, m, as_json)
     if len(results) > 1 or as_json:
         rows, cols, cells = make_table([r.record for r in results], metric)
         body = [

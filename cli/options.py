@@ -97,3 +97,10 @@ def markdown_table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def echo_result(line: str, metrics: dict[str, Any], as_json: bool) -> None:
+    """One run's summary line (stderr under --json), and a warning when the run is no better than chance."""
+    click.echo(line, err=as_json)
+    if metrics.get("near_chance"):
+        click.echo(f"  warning: {metrics['near_chance']}", err=True)

@@ -91,8 +91,8 @@ def test_models_lists_dims_and_local_weights(runner: CliRunner) -> None:
             "--batch-size must be an integer between 1 and 65536",
         ),
         (
-            ["extract", "--model", "resnet18", "--data", "digits", "--precision", "int8", "--backend", "torch"],
-            "int8 runs on ONNX Runtime",
+            ["extract", "--model", "resnet18", "--untrained", "--data", "digits", "--precision", "bf16"],
+            "--precision bf16 is for GPUs",
         ),
         (["extract", "--model", "resnet18", "--data", "digits", "--split", "val"], "has no split 'val'"),
         (["extract", "--model", "resnet18", "--data", "digits", "--layer", "layer9"], "has no layer 'layer9'"),

@@ -61,8 +61,9 @@ def test_export_is_made_once_and_auto_reuses_other_backends(
 def test_backend_errors_are_one_clear_line(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TlfeatError, match="runs on the CPU"):
         choose_backend(_cfg(tree, tmp_path, "onnxruntime", model="resnet18", device="cuda"))
-    with pytest.raises(TlfeatError, match="int8 runs on ONNX Runtime"):
-        choose_backend(_cfg(tree, tmp_path, "torch", model="resnet18", precision="int8"))
+    with pytest.raises(TlfeatError, match="GPU autocast in torch"):
+        choose_backend(_cfg(tree, tmp_path, "onnxruntime", model="resnet18", precision="bf16"))
+    assert choose_backend(_cfg(tree, tmp_path, "auto", model="resnet18", precision="bf16")) == "torch"
     assert choose_backend(_cfg(tree, tmp_path, "auto", model="resnet18", layer="layer3")) == "onnxruntime"
     assert choose_backend(_cfg(tree, tmp_path, "auto", model="resnet18", device="cuda")) == "torch"
     monkeypatch.setattr(onnx_backend, "available", lambda: False)

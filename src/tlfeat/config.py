@@ -90,7 +90,7 @@ NAME = Text()
 OPTIONAL_NAME = Text(nullable=True)
 ON_ERROR = ("fail", "skip")
 BACKENDS = ("auto", "torch", "onnxruntime")
-PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINES = ("local", "ray")
 AUGMENTS = ("auto", "none", "flip", "crop", "standard")
 OPTIMIZERS = ("adam", "sgd")
@@ -134,10 +134,12 @@ class ExtractConfig:
     test_limit: int | None = key(None, help=_TEST_LIMIT_HELP, check=LIMIT)
     subset_seed: int = key(0, help="Seed of the --limit subsets (compare --resample varies it).", check=SEED)
     label_field: str = key("cls", help="Shards and Parquet: the field that holds the label.", check=NAME)
-    fast_decode: bool = key(False, help="Decode large JPEGs at reduced size (DCT scaling); changes pixels slightly.")
-    precision: str = key(
-        "fp32", help="fp32; int8 (ONNX Runtime, quantized); bf16/fp16 (GPU autocast).", check=Choice(PRECISIONS)
+    fast_decode: bool = key(
+        True,
+        help="Decode JPEGs of twice the resize or more at reduced size (DCT scaling): 4.9x faster on 4000 x 3000 photos, features at cosine 0.999. --no-fast-decode: exactly torchvision's decode.",
+        flag="--no-fast-decode",
     )
+    precision: str = key("fp32", help="fp32, or bf16/fp16 (GPU autocast, torch backend).", check=Choice(PRECISIONS))
     backend: str = key(
         help="Inference engine (env TLFEAT_BACKEND). auto: ONNX Runtime on CPU where installed, else torch.",
         check=Choice(BACKENDS),

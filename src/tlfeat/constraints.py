@@ -119,43 +119,30 @@ class Text(Constraint):
         return "a non-empty name without control characters"
 
 
-def key(
-    default: Any = MISSING,
-    *,
-    help: str = "",
-    check: Constraint | None = None,
-    factory: Callable[[], Any] | None = None,
-    cli: str | None = "",
-    flag: str | None = None,
-) -> Any:
-    """A field whose value changes the numbers: part of the key of what it produces."""
-    return _field("key", default, help, check, factory, cli, flag)
+def key(default: Any = MISSING, **options: Any) -> Any:
+    """A field whose value changes the numbers: part of the key of what it produces.
+
+    Options: `help`, `check` (a Constraint), `factory` (a default factory), `cli` ("" for
+    --field-name, None for no option, or the option's name) and `flag` (for booleans, the
+    option that sets the non-default value, e.g. "--no-update").
+    """
+    return _field("key", default, **options)
 
 
-def setting(
-    default: Any = MISSING,
-    *,
-    help: str = "",
-    check: Constraint | None = None,
-    factory: Callable[[], Any] | None = None,
-    cli: str | None = "",
-    flag: str | None = None,
-) -> Any:
-    """A field that does not change the numbers (speed, places, output): never in a key."""
-    return _field("setting", default, help, check, factory, cli, flag)
+def setting(default: Any = MISSING, **options: Any) -> Any:
+    """A field that does not change the numbers (speed, places, output): never in a key. Options as `key`."""
+    return _field("setting", default, **options)
 
 
 def _field(
     role: str,
     default: Any,
-    help: str,
-    check: Constraint | None,
-    factory: Callable[[], Any] | None,
-    cli: str | None,
-    flag: str | None,
+    help: str = "",
+    check: Constraint | None = None,
+    factory: Callable[[], Any] | None = None,
+    cli: str | None = "",
+    flag: str | None = None,
 ) -> Any:
-    # cli: "" -> --field-name; None -> not a command-line option; other -> that option name.
-    # flag: for booleans, the option that sets the non-default value ("--no-update").
     metadata = {"role": role, "help": help, "check": check, "cli": cli, "flag": flag}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)

@@ -50,10 +50,10 @@ class Runners:
         self.runner: Any = None
         self.weights: dict[str, Any] = {}
 
-    def get(self, spec: inference.ModelSpec, calibration: Any) -> tuple[Any, dict[str, Any]]:
+    def get(self, spec: inference.ModelSpec) -> tuple[Any, dict[str, Any]]:
         if self.runner is None:
             allocator.pin_malloc_thresholds()
-            self.runner, self.weights = inference.load(spec, calibration)
+            self.runner, self.weights = inference.load(spec)
         return self.runner, self.weights
 
     def close(self) -> None:
@@ -196,7 +196,7 @@ def compute(
     weights: dict[str, Any] = {}
     try:
         if todo:
-            runner, weights = runners.get(spec, lambda: calibration(images, prep))
+            runner, weights = runners.get(spec)
             for rows, outputs, errors, digests in chunks(cfg, images, todo, prep, runner, spec):
                 computed = {int(i): ([o[k] for o in outputs], errors[k], digests[k]) for k, i in enumerate(rows)}
                 for plan, carrier in zip(plans, carriers, strict=True):
@@ -227,18 +227,6 @@ def compute(
         done[final] = fs
         log.info("wrote %s (%d x %d) in %.1fs", final, fs.X.shape[0], fs.X.shape[1], seconds)
     return done
-
-
-def calibration(images: ImageSplit, prep: Preprocessing) -> list[np.ndarray]:
-    """The first images of the dataset, normalised, in batches of 32: int8 calibration data."""
-    from tlfeat.pool import decode_batch
-
-    n = min(len(images), inference.CALIBRATION_IMAGES)
-    out = []
-    for start in range(0, n, 32):
-        decoded = decode_batch(images.items(range(start, min(n, start + 32))), prep, skip=True)
-        out.append(Normalizer(prep)(decoded.crops).copy())
-    return out
 
 
 def chunks(

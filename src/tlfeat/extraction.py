@@ -96,11 +96,15 @@ def choose_backend(cfg: ExtractConfig) -> str:
     from tlfeat import onnx_backend
 
     cpu = cfg.device.startswith("cpu")
-    if cfg.precision == "int8" and cfg.backend == "torch":
-        raise TlfeatError("--precision int8 runs on ONNX Runtime; use --backend onnxruntime (or auto)")
     if cfg.backend == "torch":
         return "torch"
-    if cfg.backend == "onnxruntime" or cfg.precision == "int8":
+    if cfg.precision != "fp32":
+        if cfg.backend == "onnxruntime":
+            raise TlfeatError(
+                f"--precision {cfg.precision} is GPU autocast in torch; use --backend torch with --device cuda"
+            )
+        return "torch"
+    if cfg.backend == "onnxruntime":
         onnx_backend.require()
         if not cpu:
             raise TlfeatError(f"--backend onnxruntime runs on the CPU; use --backend torch with --device {cfg.device}")
@@ -149,7 +153,7 @@ def _file_stem(dataset: str, layer: str | None) -> str:
 
 def alternatives(cfg: ExtractConfig, target: Target) -> list[tuple[Path, dict[str, Any]]]:
     """With --backend auto, the same features from the other backend: reused rather than computed twice."""
-    if cfg.backend != "auto" or cfg.precision != "fp32":
+    if cfg.backend != "auto":
         return []
     out = []
     for other in ("torch", "onnxruntime"):

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 CPU_MICRO_BATCH = 4  # images per torch forward pass on CPU: the activations stay in cache
 GPU_MICRO_BATCH = 64
-CALIBRATION_IMAGES = 256  # int8: images of the dataset used to calibrate activation ranges
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class TorchRunner:
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         self.autocast = dtypes.get(spec.precision)
         if self.autocast is not None and self.cpu:
-            raise TlfeatError(f"--precision {spec.precision} is for GPUs (autocast); on the CPU use fp32 or int8")
+            raise TlfeatError(f"--precision {spec.precision} is for GPUs (autocast); on the CPU use fp32")
         self.backend, self.version = "torch", torch.__version__
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -151,33 +150,31 @@ def check_device(device: str) -> None:
         raise TlfeatError("--device mps: the Metal backend is not available here; use --device cpu")
 
 
-def load(spec: ModelSpec, calibration: Any = None) -> tuple[Any, dict[str, Any]]:
+def load(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     """A runner for `spec` and the weights' provenance (id, source, sha256).
 
     ONNX Runtime with a verified export needs no torch; otherwise the network is built with torch
-    (and exported, and for int8 quantized with `calibration()` batches, once).
+    (and exported, once, in another process).
     """
     if spec.backend == "onnxruntime":
         path = spec.onnx_path()
         meta = onnx_backend.verified(path)
         if meta is None:
             with fsio.lock(path):  # two processes never export the same graph at once
-                meta = onnx_backend.verified(path) or export_elsewhere(
-                    spec, path, calibration() if spec.precision == "int8" else None
-                )
+                meta = onnx_backend.verified(path) or export_elsewhere(spec, path)
         return OnnxRunner(path, meta), {k: meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
     resolved = _resolve(spec)
     return TorchRunner(spec, resolved), _weights_meta(resolved)
 
 
-def export_elsewhere(spec: ModelSpec, path: Path, calibration: list[np.ndarray] | None) -> dict[str, Any]:
+def export_elsewhere(spec: ModelSpec, path: Path) -> dict[str, Any]:
     """Export in a fresh process, so this one never imports torch nor holds a torch model beside the
     ONNX Runtime session (the export's memory is given back when that process ends)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_export, spec, path, calibration).result()
+        return pool.submit(_export, spec, path).result()
 
 
 def _resolve(spec: ModelSpec) -> ResolvedWeights:
@@ -194,20 +191,18 @@ def _weights_meta(resolved: ResolvedWeights) -> dict[str, Any]:
     }
 
 
-def _export(spec: ModelSpec, path: Path, calibration: Any) -> dict[str, Any]:
+def _export(spec: ModelSpec, path: Path) -> dict[str, Any]:
     from tlfeat.weights import build_with_weights
 
     resolved = _resolve(spec)
     layers = [layer or backbones.PENULTIMATE for layer in spec.layers]
-    provenance = {"model": spec.model, "layers": layers, "image_size": spec.image_size, **_weights_meta(resolved)}
-    if spec.precision == "int8":
-        fp32 = ModelSpec(**{**spec.__dict__, "precision": "fp32"})
-        fp32_path = fp32.onnx_path()
-        if onnx_backend.verified(fp32_path) is None:
-            _export(fp32, fp32_path, None)
-        if calibration is None:
-            raise TlfeatError("internal: int8 needs calibration images")
-        return onnx_backend.quantize(fp32_path, path, calibration, {**provenance, "precision": "int8"})
+    provenance = {
+        "model": spec.model,
+        "layers": layers,
+        "image_size": spec.image_size,
+        **_weights_meta(resolved),
+        "precision": "fp32",
+    }
     net = build_with_weights(spec.model, resolved)
     extractor = backbones.feature_extractor(net, spec.model, list(spec.layers))
-    return onnx_backend.export(extractor, path, spec.image_size, layers, {**provenance, "precision": "fp32"})
+    return onnx_backend.export(extractor, path, spec.image_size, layers, provenance)

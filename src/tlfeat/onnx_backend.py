@@ -118,43 +118,6 @@ def write_sidecar(path: Path, provenance: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def quantize(fp32: Path, int8: Path, calibration: list[np.ndarray], provenance: dict[str, Any]) -> dict[str, Any]:
-    """Static int8 quantization (QDQ, per-channel weights) calibrated on the dataset's first images."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(calibration)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"images": np.ascontiguousarray(batch, dtype=np.float32)}
-
-    with fsio.atomic_path(int8) as tmp:
-        prepped = tmp.with_name(tmp.name + ".pre.onnx")
-        try:
-            quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepped),
-                str(tmp),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
-        except Exception as exc:
-            raise TlfeatError(
-                f"could not quantize {fp32.name} to int8 ({type(exc).__name__}: {first_line(exc)})"
-            ) from exc
-        finally:
-            prepped.unlink(missing_ok=True)
-    return write_sidecar(
-        int8, {**provenance, "quantized_from": fp32.name, "calibration_images": sum(len(b) for b in calibration)}
-    )
-
-
 class Session:
     """Callable like the torch extractor: float32 NCHW in, a list of (n, d) float32 arrays out.
 
