@@ -69,6 +69,7 @@ def test_every_key_field_reaches_the_cache_key(tree: Path, tmp_path: Path, monke
         "seed": {"untrained": True},
         "subset_seed": {"limit": 5},
         "device": {"backend": "torch"},
+        "precision": {"backend": "torch"},
     }
     for name, value in values.items():
         if name == "label_field":
