@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tlfeat-layers")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/layers.json"))
     args = parser.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
         extract(ExtractConfig(**base, layer=layer, cache_dir=cache))
         seconds[name] = time.perf_counter() - t0
     separate = seconds["layer2"] + seconds["layer3"] + seconds["penultimate"]
-    print(f"{args.model}, {args.images} photos, ONNX Runtime, 224 px")
+    print(f"{args.model}, {args.images} photos, {args.backend}, 224 px")
     for name in ("layer2", "layer3", "penultimate"):
         print(
             f"  {name:<12} alone: {seconds[name]:6.1f} s ({seconds[name] / seconds['penultimate']:.2f} of the whole network)"
@@ -61,7 +62,9 @@ def main() -> None:
         f"  three layers, one pass: {seconds['sweep']:.1f} s; one pass each: {separate:.1f} s ({separate / seconds['sweep']:.2f}x)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"images": args.images, "seconds": seconds, "separate_s": separate}, indent=2))
+    args.out.with_name(f"layers-{args.backend}.json").write_text(
+        json.dumps({"images": args.images, "seconds": seconds, "separate_s": separate}, indent=2)
+    )
 
 
 if __name__ == "__main__":

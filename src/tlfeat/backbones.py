@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from tlfeat import modelinfo
@@ -118,6 +119,26 @@ def graph_nodes(model: nn.Module) -> list[str]:
         return list(get_graph_node_names(model)[1])
 
 
+@cache
+def _headless_nodes(name: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(graph nodes, block names) of `name` without its head: tracing costs a second, so once per model."""
+    model = build(name, device="meta")
+    _drop_head(model, name)
+    return tuple(graph_nodes(model)), frozenset(layer_names(model))
+
+
+def check_layers(name: str, layers: list[str]) -> None:
+    """Raise, naming the valid layers, unless every one of `layers` is a block or graph node of `name`."""
+    nodes, modules = _headless_nodes(name)
+    for layer in layers:
+        if layer in modules or layer in nodes or any(n.startswith(layer + ".") for n in nodes):
+            continue
+        raise TlfeatError(
+            f"model {name!r} has no layer {layer!r}.{did_you_mean(layer, sorted(modules) + list(nodes))} "
+            f"Run `tlfeat models --layers {name}` to list them."
+        )
+
+
 def _drop_head(model: nn.Module, name: str) -> None:
     from torch import nn
 
@@ -127,18 +148,6 @@ def _drop_head(model: nn.Module, name: str) -> None:
     else:
         parent, child = get_submodule_parent(model, fam.head)
         setattr(parent, child, nn.Identity())
-
-
-def _check_layers(model: nn.Module, name: str, layers: list[str]) -> None:
-    nodes = graph_nodes(model)
-    modules = set(layer_names(model))
-    for layer in layers:
-        if layer in modules or layer in nodes or any(n.startswith(layer + ".") for n in nodes):
-            continue
-        raise TlfeatError(
-            f"model {name!r} has no layer {layer!r}.{did_you_mean(layer, sorted(modules) + nodes)} "
-            f"Run `tlfeat models --layers {name}` to list them."
-        )
 
 
 class Pooled:
@@ -163,11 +172,9 @@ def feature_extractor(model: nn.Module, name: str, layers: list[str | None] | st
     from torchvision.models.feature_extraction import create_feature_extractor
 
     wanted = layers if isinstance(layers, list) else [layers]
+    check_layers(name, [layer for layer in wanted if layer is not None])
     _drop_head(model, name)
-    named = [layer for layer in wanted if layer is not None]
-    if named:
-        _check_layers(model, name, named)
-    final = graph_nodes(model)[-1]
+    final = _headless_nodes(name)[0][-1]
     nodes = {final if layer is None else layer: layer or PENULTIMATE for layer in wanted}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -81,7 +81,7 @@ def check(cfg: CompareConfig) -> None:
         for model in cfg.models:
             try:
                 if layer != "penultimate":
-                    backbones.feature_dim(model.split(":", 1)[0], layer)
+                    backbones.check_layers(model.split(":", 1)[0], [layer])
             except TlfeatError as exc:
                 problems.append(str(exc).split(" Run ")[0])
     if not cfg.models or not cfg.datas or not cfg.methods:

@@ -142,7 +142,7 @@ def plan(cfg: ExtractConfig) -> list[Target]:
             out.append(Target(split, layer, path, fields, key))
     named = [layer for layer in cfg.layers() if layer is not None]
     if named and not all(t.path.is_file() for t in out):
-        backbones.feature_dims(cfg.model, list(cfg.layers()))  # raises, naming the valid layers, before any work
+        backbones.check_layers(cfg.model, named)  # raises, naming the valid layers, before any work
     return out
 
 

@@ -176,28 +176,33 @@ def build_with_weights(name: str, resolved: ResolvedWeights) -> nn.Module:
     own = model.state_dict()
     # torchvision drops auxiliary-classifier weights when loading googlenet/inception without them.
     state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if resolved.weights_id.startswith("file:") and mismatched:
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if resolved.weights_id.startswith("file:"):
         # A fine-tuned checkpoint with another number of classes: its head is not used for features.
-        log.info("ignoring %d head tensors of another shape: %s", len(mismatched), mismatched)
-        state = {k: v for k, v in state.items() if k not in mismatched}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        bad = [k for k in missing if k not in mismatched] + list(unexpected)
-    else:
-        missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-        bad = [
-            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and own[k].shape != v.shape
-        ]
-        if missing or unexpected or bad:
-            raise TlfeatError(
-                f"{resolved.path} does not fit {name}: {len(missing)} tensor(s) missing (e.g. {', '.join(missing[:2]) or '-'}), "
-                f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'}), {len(bad)} of another shape "
-                f"(e.g. {', '.join(bad[:2]) or '-'}); is it a checkpoint of another architecture?"
-            )
-        model.load_state_dict(state, strict=True)
-        return model
-    if bad:
-        raise TlfeatError(f"{resolved.path} does not fit {name}: {bad[:3]}")
+        head = {k for k in state if k in own and own[k].shape != state[k].shape and k.startswith(_head_prefix(name))}
+        state = {k: v for k, v in state.items() if k not in head}
+        shapes = [s for s in shapes if s.split(" ", 1)[0] not in head]
+    missing = [
+        k
+        for k in own
+        if k not in state and not (resolved.weights_id.startswith("file:") and k.startswith(_head_prefix(name)))
+    ]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or shapes:
+        raise TlfeatError(
+            f"{resolved.path} does not fit {name}: {len(missing)} tensor(s) missing (e.g. {', '.join(missing[:2]) or '-'}), "
+            f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'}), {len(shapes)} of another shape "
+            f"(e.g. {', '.join(shapes[:2]) or '-'}); is it a checkpoint of another architecture?"
+        )
+    model.load_state_dict(state, strict=False)
     return model
+
+
+def _head_prefix(name: str) -> str:
+    from tlfeat.backbones import family
+
+    return family(name).head + "."
