@@ -93,10 +93,16 @@ def check(cfg: CompareConfig) -> None:
 def cells(cfg: CompareConfig) -> list[Cell]:
     out = []
     for data in cfg.datas:
+        scratch_done: set[str] = set()
         for model in cfg.models:
-            for method in cfg.methods:
-                for r in range(cfg.repeats):
-                    out.append(Cell(model, data, str(Method.parse(method)), cfg.seed + r, _subset(cfg, r)))
+            for method in map(Method.parse, cfg.methods):
+                name = model
+                if method.is_scratch:  # random weights anyway: MODEL and MODEL:untrained are one run
+                    name = model.split(":", 1)[0]
+                    if name in scratch_done:
+                        continue
+                    scratch_done.add(name)
+                out += [Cell(name, data, str(method), cfg.seed + r, _subset(cfg, r)) for r in range(cfg.repeats)]
             frozen = [m for m in cfg.methods if Method.parse(m).is_frozen]
             for layer in cfg.layers:
                 if layer == "penultimate" or not frozen:

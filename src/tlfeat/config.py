@@ -339,6 +339,10 @@ class FinetuneConfig:
 
         strategy = parse(self.strategy)
         object.__setattr__(self, "strategy", str(strategy))
+        if strategy.kind == "scratch":  # random weights whatever else was said: one key for one run
+            object.__setattr__(self, "untrained", True)
+            object.__setattr__(self, "weights_id", None)
+            object.__setattr__(self, "weights_file", None)
         recipe = RECIPES["scratch" if strategy.kind == "scratch" else "transfer"]
         for name, value in recipe.items():
             if getattr(self, name) is None:

@@ -53,7 +53,12 @@ class Runners:
     def get(self, spec: inference.ModelSpec) -> tuple[Any, dict[str, Any]]:
         if self.runner is None:
             allocator.pin_malloc_thresholds()
-            self.runner, self.weights = inference.load(spec)
+            if self.cfg.engine == "ray":  # the replicas run the network; the driver only ships it
+                from tlfeat import ray_engine
+
+                self.runner, self.weights = ray_engine.payload(spec)
+            else:
+                self.runner, self.weights = inference.load(spec)
         return self.runner, self.weights
 
     def close(self) -> None:
@@ -99,6 +104,7 @@ def _plans(cfg: ExtractConfig, images: ImageSplit, states: list[State]) -> list[
         images.stats if images.stats is not None else np.zeros((len(images), 2), np.int64),
         images.signature(),
     )
+    known: Any = False  # digests of in-memory images (their stats are zeros), computed when needed
     plans = []
     for state in states:
         base = provenance(cfg, state.target, images, {}, {})
@@ -106,12 +112,19 @@ def _plans(cfg: ExtractConfig, images: ImageSplit, states: list[State]) -> list[
         plan = Plan(state, writer, cursor=writer.done)
         if state.changes is not None:
             plan.carry.update({i: ("old", j) for i, j in state.changes.carry.items()})
-        for b, block in enumerate(writer.leftover):  # an abandoned .partial of an earlier image list
-            rows = {sid: k for k, sid in enumerate(block.ids)}
-            for i in range(len(images)):
-                k = rows.get(images.ids[i])
-                if k is not None and i not in plan.carry and np.array_equal(block.stats[k], listing.stats[i]):
-                    plan.carry[i] = ("left", (b, k))
+        left = {sid: (b, k) for b, block in enumerate(writer.leftover) for k, sid in enumerate(block.ids)}
+        if left and known is False:
+            known = images.known_digests()
+        for i, sid in enumerate(images.ids):  # rows of an abandoned .partial of an earlier image list
+            if sid not in left or i in plan.carry:
+                continue
+            b, k = left[sid]
+            block = writer.leftover[b]
+            same = np.array_equal(block.stats[k], listing.stats[i]) and (
+                known is None or np.array_equal(block.digests[k], known[i])
+            )
+            if same:
+                plan.carry[i] = ("left", (b, k))
         plans.append(plan)
     return plans
 

@@ -157,14 +157,20 @@ def load(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     (and exported, once, in another process).
     """
     if spec.backend == "onnxruntime":
-        path = spec.onnx_path()
-        meta = onnx_backend.verified(path)
-        if meta is None:
-            with fsio.lock(path):  # two processes never export the same graph at once
-                meta = onnx_backend.verified(path) or export_elsewhere(spec, path)
-        return OnnxRunner(path, meta), {k: meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+        meta = ensure_export(spec)
+        return OnnxRunner(spec.onnx_path(), meta), meta
     resolved = _resolve(spec)
     return TorchRunner(spec, resolved), _weights_meta(resolved)
+
+
+def ensure_export(spec: ModelSpec) -> dict[str, Any]:
+    """A verified ONNX export of `spec` (made once, in another process), and its weights' provenance."""
+    path = spec.onnx_path()
+    meta = onnx_backend.verified(path)
+    if meta is None:
+        with fsio.lock(path):  # two processes never export the same graph at once
+            meta = onnx_backend.verified(path) or export_elsewhere(spec, path)
+    return {k: meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
 
 
 def export_elsewhere(spec: ModelSpec, path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ the local engine's bit for bit (the same decoding, and fixed-size micro-batches 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -132,11 +133,17 @@ class Embed:
         return out
 
 
-def _payload(spec: inference.ModelSpec, runner: Any) -> dict[str, Any]:
-    """What every replica needs to rebuild the driver's network: the export's bytes or the state dict."""
+def payload(spec: inference.ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What every replica needs to rebuild the network (the export's bytes, or the extractor's state
+    dict made on the driver's CPU: the driver needs no GPU), and the weights' provenance."""
     if spec.backend == "onnxruntime":
-        return {"onnx": spec.onnx_path().read_bytes()}
-    return {"state_dict": {k: v.cpu() for k, v in runner.extractor.state_dict().items()}}
+        meta = inference.ensure_export(spec)
+        return {"onnx": spec.onnx_path().read_bytes()}, meta
+    resolved = inference._resolve(spec)
+    cpu = inference.TorchRunner(dataclasses.replace(spec, device="cpu"), resolved)
+    return {"state_dict": {k: v.cpu() for k, v in cpu.extractor.state_dict().items()}}, inference._weights_meta(
+        resolved
+    )
 
 
 def _runner_from(payload: dict[str, Any], spec: inference.ModelSpec) -> Any:
@@ -167,7 +174,7 @@ def chunks(
         logging.getLogger(name).setLevel(logging.WARNING)
     context.execution_options.preserve_order = False  # rows are placed by their number, not by arrival
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-    model_ref = ray.put(_payload(spec, runner))
+    model_ref = ray.put(runner)  # the payload: see `payload`
     ds = _rows_dataset(ray, images, rows)
     ds = ds.map_batches(decode, fn_kwargs={"prep": prep, "skip": cfg.on_error == "skip"}, batch_size=BATCH, num_cpus=1)
     ds = ds.map_batches(
