@@ -211,7 +211,9 @@ def write_snapshot(path: Path = SNAPSHOT) -> None:
         "torchvision": torchvision.__version__.split("+")[0],
         "models": {name: asdict(info) for name, info in from_torchvision().items()},
     }
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    from tlfeat import fsio
+
+    fsio.atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

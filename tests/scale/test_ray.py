@@ -213,3 +213,17 @@ def test_an_image_a_worker_cannot_read(local_ray: object, tmp_path: Path, monkey
     victim.write_bytes(b"")  # listed again next time, then removed again by the hook
     [train] = extract(_cfg(tree, tmp_path / "c", engine="ray", num_workers=1, splits=("train",), on_error="skip"))
     assert [s["id"] for s in train.meta["skipped"]] == ["train/bees/2.png"] and len(train) == 11
+
+
+def test_shards_under_ray_equal_the_local_engine(local_ray: object, tmp_path: Path) -> None:
+    """Tar members are read by the workers by their byte range; Parquet bytes go through the object store."""
+    from .test_shards import _parquet, _samples, _tar
+
+    tree = make_tree(tmp_path / "tree", per_class=6)
+    samples = _samples(tree, "train")
+    _tar(tmp_path / "s.tar", samples)
+    _parquet(tmp_path / "s.parquet", samples)
+    for data in (str(tmp_path / "s.tar"), str(tmp_path / "s.parquet")):
+        local = extract(_cfg(tree, tmp_path / "local", data=data))
+        remote = extract(_cfg(tree, tmp_path / "ray", data=data, engine="ray", num_workers=2))
+        assert all(a.ids == b.ids and np.array_equal(a.X, b.X) for a, b in zip(local, remote, strict=True))
