@@ -12,7 +12,7 @@ from tlfeat_cli.options import from_config, given, json_option, quiet_option
 
 FIELDS = (
     "models", "datas", "methods", "repeats", "resample", "layers", "epochs", "scratch_epochs", "lr", "batch_size",
-    "optimizer", "augment", "C", "image_size", "limit", "test_limit", "seed", "on_error", "workers", "out",
+    "optimizer", "augment", "C", "image_size", "limit", "test_limit", "label_field", "seed", "on_error", "workers", "out",
     "results_dir", "cache_dir", "data_dir",
 )  # fmt: skip
 

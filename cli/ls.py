@@ -115,13 +115,16 @@ def _row(e: Any, state: Any) -> list[Any]:
 
 
 def _skipped(path: Path) -> list[dict[str, str]]:
+    """The skipped images of a set, read from its index (never its features)."""
     from tlfeat import cache
-    from tlfeat.errors import TlfeatError
 
     try:
-        return cache.read(path, verify=False).meta["skipped"]
-    except TlfeatError:
+        index = cache.stored_index(path)
+    except (OSError, KeyError, ValueError):
         return []
+    return [
+        {"id": index.ids[i], "error": e} for i, e in zip(index.skipped_index.tolist(), index.skipped_error, strict=True)
+    ]
 
 
 def _size(path: Path) -> int:

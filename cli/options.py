@@ -43,7 +43,12 @@ def _option(config: type, field: dataclasses.Field[Any], short: str | None = Non
     check = meta.get("check")
     if isinstance(check, Choice) and "one of" not in help_text:
         help_text += f" [{'|'.join(check.choices)}]"
-    if field.default not in (dataclasses.MISSING, None, False, True, ()):
+    if (
+        field.default is not dataclasses.MISSING
+        and field.default is not None
+        and type(field.default) is not bool
+        and field.default != ()
+    ):
         help_text += f" [default: {field.default}]"
     kind = _kind(str(field.type))
     required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING

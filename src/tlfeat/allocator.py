@@ -31,7 +31,8 @@ _pinned: bool | None = None
 def pin_malloc_thresholds() -> bool:
     """Pin the thresholds once per process (glibc only; elsewhere nothing happens). True if pinned.
 
-    Worker processes forked afterwards inherit the setting. A user's own MALLOC_*_ variables win.
+    Processes forked afterwards (DataLoader workers) inherit the setting; spawned ones (decoding
+    workers) start with glibc's defaults, which suit them. A user's own MALLOC_*_ variables win.
     """
     global _pinned
     if _pinned is not None:

@@ -9,7 +9,6 @@ estimator contract.
 
 from __future__ import annotations
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,14 +21,11 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from tlfeat import config
 from tlfeat.errors import TlfeatError, did_you_mean
 
 CLASSIFIERS = ("logreg", "svm", "linear")
 KERNELS = ("linear", "rbf")
-
-
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class _LinearScores:
@@ -112,7 +108,7 @@ class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
         y_idx = self._encode_classes(y)
         n, d = X.shape
         k = len(self.classes_)
-        threads = max(1, int(self.n_threads or _usable_cpus()))
+        threads = max(1, int(self.n_threads or config.cores()))
         blocks = [(lo, min(lo + int(self.block_rows), n)) for lo in range(0, n, int(self.block_rows))]
         chunks = [blocks[i::threads] for i in range(min(threads, len(blocks)))]
 
@@ -206,25 +202,40 @@ class LinearHead(_LinearScores, ClassifierMixin, BaseEstimator):
             raise ValueError("C and lr must be positive, epochs and batch_size at least 1")
         y_idx = self._encode_classes(y)
         n, d = X.shape
+        layer, optimizer, gen = self.start(n, d)
+        Xt, yt = torch.from_numpy(np.ascontiguousarray(X)), torch.from_numpy(y_idx.astype(np.int64))
+        self.loss_curve_: list[float] = []
+        for _ in range(int(self.epochs)):
+            order = torch.randperm(n, generator=gen)
+            total = sum(
+                self.step(layer, optimizer, Xt[idx], yt[idx]) * len(idx) for idx in order.split(int(self.batch_size))
+            )
+            self.loss_curve_.append(total / n)
+        return self.finish(layer)
+
+    def start(self, n: int, d: int) -> tuple[Any, Any, Any]:
+        """A new linear layer (weights ~ N(0, 0.01)), its Adam optimizer (weight decay 1 / (C n)) and its RNG."""
+        import torch
+
         gen = torch.Generator().manual_seed(int(self.random_state))
         layer = torch.nn.Linear(d, len(self.classes_))
         with torch.no_grad():
             layer.weight.normal_(0.0, 0.01, generator=gen)
             layer.bias.zero_()
-        optimizer = torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=1.0 / (self.C * n))
-        Xt, yt = torch.from_numpy(np.ascontiguousarray(X)), torch.from_numpy(y_idx.astype(np.int64))
-        self.loss_curve_: list[float] = []
-        for _ in range(int(self.epochs)):
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, int(self.batch_size)):
-                idx = order[start : start + int(self.batch_size)]
-                optimizer.zero_grad()
-                loss = torch.nn.functional.cross_entropy(layer(Xt[idx]), yt[idx])
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(idx)
-            self.loss_curve_.append(total / n)
+        return layer, torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=1.0 / (self.C * n)), gen
+
+    @staticmethod
+    def step(layer: Any, optimizer: Any, Xb: Any, yb: Any) -> float:
+        """One optimisation step on one mini-batch; its mean loss."""
+        import torch
+
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(layer(Xb), yb)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def finish(self, layer: Any) -> LinearHead:
         self.coef_ = layer.weight.detach().numpy().astype(np.float64)
         self.intercept_ = layer.bias.detach().numpy().astype(np.float64)
         self.n_iter_ = int(self.epochs)

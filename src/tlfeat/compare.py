@@ -130,6 +130,7 @@ def extract_config(cfg: CompareConfig, cell: Cell) -> ExtractConfig:
         limit=cfg.limit,
         test_limit=cfg.test_limit,
         subset_seed=cell.subset_seed,
+        label_field=cfg.label_field,
         workers=cfg.workers,
         cache_dir=cfg.cache_dir,
         data_dir=cfg.data_dir,
@@ -169,6 +170,7 @@ def finetune_config(cfg: CompareConfig, cell: Cell) -> FinetuneConfig:
         limit=cfg.limit,
         test_limit=cfg.test_limit,
         subset_seed=cell.subset_seed,
+        label_field=cfg.label_field,
         seed=cell.seed,
         workers=cfg.workers,
         data_dir=cfg.data_dir,
@@ -230,14 +232,15 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     echo(f"plan: {len(plan)} cells: " + ", ".join(f"{n} {w}" for w, n in sorted(counts.items())))
     for cell, what in plan:
         echo(f"  {what:>13}  {cell.label()}")
-    fsio.atomic_write(
-        out / "compare.json",
-        json.dumps(
-            {"config": _jsonable(asdict(cfg)), "command": cfg.command, "environment": environment(), "started": _now()},
-            indent=2,
-        ),
-    )
+    meta: dict[str, Any] = {
+        "config": _jsonable(asdict(cfg)),
+        "command": cfg.command,
+        "environment": environment(),
+        "started": _now(),
+    }
+    fsio.atomic_write(out / "compare.json", json.dumps(meta, indent=2))
     failures: dict[str, str] = {}
+    done: list[str] = []
     bar = tqdm(
         total=len(plan),
         desc="compare",
@@ -251,8 +254,10 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         bar.set_postfix_str(cell.label()[:60])
         t0 = time.perf_counter()
         try:
-            run_cell(cfg, cell)
-        except (TlfeatError, RuntimeError, ValueError, OSError) as exc:
+            record = run_cell(cfg, cell)
+            if record.path is not None:
+                done.append(os.path.relpath(record.path.resolve(), out.resolve()))
+        except Exception as exc:  # one failed cell (a missing weights file, a bug) never stops the others
             failures[cell.label()] = f"{type(exc).__name__}: {first_line(exc)}"
             log.warning("cell failed: %s: %s", cell.label(), exc)
         log.info("%s (%s) in %.1fs", cell.label(), what, time.perf_counter() - t0)
@@ -261,6 +266,8 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     fsio.atomic_write(
         out / "failures.json", json.dumps({"failures": failures, "cells": [asdict(c) for c, _ in plan]}, indent=2)
     )
+    meta["records"], meta["finished"] = done, _now()
+    fsio.atomic_write(out / "compare.json", json.dumps(meta, indent=2))
     from tlfeat.report import build
 
     build(out)

@@ -53,8 +53,14 @@ def torch_home() -> Path:
     return Path(base).expanduser() / "hub"
 
 
+def cores() -> int:
+    """CPUs this process may use (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def offline() -> bool:
-    """TLFEAT_OFFLINE=1: never try a download (tests, air-gapped machines)."""
+    """TLFEAT_OFFLINE=1: never try torchvision's downloads of weights and datasets (tests, machines
+    behind a package mirror). Files carried by registry packages are still fetched from the index."""
     return env_flag("TLFEAT_OFFLINE")
 
 
@@ -171,8 +177,8 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         _paths(self, "weights_file", "cache_dir", "data_dir")
-        if self.splits is not None:
-            object.__setattr__(self, "splits", tuple(self.splits))
+        if self.splits is not None:  # --split train --split train asks for one split
+            object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
         validate(self)
 
     def layers(self) -> list[str | None]:
@@ -318,6 +324,7 @@ class FinetuneConfig:
     limit: int | None = key(None, help=_LIMIT_HELP, check=LIMIT)
     test_limit: int | None = key(None, help=_TEST_LIMIT_HELP, check=LIMIT)
     subset_seed: int = key(0, help="Seed of the --limit subsets.", check=SEED)
+    label_field: str = key("cls", help="Shards and Parquet: the field that holds the label.", check=NAME)
     seed: int = key(0, help="Seed of the head, the shuffling and the augmentation.", check=SEED)
     weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
     weights_file: Path | None = key(
@@ -396,6 +403,7 @@ class CompareConfig:
     image_size: int | None = key(None, help="Crop size in pixels for every method.", check=IMAGE_SIZE)
     limit: int | None = key(None, help=_LIMIT_HELP, check=LIMIT)
     test_limit: int | None = key(None, help=_TEST_LIMIT_HELP, check=LIMIT)
+    label_field: str = key("cls", help="Shards and Parquet: the field that holds the label.", check=NAME)
     seed: int = key(0, help="First seed.", check=SEED)
     on_error: str = setting("fail", help="Unreadable images while extracting: fail or skip.", check=Choice(ON_ERROR))
     workers: int | None = setting(None, help="Decoding processes.", check=WORKERS)

@@ -38,25 +38,29 @@ class Interval(Constraint):
     nullable: bool = False
 
     def ok(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.kind is int and not float(value).is_integer():
-            return False
-        if isinstance(value, float) and not math.isfinite(value):
+        if value is None or not _number_like(value):
+            return value is None and self.nullable
+        if isinstance(value, float) and not (math.isfinite(value) and (self.kind is float or value.is_integer())):
             return False
         return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a number"
         if self.low is not None and self.high is not None:
-            bounds = f" between {self.low:g} and {self.high:g}"
+            bounds = f" between {_number(self.low)} and {_number(self.high)}"
         elif self.low is not None:
-            bounds = f" of at least {self.low:g}"
+            bounds = f" of at least {_number(self.low)}"
         else:
             bounds = ""
         return what + bounds
+
+
+def _number_like(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,8 @@ class Positive(Constraint):
     nullable: bool = False
 
     def ok(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
+        if value is None or not _number_like(value):
+            return value is None and self.nullable
         return math.isfinite(value) and 0 < value <= self.high
 
     def describe(self) -> str:
@@ -180,4 +182,5 @@ def unclassified(cls: type) -> list[str]:
 
 
 def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, Sequence) or isinstance(value, str) else repr(tuple(value))
+    text = repr(value) if not isinstance(value, Sequence) or isinstance(value, str) else repr(tuple(value))
+    return text if len(text) <= 60 else text[:57] + "..."

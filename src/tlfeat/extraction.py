@@ -177,39 +177,33 @@ class State:
     old: Path | None = None  # the stale file, to carry rows over from
 
 
-def assess(cfg: ExtractConfig, target: Target, images: ImageSplit) -> State:
-    """Reuse, update or compute `target`, looking at its file (and the other backend's)."""
+def assess(cfg: ExtractConfig, target: Target, images: ImageSplit, locked: bool = False) -> State:
+    """Reuse, update or compute `target`, looking at its file (and the other backend's).
+
+    A damaged file of the target is moved aside (never deleted) only when `locked`: until then
+    another process may be rewriting it.
+    """
     for path, fields in [(target.path, target.key_fields), *alternatives(cfg, target)]:
         if not path.is_file():
             continue
         try:
             meta = cache.check(path, verify=False)
+            _check_same(path, meta, fields)
+            changes = fingerprint.compare(
+                cache.stored_index(path), str(meta.get("signature", "")), images, cfg.verify_content
+            )
+            fs = cache.read(path) if not changes.stale else None
         except CacheDamaged as exc:
-            if path == target.path:
+            if locked and path == target.path:
                 aside = fsio.set_aside(path)
                 log.warning("%s; moved it to %s and extracting again", str(exc).split(";")[0], aside.name)
             continue
-        _check_same(path, meta, fields)
-        stored = cache.stored_index(path)
-        changes = fingerprint.compare(stored, str(meta.get("signature", "")), images, cfg.verify_content)
-        if not changes.stale:
-            fs = _read(path)
-            if fs is None:
-                continue
+        if fs is not None:
             fs.reused = True
             return State(target, fs=fs)
         if path == target.path:
             return State(target, changes=changes, old=path)
     return State(target)
-
-
-def _read(path: Path) -> cache.FeatureSet | None:
-    try:
-        return cache.read(path)
-    except CacheDamaged as exc:
-        aside = fsio.set_aside(path)
-        log.warning("%s; moved it to %s and extracting again", str(exc).split(";")[0], aside.name)
-        return None
 
 
 def _check_same(path: Path, meta: dict[str, Any], key_fields: dict[str, Any]) -> None:
@@ -261,7 +255,7 @@ def extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> li
                 continue
             with _locks([s.target.path for s in states if s.fs is None]):
                 # Another process may have finished (or changed) these while this one waited.
-                states = [s if s.fs is not None else assess(cfg, s.target, images) for s in states]
+                states = [s if s.fs is not None else assess(cfg, s.target, images, locked=True) for s in states]
                 for s in states:
                     if s.changes is not None and not cfg.update:
                         raise refuse_update(images, s)
@@ -327,7 +321,8 @@ def provenance(
         "limit": cfg.split_limit(target.split) or 0,
         "train_limit": cfg.limit or 0,
         "test_limit": cfg.test_limit or 0,
-        "subset_seed": cfg.subset_seed,
+        "subset_seed": cfg.subset_seed if cfg.split_limit(target.split) is not None else 0,
+        "data_dir": str(cfg.data_dir) if images.dataset in datasets.named_datasets() else "",
         "label_field": cfg.label_field,
         "split_seed": datasets.SPLIT_SEED,
         "backend": target.key_fields["backend"],
@@ -379,7 +374,7 @@ def load_features(
         weights_id=weights_id,
         image_size=image_size,
         limit=limit if split == "train" else test_limit,
-        subset_seed=subset_seed,
+        subset_seed=subset_seed if split == "train" else None,  # only --limit subsets have one
         backend=backend,
     )
     return cache.read(path, lazy=lazy)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, allocator, backbones, cache, constraints, datasets, fsio, strategies, training
+from tlfeat import __version__, allocator, backbones, cache, constraints, datasets, fsio, progress, strategies, training
 from tlfeat.config import FinetuneConfig
 from tlfeat.errors import TlfeatError
 from tlfeat.records import Method, RunRecord, Timings, load_now, load_record
@@ -50,14 +50,21 @@ def load_splits(cfg: FinetuneConfig) -> Splits:
         raise TlfeatError(f"{cfg.data} needs train and test splits; it has {', '.join(available)}")
 
     def load(split: str) -> datasets.ImageSplit:
-        return datasets.load_split(cfg.data, split, cfg.data_dir, cfg.split_limit(split), subset_seed=cfg.subset_seed)
+        return datasets.load_split(
+            cfg.data,
+            split,
+            cfg.data_dir,
+            cfg.split_limit(split),
+            subset_seed=cfg.subset_seed,
+            label_field=cfg.label_field,
+        )
 
     train, test = load("train"), load("test")
     if len(np.unique(train.labels)) < 2:
         raise TlfeatError(f"{cfg.data} has one class only in its training split; fine-tuning needs 2 or more")
     if "val" in available:
         return Splits(train, load("val"), test, "the dataset's val split")
-    fit_idx, val_idx = datasets.stratified_split(train.labels, VAL_FRACTION, seed=datasets.SPLIT_SEED)
+    fit_idx, val_idx = datasets.stratified_split(train.labels, VAL_FRACTION, seed=datasets.SPLIT_SEED, ids=train.ids)
     if len(val_idx) == 0:
         raise TlfeatError(f"{cfg.data}: too few training images to hold out a validation set")
     how = f"stratified {VAL_FRACTION:.0%} of train (seed {datasets.SPLIT_SEED})"
@@ -74,10 +81,21 @@ def weights_id(cfg: FinetuneConfig) -> str:
 
 
 def config_key(cfg: FinetuneConfig, wid: str) -> str:
-    """The run's key: every `key` field (recipe defaults resolved), with the data and weights canonical."""
+    """The run's key: every `key` field (recipe defaults resolved), the data and weights canonical, and
+    the images as they are now (their listing's signature), so a changed dataset is trained on again."""
     fields = {name: getattr(cfg, name) for name in constraints.key_fields(cfg)}
-    fields.update(data=datasets.canonical(cfg.data), weights_file=None, weights=wid)
+    fields.update(data=datasets.canonical(cfg.data), weights_file=None, weights=wid, images=images_signature(cfg))
     return cache.cache_key({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
+
+
+def images_signature(cfg: FinetuneConfig) -> str:
+    import hashlib
+
+    splits = load_splits(cfg)
+    digest = hashlib.sha256()
+    for split in (splits.train, splits.val, splits.test):
+        digest.update(split.signature().encode())
+    return digest.hexdigest()
 
 
 def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
@@ -190,6 +208,8 @@ def _prepare(cfg: FinetuneConfig, out_dir: Path, wid: str) -> Run:
     allocator.pin_malloc_thresholds()  # a MobileNetV2 training step on CPU: 56-62 -> 81-83 img/s
     torch.manual_seed(cfg.seed)
     model, resolved = _build(cfg, strategy, len(splits.train.class_names))
+    # On the device before the optimizer exists: a resumed optimizer's state then follows its parameters.
+    model = model.to(cfg.device, memory_format=torch.channels_last)
     opt = training.optimizer(cfg, strategies.apply(model, cfg.model, strategy, cfg.learning_rate))
     steps = max(1, len(splits.train) // cfg.batch_size)
     setup = {
@@ -207,13 +227,11 @@ def _prepare(cfg: FinetuneConfig, out_dir: Path, wid: str) -> Run:
 
 def _train(cfg: FinetuneConfig, out_dir: Path, wid: str) -> RunRecord:
     """Set up, train epoch by epoch (saving the state at each end), evaluate the best epoch on test."""
-    import torch
 
     run = _prepare(cfg, out_dir, wid)
     state = training.TrainState()
     if cfg.resume and run.last.is_file():
         state = training.TrainState.load(run.last, run.model, run.opt, run.sched, cfg.model)
-    run.model = run.model.to(cfg.device, memory_format=torch.channels_last)
     out_dir.mkdir(parents=True, exist_ok=True)
     val_batches = run.batches(run.splits.val)
     for epoch in range(state.epoch, int(cfg.epochs or 1)):
@@ -260,7 +278,7 @@ def _epoch(run: Run, train_batches: Any, val_batches: Any, epoch: int) -> dict[s
     lrs = [g["lr"] for g in run.opt.param_groups]
     model.train()
     strategies.freeze_batchnorm_stats(model)
-    bar = _progress(cfg, len(train_batches.dataset), f"epoch {epoch + 1}/{cfg.epochs}")
+    bar = progress.bar(cfg.progress, len(train_batches.dataset), f"epoch {epoch + 1}/{cfg.epochs}")
     try:
         scores = training.run_epoch(model, train_batches, run.opt, run.sched, cfg.device, bar)
     finally:
@@ -362,12 +380,6 @@ def _json(obj: Any) -> str:
     import json
 
     return json.dumps(obj, indent=2, default=str)
-
-
-def _progress(cfg: FinetuneConfig, total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not cfg.progress, dynamic_ncols=True, leave=False)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:

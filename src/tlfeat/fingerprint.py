@@ -37,10 +37,6 @@ class Changes:
     def stale(self) -> bool:
         return bool(self.added or self.modified or self.removed or self.relabelled or self.reordered)
 
-    @property
-    def to_compute(self) -> list[int]:
-        return sorted(self.added + self.modified)
-
     def summary(self) -> str:
         parts = [
             f"{len(v)} {name}"

@@ -13,7 +13,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics
 from tlfeat.config import FitConfig
 from tlfeat.errors import CacheDamaged, TlfeatError
-from tlfeat.records import Method, RunRecord, Timings, load_now, load_record
+from tlfeat.records import Method, RunRecord, Timings, load_now, load_record, variants
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def _group(attrs: dict[str, Any]) -> str:
 def pairs(cfg: FitConfig) -> list[Pair]:
     """(train, test) feature sets in the cache that the config selects: every variant, none dropped."""
     dataset_id = datasets.canonical(cfg.data) if cfg.data else None
-    wanted = {k: v for k, v in cfg.selectors().items() if k not in ("limit", "test_limit")}
+    per_split = ("limit", "test_limit", "subset_seed")  # selectors of the train or the test file only
+    wanted = {k: v for k, v in cfg.selectors().items() if k not in per_split}
     entries = [
         e
         for e in catalog.scan(cfg.cache_dir)
@@ -98,7 +99,9 @@ def pairs(cfg: FitConfig) -> list[Pair]:
         groups.setdefault(_group(e.attrs), {}).setdefault(str(e.attrs.get("split")), []).append(e)
     out = []
     for group in groups.values():
-        trains = [e for e in group.get("train", []) if catalog.matches(e.attrs, limit=cfg.limit)]
+        trains = [
+            e for e in group.get("train", []) if catalog.matches(e.attrs, limit=cfg.limit, subset_seed=cfg.subset_seed)
+        ]
         tests = [e for e in group.get("test", []) if catalog.matches(e.attrs, limit=cfg.test_limit)]
         out += [Pair(tr, te) for tr in trains for te in tests]
     for e in damaged:
@@ -139,19 +142,22 @@ def check_pair(train: cache.FeatureSet, test: cache.FeatureSet) -> None:
         )
 
 
-def config_key(cfg: FitConfig, train_sha: str, test_sha: str) -> str:
-    """The result key: the classifier's `key` fields and the checksums of both feature sets."""
+def config_key(cfg: FitConfig, train_sha: str, test_sha: str, route: str) -> str:
+    """The result key: the classifier's `key` fields (the route as it resolved: memory and streaming
+    solve with different solvers) and the checksums of both feature sets."""
     fields: dict[str, Any] = {name: getattr(cfg, name) for name in constraints.key_fields(cfg)}
     if cfg.clf != "linear":
         fields.pop("epochs"), fields.pop("lr")
-    fields.update(train=train_sha, test=test_sha, solver="tlfeat.LogReg" if cfg.clf == "logreg" else cfg.clf)
+    fields.update(
+        route=route, train=train_sha, test=test_sha, solver="tlfeat.LogReg" if cfg.clf == "logreg" else cfg.clf
+    )
     return cache.cache_key(fields)
 
 
 def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha: str) -> Path:
     """Where the record of this fit is (or will be) saved: compare asks before running anything."""
     slug = datasets.dataset_slug(str(attrs["dataset"]))
-    key = config_key(cfg, train_sha, test_sha)
+    key = config_key(cfg, train_sha, test_sha, resolve_route(cfg, attrs))
     return (
         Path(cfg.results_dir)
         / "fits"
@@ -160,14 +166,14 @@ def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha:
     )
 
 
-def choose_C(cfg: FitConfig, X: Any, y: np.ndarray) -> dict[str, Any]:
+def choose_C(cfg: FitConfig, X: Any, y: np.ndarray, ids: list[str]) -> dict[str, Any]:
     """Cross-validated choice of C on (a stratified subset of) the training split."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
     if cfg.C is not None:
         return {"C": float(cfg.C), "chosen_by": "user"}
     grid = C_GRIDS[cfg.method]
-    idx = datasets.stratified_subset(y, CV_MAX_SAMPLES, seed=cfg.seed)
+    idx = datasets.stratified_subset(y, CV_MAX_SAMPLES, seed=cfg.seed, ids=ids)
     counts = np.unique(y[idx], return_counts=True)[1]
     folds = min(cfg.cv_folds, int(counts.min()))
     if folds < 2:
@@ -191,13 +197,14 @@ def choose_C(cfg: FitConfig, X: Any, y: np.ndarray) -> dict[str, Any]:
     }
 
 
-def resolve_route(cfg: FitConfig, attrs: dict[str, Any], dim: int) -> str:
+def resolve_route(cfg: FitConfig, attrs: dict[str, Any]) -> str:
     """memory, or streaming when the features would not fit the memory the fit may use."""
     from tlfeat import outofcore
 
     if cfg.route != "auto":
         return "memory" if cfg.route == "memory" else "streaming"
     budget = int(cfg.memory_gb * 1e9) if cfg.memory_gb else None
+    dim = int(attrs.get("n_features") or 0)
     return "streaming" if outofcore.needs_streaming(int(attrs.get("n_images", 0)), dim, budget) else "memory"
 
 
@@ -210,7 +217,7 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
     if cfg.refit and path.is_file():  # --refit: keep the earlier result, write a new one beside it
         stamp = datetime.now(timezone.utc).strftime("-%Y%m%dT%H%M%S%f")
         path = path.parent.with_name(path.parent.name + stamp) / "record.json"
-    route = resolve_route(cfg, pair.train.attrs, _dim(pair.train.path))
+    route = resolve_route(cfg, pair.train.attrs)
     lazy = route == "streaming"
     train, test = cache.read(pair.train.path, lazy=lazy), cache.read(pair.test.path, lazy=lazy)
     check_pair(train, test)
@@ -221,18 +228,11 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
         return FitResult(_fit_and_save(cfg, train, test, path, route), path)
 
 
-def _dim(path: Path) -> int:
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        return int(h5["features"].shape[1])
-
-
 def _train(cfg: FitConfig, train: cache.FeatureSet, route: str) -> tuple[Any, dict[str, Any], float]:
     """The fitted pipeline, how C was chosen, and the fit's seconds."""
     from tlfeat import outofcore
 
-    cv = choose_C(cfg, train.X, train.y)
+    cv = choose_C(cfg, train.X, train.y, train.ids)
     t0 = time.perf_counter()
     if route == "streaming":
         pipeline = outofcore.fit(cfg.clf, train, cv["C"], cfg.epochs, cfg.lr, cfg.seed)
@@ -368,16 +368,6 @@ def load_classifier(record_path: Path) -> Any:
 
 # --------------------------------------------------------------------------- tables
 
-VARIANT_FIELDS = ("layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed")
-
-
-def variant(record: RunRecord, differing: list[str]) -> str:
-    parts = []
-    for name in differing:
-        value = getattr(record, name)
-        parts.append(f"{name.replace('_', ' ')} {value if value not in (None, '') else '-'}")
-    return f" [{', '.join(parts)}]" if parts else ""
-
 
 def table(
     records: list[RunRecord], metric: str = "accuracy"
@@ -388,12 +378,15 @@ def table(
         by_pair.setdefault((r.model, r.dataset), []).append(r)
     cells: dict[tuple[str, str], float | None] = {}
     for (model, dataset), group in by_pair.items():
-        differing = [f for f in VARIANT_FIELDS if len({str(getattr(r, f)) for r in group}) > 1]
+        labels = variants(group)
         for r in group:
-            cells[(model + variant(r, differing), datasets.short_name(dataset))] = r.metrics.get(metric)
+            row = model + (f" [{labels[id(r)]}]" if labels[id(r)] else "")
+            if (row, datasets.short_name(dataset)) in cells:  # the same configuration fitted again (--refit)
+                row += f" [{Path(r.path).parent.name if r.path else r.created}]"
+            cells[(row, datasets.short_name(dataset))] = r.metrics.get(metric)
     rows = sorted({k[0] for k in cells})
     cols = sorted({k[1] for k in cells})
     return rows, cols, cells
 
 
-__all__ = ["FitConfig", "FitResult", "Pair", "fit", "fit_pair", "load_classifier", "pairs", "replace", "table"]
+__all__ = ["FitConfig", "FitResult", "Pair", "fit", "fit_pair", "load_classifier", "pairs", "table"]

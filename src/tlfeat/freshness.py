@@ -34,7 +34,7 @@ class Freshness:
         return "ok"
 
 
-def _sources_present(attrs: dict[str, Any]) -> str | None:
+def _missing_sources(attrs: dict[str, Any]) -> str | None:
     """Why the images cannot be compared now, or None when they are here."""
     dataset = str(attrs.get("dataset", ""))
     try:
@@ -52,7 +52,7 @@ def _sources_present(attrs: dict[str, Any]) -> str | None:
 def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: bool = False) -> Freshness:
     """How the cache file of `entry` compares with its images now."""
     attrs = entry.attrs
-    gone = _sources_present(attrs)
+    gone = _missing_sources(attrs)
     if gone is not None:
         return Freshness("unknown", reason=gone)
     split = str(attrs.get("split"))
@@ -60,7 +60,7 @@ def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: b
         images = datasets.load_split(
             str(attrs["dataset"]),
             split,
-            data_dir,
+            data_dir or (Path(attrs["data_dir"]) if attrs.get("data_dir") else None),
             int(attrs.get("limit") or 0) or None,
             subset_seed=int(attrs.get("subset_seed") or 0),
             label_field=str(attrs.get("label_field") or "cls"),

@@ -205,12 +205,24 @@ def lock(final: Path) -> Iterator[None]:
 
 
 def set_aside(path: Path, suffix: str = ".damaged") -> Path:
-    """Move a damaged file out of the way (never delete computed data); an earlier one is kept too."""
-    aside = path.with_name(path.name + suffix)
-    n = 1
-    while aside.exists():
-        aside = path.with_name(f"{path.name}{suffix}.{n}")
-        n += 1
-    with writing(aside):
-        os.replace(path, aside)
+    """Move a damaged file out of the way (never delete computed data); an earlier one is kept too.
+
+    The new name is claimed with a hard link, which fails rather than overwrite a name another
+    process has just taken.
+    """
+    n = 0
+    with writing(path):
+        while True:
+            aside = path.with_name(path.name + suffix + (f".{n}" if n else ""))
+            try:
+                os.link(path, aside)
+                break
+            except FileExistsError:
+                n += 1
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV) or aside.exists():
+                    raise
+                os.replace(path, aside)  # a filesystem without hard links
+                return aside
+        path.unlink()
     return aside

@@ -11,7 +11,6 @@ import hashlib
 import io
 import logging
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +79,8 @@ def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None
         raise TlfeatError(f"cannot decode image {name}: {exc} (a decompression bomb?)") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise TlfeatError(f"cannot decode image {name}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file can make a decoder raise anything
+        raise TlfeatError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
 
 
 def to_rgb(img: Any) -> Any:
@@ -95,9 +96,3 @@ def to_rgb(img: Any) -> Any:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
-
-
-def open_rgb(path: Path | str) -> Image.Image:
-    """Open any common image file as 8-bit RGB (one TlfeatError naming the file on failure)."""
-    content, name = read(("path", str(path)))
-    return decode(content, name)

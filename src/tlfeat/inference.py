@@ -24,6 +24,7 @@ from tlfeat.weights import ResolvedWeights
 log = logging.getLogger(__name__)
 
 CPU_MICRO_BATCH = 4  # images per torch forward pass on CPU: the activations stay in cache
+ONNX_MICRO_BATCH = 16
 GPU_MICRO_BATCH = 64
 
 
@@ -124,6 +125,9 @@ class TorchRunner:
 
 
 class OnnxRunner:
+    """Fixed-size micro-batches here too (the last one padded): the features of an image never
+    depend on how many images were computed with it."""
+
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         # The decoding workers share these cores, so ONNX Runtime's idle threads must not spin.
         self.session = onnx_backend.Session(path, spin=False)
@@ -131,7 +135,14 @@ class OnnxRunner:
         self.backend, self.version = "onnxruntime", self.session.version
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session(batch)
+        n = len(batch)
+        parts = []
+        for start in range(0, n, ONNX_MICRO_BATCH):
+            x = batch[start : start + ONNX_MICRO_BATCH]
+            if len(x) < ONNX_MICRO_BATCH:
+                x = np.concatenate([x, np.zeros((ONNX_MICRO_BATCH - len(x), *x.shape[1:]), dtype=x.dtype)])
+            parts.append(self.session(x))
+        return [np.concatenate([p[k] for p in parts])[:n] for k in range(len(parts[0]))]
 
 
 def check_device(device: str) -> None:
@@ -169,7 +180,7 @@ def ensure_export(spec: ModelSpec) -> dict[str, Any]:
     meta = onnx_backend.verified(path)
     if meta is None:
         with fsio.lock(path):  # two processes never export the same graph at once
-            meta = onnx_backend.verified(path) or export_elsewhere(spec, path)
+            meta = onnx_backend.verified(path, repair=True) or export_elsewhere(spec, path)
     return {k: meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
 
 

@@ -57,6 +57,34 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def sha256_known(path: Path) -> str:
+    """sha256 of a large file that rarely changes (weights), remembered by path, size, time and inode
+    under TLFEAT_HOME so that `tlfeat models` and every extraction need not read it again."""
+    import json
+    import os
+
+    from tlfeat import fsio
+
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    book = tlfeat_home() / "known_sha256.json"
+    try:
+        known = json.loads(book.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(Path(path).resolve())) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return str(entry["sha256"])
+    digest = sha256_file(path)
+    if isinstance(known, dict):
+        known[str(Path(path).resolve())] = {"stamp": stamp, "sha256": digest}
+        try:
+            fsio.atomic_write(book, json.dumps(known))
+        except OSError:
+            pass  # remembering is an optimisation only
+    return digest
+
+
 def installed_member(rf: RegistryFile) -> Path | None:
     """The file inside the package if the package happens to be installed, else None."""
     top = rf.member.split("/", 1)[0]

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlfeat import fsio, offline
+from tlfeat import config, fsio, offline
 from tlfeat.errors import TlfeatError, first_line
 
 log = logging.getLogger(__name__)
@@ -64,8 +63,12 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def verified(path: Path) -> dict[str, Any] | None:
-    """The provenance of a whole export, or None when there is none; a damaged one is set aside."""
+def verified(path: Path, repair: bool = False) -> dict[str, Any] | None:
+    """The provenance of a whole export, or None when there is none (or it fails its checksum).
+
+    With `repair` (only while holding the export's lock), a damaged export is set aside so that it
+    can be made again; without, nothing is touched: another process may be writing it.
+    """
     if not path.is_file():
         return None
     try:
@@ -73,18 +76,23 @@ def verified(path: Path) -> dict[str, Any] | None:
         expected = meta["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         meta, expected = {}, None
-    if expected is None or offline.sha256_file(path) != expected:
+    if expected is not None and offline.sha256_file(path) == expected:
+        return meta
+    if repair:
         aside = fsio.set_aside(path)
         sidecar(path).unlink(missing_ok=True)
         log.warning("the ONNX export %s failed its checksum; moved it to %s and exporting again", path.name, aside.name)
-        return None
-    return meta
+    return None
 
 
 def export(
     extractor: Any, path: Path, image_size: int, outputs: list[str], provenance: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write the ONNX graph of `extractor` (batch axis dynamic) and its sidecar, once, atomically."""
+    """Write the ONNX graph of `extractor` (batch axis dynamic) and its sidecar, once.
+
+    The sidecar (sha256 and provenance) is written before the export is renamed into place, so an
+    export under its final name always has its sidecar.
+    """
     import torch
 
     names = [f"features{i}" for i in range(len(outputs))]
@@ -103,18 +111,15 @@ def export(
                 opset_version=OPSET,
                 dynamo=False,
             )
+            meta = {**provenance, "outputs": outputs, "opset": OPSET, "torch": torch.__version__}
+            meta.update(sha256=offline.sha256_file(tmp), file=path.name)
+            fsio.atomic_write(sidecar(path), json.dumps(meta, indent=1, sort_keys=True, default=str))
     except TlfeatError:
         raise
     except Exception as exc:
         raise TlfeatError(
             f"could not export this model to ONNX ({type(exc).__name__}: {first_line(exc)}); use --backend torch"
         ) from exc
-    return write_sidecar(path, {**provenance, "outputs": outputs, "opset": OPSET, "torch": torch.__version__})
-
-
-def write_sidecar(path: Path, provenance: dict[str, Any]) -> dict[str, Any]:
-    meta = {**provenance, "sha256": offline.sha256_file(path), "file": path.name}
-    fsio.atomic_write(sidecar(path), json.dumps(meta, indent=1, sort_keys=True, default=str))
     return meta
 
 
@@ -130,7 +135,7 @@ class Session:
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or _cores()
+        opts.intra_op_num_threads = threads or config.cores()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         if not spin:
@@ -145,7 +150,3 @@ class Session:
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         return list(self.session.run(None, {"images": np.ascontiguousarray(batch, dtype=np.float32)}))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

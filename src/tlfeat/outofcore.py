@@ -123,6 +123,7 @@ def _logreg(fs: FeatureSet, scaler: Scaler, classes: np.ndarray, C: float) -> An
 
 
 def _linear(fs: FeatureSet, scaler: Scaler, classes: np.ndarray, C: float, epochs: int, lr: float, seed: int) -> Any:
+    """The linear head on mini-batches of blocks read from disk in shuffled order."""
     import torch
 
     from tlfeat.classifiers import LinearHead
@@ -131,28 +132,17 @@ def _linear(fs: FeatureSet, scaler: Scaler, classes: np.ndarray, C: float, epoch
     est.classes_ = classes
     index = {c: i for i, c in enumerate(classes.tolist())}
     n, d = len(fs), fs.X.shape[1]
-    gen = torch.Generator().manual_seed(seed)
+    layer, optimizer, gen = est.start(n, d)
     rng = np.random.default_rng(seed)
-    layer = torch.nn.Linear(d, len(classes))
-    with torch.no_grad():
-        layer.weight.normal_(0.0, 0.01, generator=gen)
-        layer.bias.zero_()
-    optimizer = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=1.0 / (C * n))
     size = block_rows(d)
-    starts = np.arange(0, n, size)
     for _ in range(epochs):
-        for start in rng.permutation(starts):
+        for start in rng.permutation(np.arange(0, n, size)):
             Xb = torch.from_numpy(scaler(np.asarray(fs.X[start : start + size])))
             yb = torch.as_tensor([index[v] for v in fs.y[start : start + size].tolist()])
             for idx in torch.randperm(len(yb), generator=gen).split(est.batch_size):
-                optimizer.zero_grad()
-                loss = torch.nn.functional.cross_entropy(layer(Xb[idx]), yb[idx])
-                loss.backward()
-                optimizer.step()
-    est.coef_ = layer.weight.detach().numpy().astype(np.float64)
-    est.intercept_ = layer.bias.detach().numpy().astype(np.float64)
+                est.step(layer, optimizer, Xb[idx], yb[idx])
     est.n_features_in_ = d
-    return est
+    return est.finish(layer)
 
 
 def _sgd_svm(fs: FeatureSet, scaler: Scaler, classes: np.ndarray, C: float, seed: int) -> Any:

@@ -66,36 +66,49 @@ def _die_with_parent(parent: int) -> None:
 
 
 class DecodePool:
-    """An ordered map of `decode_batch` over batches of items, in `workers` processes (0: inline)."""
+    """An ordered map of `decode_batch` over batches of items, in `workers` processes (0: inline).
+
+    A worker that dies (killed by the system, a crash inside a decoder) stops the run with one line
+    instead of leaving it waiting for a result that never comes.
+    """
 
     def __init__(self, prep: Preprocessing, workers: int, skip: bool) -> None:
         self.prep, self.workers, self.skip = prep, workers, skip
         self._pool: Any = None
         if workers > 0:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+            )
 
     def map(self, batches: Iterable[list[images.Item]]) -> Iterator[Decoded]:
         if self._pool is None:
             for items in batches:
                 yield decode_batch(items, self.prep, self.skip)
             return
+        from concurrent.futures.process import BrokenProcessPool
+
         pending: deque[Any] = deque()
-        source = iter(batches)
         ahead = 2 * self.workers
-        for items in source:
-            pending.append(self._pool.apply_async(decode_batch, (items, self.prep, self.skip)))
-            if len(pending) >= ahead:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for items in batches:
+                pending.append(self._pool.submit(decode_batch, items, self.prep, self.skip))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool as exc:
+            raise TlfeatError(
+                "a decoding worker died (killed by the system, out of memory?); finished blocks are kept: "
+                "run the same command again, with --workers 0 to decode in the main process"
+            ) from exc
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> DecodePool:

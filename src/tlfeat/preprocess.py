@@ -90,18 +90,15 @@ class Normalizer:
         self.std = np.asarray(prep.std, dtype=np.float32).reshape(1, -1, 1, 1)
         self.buffer: np.ndarray | None = None
 
-    def __call__(self, batch: np.ndarray, pad_to: int = 0) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         n = len(batch)
-        rows = max(n, pad_to)
-        if self.buffer is None or self.buffer.shape[1:] != batch.shape[1:] or len(self.buffer) < rows:
-            self.buffer = np.empty((rows, *batch.shape[1:]), dtype=np.float32)
-        out = self.buffer[:rows]
+        if self.buffer is None or self.buffer.shape[1:] != batch.shape[1:] or len(self.buffer) < n:
+            self.buffer = np.empty((n, *batch.shape[1:]), dtype=np.float32)
+        out = self.buffer[:n]
         for i in range(0, n, NORMALIZE_STEP):
             part = out[i : i + NORMALIZE_STEP]
             np.copyto(part, batch[i : i + NORMALIZE_STEP], casting="unsafe")
             part /= np.float32(255.0)
             part -= self.mean
             part /= self.std
-        if rows > n:
-            out[n:] = 0.0  # padding rows: their outputs are dropped
         return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import images, inference
+from tlfeat import images, inference, progress
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
 from tlfeat.errors import TlfeatError, first_line
@@ -89,8 +89,8 @@ def _rows_dataset(ray: Any, images: ImageSplit, rows: list[int]) -> Any:
         items = [{"row": i, "kind": "path", "ref": images.refs[i], "name": images.ids[i]} for i in rows]
     elif images.kind == "members":
         items = [{"row": i, "kind": "range", "ref": list(images.refs[i]), "name": images.ids[i]} for i in rows]
-    else:  # parquet: the driver reads the bytes (a row group at a time) and ships them
-        items = [{"row": i, "kind": "bytes", "ref": images.item(i)[1][0], "name": images.ids[i]} for i in rows]
+    else:  # parquet: workers read their rows' bytes (a row group at a time), like tar members
+        items = [{"row": i, "kind": "parquet", "ref": list(images.refs[i]), "name": images.ids[i]} for i in rows]
     return ray.data.from_items(items)
 
 
@@ -106,8 +106,11 @@ def decode(batch: dict[str, Any], prep: Preprocessing, skip: bool) -> dict[str, 
         elif kind == "range":
             path, offset, size = ref
             items.append(("bytes", (read_range(str(path), int(offset), int(size)), f"{path}:{name}")))
-        elif kind == "bytes":
-            items.append(("bytes", (bytes(ref), str(name))))
+        elif kind == "parquet":
+            from tlfeat.datasets.shards import parquet_bytes
+
+            path, group, row, column = ref
+            items.append(("bytes", (parquet_bytes((str(path), int(group), int(row), str(column))), f"{path}:{name}")))
         else:
             items.append(("path", str(ref)))
     decoded = decode_batch(items, prep, skip)
@@ -151,10 +154,10 @@ def _runner_from(payload: dict[str, Any], spec: inference.ModelSpec) -> Any:
         import tempfile
         from pathlib import Path
 
-        folder = Path(tempfile.mkdtemp(prefix="tlfeat-ray-"))
-        path = folder / "model.onnx"
-        path.write_bytes(payload["onnx"])
-        return inference.OnnxRunner(path, {})
+        with tempfile.TemporaryDirectory(prefix="tlfeat-ray-") as folder:  # the session keeps what it needs
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(payload["onnx"])
+            return inference.OnnxRunner(path, {})
     return inference.TorchRunner.from_state(spec, payload["state_dict"])
 
 
@@ -162,8 +165,6 @@ def chunks(
     cfg: ExtractConfig, images: ImageSplit, rows: list[int], prep: Preprocessing, runner: Any, spec: inference.ModelSpec
 ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[str], np.ndarray]]:
     """Compute `rows` on the cluster; yields them back in row order, in consecutive runs."""
-    from tlfeat.engine import progress
-
     ray = connect(cfg)
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -185,7 +186,7 @@ def chunks(
         num_cpus=1,
         num_gpus=cfg.gpus_per_worker or None,
     )
-    bar = progress(cfg, len(rows), f"{cfg.model} {images.split} (ray, {workers} workers)")
+    bar = progress.bar(cfg.progress, len(rows), f"{cfg.model} {images.split} (ray, {workers} workers)")
     pending: dict[int, tuple[list[np.ndarray], str, np.ndarray]] = {}
     order = iter(rows)
     nxt = next(order, None)

@@ -129,14 +129,15 @@ class Timings:
 
 
 def load_now() -> tuple[float | None, int | None]:
+    """(1-minute load average, CPUs this process may use): was the machine busy?"""
     import os
 
+    from tlfeat import config
+
     try:
-        return round(os.getloadavg()[0], 2), len(os.sched_getaffinity(0)) if hasattr(
-            os, "sched_getaffinity"
-        ) else os.cpu_count()
+        return round(os.getloadavg()[0], 2), config.cores()
     except OSError:
-        return None, os.cpu_count()
+        return None, config.cores()
 
 
 REQUIRED = ("kind", "method", "model", "dataset", "metrics", "n_train", "n_test")
@@ -266,3 +267,54 @@ def load_record(path: Path) -> RunRecord | None:
     except (ValueError, TypeError, TlfeatError) as exc:
         log.warning("ignoring record %s: %s", path, exc)
         return None
+
+
+REPEAT_FIELDS = ("seed", "subset_seed")  # what varies between repeats of one configuration
+
+
+def configuration(record: RunRecord) -> dict[str, Any]:
+    """What makes a run the configuration it is: its config's `key` fields (seeds aside) and, for a fit,
+    the key of the features it used. Runs that agree on all of it are repeats of one configuration."""
+    from dataclasses import fields as dataclass_fields
+
+    from tlfeat.config import FinetuneConfig, FitConfig
+    from tlfeat.constraints import role
+
+    cls = FitConfig if record.kind == "fit" else FinetuneConfig
+    keys = [f.name for f in dataclass_fields(cls) if role(f) == "key" and f.name not in REPEAT_FIELDS]
+    out: dict[str, Any] = {k: record.config.get(k) for k in keys if k in record.config}
+    out.update(
+        layer=record.layer,
+        weights_id=record.weights_id,
+        image_size=record.image_size,
+        limit=record.limit,
+        test_limit=record.test_limit,
+    )
+    features = (record.provenance.get("features") or {}).get("train") or {}
+    key_fields = features.get("key_fields") or {}
+    for name in ("backend", "precision", "device", "label_field"):
+        if name in key_fields:
+            out[name] = key_fields[name]
+    if isinstance(key_fields.get("preprocessing"), dict):
+        out["fast_decode"] = bool(key_fields["preprocessing"].get("fast_decode", False))
+    return out
+
+
+def variants(records: list[RunRecord]) -> dict[int, str]:
+    """A label per record (by id()) naming what sets its configuration apart from the others in `records`."""
+    described = [(r, configuration(r)) for r in records]
+    names = sorted({k for _, d in described for k in d})
+    differing = [k for k in names if len({json.dumps(d.get(k), sort_keys=True, default=str) for _, d in described}) > 1]
+    out = {}
+    for r, d in described:
+        parts = [f"{k.replace('_', ' ')} {_short_value(d.get(k))}" for k in differing]
+        out[id(r)] = ", ".join(parts)
+    return out
+
+
+def _short_value(value: Any) -> str:
+    if value in (None, ""):
+        return "-"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)[:40]
+    return str(value)

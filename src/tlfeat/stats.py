@@ -35,10 +35,6 @@ class McNemar:
     c: int
     p_value: float
 
-    @property
-    def n_discordant(self) -> int:
-        return self.b + self.c
-
     def verdict(self, alpha: float = 0.05) -> str:
         if self.p_value >= alpha:
             return "indistinguishable"
@@ -82,13 +78,3 @@ def near_chance(accuracy: float, y_true: np.ndarray, y_pred: np.ndarray | None =
     if low <= base:
         return f"within noise of chance ({base:.3f}, always the most frequent class)"
     return None
-
-
-def bootstrap_mean(values: np.ndarray, seed: int = 0, n: int = 2000) -> tuple[float, float]:
-    """95% percentile bootstrap interval of a mean (over repeats, for example)."""
-    arr = np.asarray(values, dtype=float)
-    if len(arr) < 2:
-        return float(arr.mean()) if len(arr) else math.nan, float(arr.mean()) if len(arr) else math.nan
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, len(arr), size=(n, len(arr)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

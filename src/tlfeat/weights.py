@@ -8,7 +8,6 @@ against the sha256 prefix torchvision puts in its file names.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,12 +46,6 @@ def hub_checkpoints() -> Path:
     return config.torch_home() / "checkpoints"
 
 
-def expected_prefix(filename: str) -> str | None:
-    """The sha256 prefix torchvision encodes in a weights file name (`name-<hex>.pth`)."""
-    match = re.search(r"-([a-f0-9]{6,})\.", filename)
-    return match.group(1) if match else None
-
-
 def locate(name: str, weights_id: str | None, verify: bool = False) -> tuple[Path | None, str]:
     """Where the weights would come from without downloading: (path or None, source).
 
@@ -63,8 +56,8 @@ def locate(name: str, weights_id: str | None, verify: bool = False) -> tuple[Pat
     filename = entry.url.rsplit("/", 1)[-1]
     hub_file = hub_checkpoints() / filename
     if hub_file.is_file():
-        prefix = expected_prefix(filename)
-        if verify and prefix and not offline.sha256_file(hub_file).startswith(prefix):
+        prefix = entry.sha_prefix
+        if verify and prefix and not offline.sha256_known(hub_file).startswith(prefix):
             return None, f"corrupt file in the hub cache ({hub_file}): delete it"
         return hub_file, "hub-cache"
     rf = REGISTRY_WEIGHTS.get((name, entry.name))
@@ -87,7 +80,7 @@ def resolve(
         return ResolvedWeights(f"untrained:seed{seed}", "untrained")
     entry = weights_entry(name, weights_id)
     filename = entry.url.rsplit("/", 1)[-1]
-    prefix = expected_prefix(filename)
+    prefix = entry.sha_prefix
 
     if weights_file is not None:
         path = Path(weights_file).expanduser()
@@ -106,7 +99,7 @@ def resolve(
 
     hub_file = hub_checkpoints() / filename
     if hub_file.is_file():
-        digest = offline.sha256_file(hub_file)
+        digest = offline.sha256_known(hub_file)
         if prefix and not digest.startswith(prefix):
             raise TlfeatError(
                 f"{hub_file} has sha256 {digest[:8]}..., expected {prefix}...; "

@@ -108,7 +108,7 @@ def load_split(
     if limit is not None:
         if limit <= 0:
             raise TlfeatError(f"--limit must be a positive number of images, got {limit}")
-        out = out.subset(stratified_subset(out.labels, limit, seed=subset_seed))
+        out = out.subset(stratified_subset(out.labels, limit, seed=subset_seed, ids=out.ids))
     return out
 
 

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 SPLIT_SEED = 0  # flat folders and digits are split with this seed (recorded in every cache file)
 TEST_FRACTION = 0.25
-KINDS = ("files", "arrays", "members", "parquet")
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,6 @@ class ImageSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def paths(self) -> tuple[Path, ...] | None:
-        return tuple(Path(p) for p in self.refs) if self.kind == "files" else None
 
     def item(self, i: int) -> images.Item:
         """How to read image i, as a picklable description a decoding worker can act on."""
@@ -147,29 +142,44 @@ def from_arrays(
     )
 
 
-def stratified_subset(labels: np.ndarray, n: int, seed: int = SPLIT_SEED) -> np.ndarray:
+def _hash_order(ids: Any, seed: int) -> np.ndarray:
+    """A pseudo-random but stable order of samples: each sample's place depends on its id alone, so
+    adding or removing an image moves no other image in or out of a split or a subset."""
+    key = str(seed).encode()
+    digests = b"".join(
+        hashlib.blake2b(str(i).encode("utf-8", "surrogateescape"), digest_size=8, key=key).digest() for i in ids
+    )
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int = SPLIT_SEED, *, ids: Any) -> np.ndarray:
     """Indices of a fixed subset of `n` samples with class proportions kept, in original order."""
+    labels = np.asarray(labels)
     if n >= len(labels):
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
+    order = _hash_order(ids, seed)
     # Give each sample a position in (0, 1) within its class; taking the n smallest positions
     # takes about the same fraction of every class.
     rank = np.empty(len(labels), dtype=np.float64)
     for cls in np.unique(labels):
-        members = perm[labels[perm] == cls]
+        members = np.flatnonzero(labels == cls)
+        members = members[np.argsort(order[members], kind="stable")]
         rank[members] = (np.arange(len(members)) + 0.5) / len(members)
-    order = np.lexsort((labels, rank))
-    return np.sort(order[:n].astype(np.int64))
+    chosen = np.lexsort((order, labels, rank))
+    return np.sort(chosen[:n].astype(np.int64))
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices; every class with 2+ samples appears in both."""
-    rng = np.random.default_rng(seed)
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED, *, ids: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices; every class with 2+ samples appears in both, chosen by id (stable)."""
+    labels = np.asarray(labels)
+    order = _hash_order(ids, seed)
     train: list[int] = []
     test: list[int] = []
     for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
+        members = np.flatnonzero(labels == cls)
+        members = members[np.argsort(order[members], kind="stable")]
         n_test = int(round(len(members) * test_fraction))
         if len(members) >= 2:
             n_test = min(max(n_test, 1), len(members) - 1)

@@ -111,14 +111,16 @@ def load_folder(root: Path, split: str) -> ImageSplit:
                 f"{printable(str(folder))} has images of class(es) {', '.join(map(printable, unknown[:5]))} that "
                 f"{printable(str(train_dir))} has none of; every class needs training images"
             )
-        files = [(f, classes.index(c)) for c in classes for f in found.get(c, [])]
+        files = [(f, label) for label, c in enumerate(classes) for f in found.get(c, [])]
         source = str(folder)
     else:
         classes, found = _classes_with_images(root)
         every = [(f, label) for label, c in enumerate(classes) for f in found[c]]
         labels = np.asarray([label for _, label in every], dtype=np.int64)
         train, test = (
-            stratified_split(labels, FLAT_TEST_FRACTION) if len(every) else (np.zeros(0, int), np.zeros(0, int))
+            stratified_split(labels, FLAT_TEST_FRACTION, ids=[p[len(str(root)) + 1 :] for (p, _, _), _ in every])
+            if len(every)
+            else (np.zeros(0, int), np.zeros(0, int))
         )
         files = [every[i] for i in (train if split == "train" else test)]
         source = f"{root} (flat tree, stratified 80/20 split, seed {SPLIT_SEED})"

@@ -62,7 +62,8 @@ def _load_digits(split: str, data_dir: Path) -> ImageSplit:
     data = np.loadtxt(path, delimiter=",")
     images = np.clip(data[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
     labels = data[:, -1].astype(np.int64)
-    train, test = stratified_split(labels, TEST_FRACTION)
+    ids = [f"digits/{i}" for i in range(len(labels))]
+    train, test = stratified_split(labels, TEST_FRACTION, ids=ids)
     idx = train if split == "train" else test
     return from_arrays(
         "digits",

@@ -265,7 +265,7 @@ def load_shards(dataset_id: str, split: str, label_field: str = "cls") -> ImageS
     idx = np.arange(len(ids))
     source = spec
     if flat:
-        train, test = stratified_split(labels, FLAT_TEST_FRACTION)
+        train, test = stratified_split(labels, FLAT_TEST_FRACTION, ids=ids)
         idx = train if split == "train" else test
         source = f"{spec} (stratified 80/20 split, seed {SPLIT_SEED})"
     return ImageSplit(

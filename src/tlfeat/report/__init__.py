@@ -53,7 +53,7 @@ def make_plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
 def build(out: Path) -> Path:
     """Write report.md, report.html, rows.csv, summary.csv, tables.tex and plots/ under `out`; returns report.md."""
     out = Path(out)
-    if not (out / "results").is_dir():
+    if not (out / "results").is_dir() and not (out / "compare.json").is_file():
         raise TlfeatError(f"{out} holds no results; run `tlfeat compare ... --out {out}` first")
     items = rows(out)
     meta = _json(out / "compare.json", {})

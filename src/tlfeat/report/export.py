@@ -7,7 +7,7 @@ import csv
 import io
 from typing import Any
 
-from tlfeat.report.rows import configs, group, mean_sd, penultimate
+from tlfeat.report.rows import best_in_column, configs, group, mean_sd, model_by_dataset, penultimate
 
 
 def summary_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,17 +71,9 @@ def _tex(text: str) -> str:
 def latex(items: list[dict[str, Any]]) -> str:
     """One booktabs table per method: models x datasets, accuracy in percent, mean ± sd, best in bold."""
     parts = ["% tlfeat comparison tables; needs \\usepackage{booktabs}", ""]
-    for (method,), runs in sorted(
-        group(penultimate(items), "method").items(), key=lambda kv: (kv[1][0]["method_rank"], kv[0])
-    ):
-        cols = sorted({r["dataset"] for r in runs})
-        models = sorted({r["model"] + (f" [{r['variant']}]" if r["variant"] else "") for r in runs})
-        cells: dict[tuple[str, str], list[float]] = {}
-        for r in runs:
-            cells.setdefault((r["model"] + (f" [{r['variant']}]" if r["variant"] else ""), r["dataset"]), []).append(
-                100 * r["accuracy"]
-            )
-        best = {d: max((mean_sd(cells[(m, d)])[0] for m in models if (m, d) in cells), default=None) for d in cols}
+    by_method = sorted(group(penultimate(items), "method").items(), key=lambda kv: (kv[1][0]["method_rank"], kv[0]))
+    for (method,), runs in by_method:
+        models, cols, cells = model_by_dataset(runs, "accuracy", scale=100.0)
         parts += [
             "\\begin{table}[t]",
             "\\centering",
@@ -99,8 +91,7 @@ def latex(items: list[dict[str, Any]]) -> str:
                     continue
                 mean, sd = mean_sd(cells[(m, d)])
                 text = f"{mean:.2f}" + (f" $\\pm$ {sd:.2f}" if len(cells[(m, d)]) > 1 else "")
-                choice = sum((x, d) in cells for x in models) > 1
-                line.append(f"\\textbf{{{text}}}" if choice and mean == best[d] else text)
+                line.append(f"\\textbf{{{text}}}" if mean == best_in_column(cells, models, d) else text)
             parts.append(" & ".join(line) + " \\\\")
         parts += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     return "\n".join(parts)

@@ -3,6 +3,7 @@ the tables are made of (configurations, their runs, means, intervals, paired tes
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,17 +12,40 @@ from typing import Any
 import numpy as np
 
 from tlfeat import datasets, stats
-from tlfeat.records import Method, RunRecord, load_records
+from tlfeat.records import Method, RunRecord, load_record, load_records, variants
 
-# Fields that make runs of one (dataset, model, method, layer) different configurations, not repeats.
-VARIANT_FIELDS = ("image_size", "limit", "test_limit")
+
+def run_records(out: Path) -> list[RunRecord]:
+    """The records a report covers: those `compare.json` lists (the runs of that comparison, wherever
+    `--results-dir` put them), else every record under `<out>/results/`."""
+    import json
+
+    out = Path(out)
+    try:
+        listed = json.loads((out / "compare.json").read_text()).get("records")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not listed:
+        return load_records(out / "results")
+    found = []
+    for name in listed:
+        path = out / name
+        record = load_record(path)
+        if record is not None:
+            found.append(record)
+    return found
 
 
 def rows(out: Path) -> list[dict[str, Any]]:
-    """One row per saved run, sorted: dataset, model, method, layer, variant, seed."""
-    records = load_records(Path(out) / "results")
-    variants = _variants(records)
-    out_rows = [_row(r, Path(out), variants.get(id(r), "")) for r in records]
+    """One row per run, sorted: dataset, model, method, layer, variant, seed."""
+    records = run_records(out)
+    labels: dict[int, str] = {}
+    groups: dict[tuple[str, str, str, str, str], list[RunRecord]] = defaultdict(list)
+    for r in records:  # pretrained and UNTRAINED backbones are told apart by the model column already
+        groups[(r.dataset, r.model, r.method, r.layer, r.weights_id)].append(r)
+    for group in groups.values():  # runs that differ in more than their seeds are separate configurations
+        labels.update(variants(group))
+    out_rows = [_row(r, Path(out), labels.get(id(r), "")) for r in records]
     out_rows.sort(
         key=lambda x: (
             x["dataset"],
@@ -35,18 +59,6 @@ def rows(out: Path) -> list[dict[str, Any]]:
         )
     )
     return out_rows
-
-
-def _variants(records: list[RunRecord]) -> dict[int, str]:
-    groups: dict[tuple[str, str, str, str], list[RunRecord]] = defaultdict(list)
-    for r in records:
-        groups[(r.dataset, r.model, r.method, r.layer)].append(r)
-    out = {}
-    for group in groups.values():
-        differing = [f for f in VARIANT_FIELDS if len({str(getattr(r, f)) for r in group}) > 1]
-        for r in group:
-            out[id(r)] = ", ".join(f"{f.replace('_', ' ')} {getattr(r, f) or 'all'}" for f in differing)
-    return out
 
 
 def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
@@ -95,7 +107,7 @@ def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
         "image_size": r.image_size,
         "limit": r.limit,
         "test_limit": r.test_limit,
-        "record": str(Path(r.path).resolve().relative_to(out.resolve())) if r.path else "",
+        "record": os.path.relpath(Path(r.path).resolve(), out.resolve()) if r.path else "",
         "_record": r,
         "_method": method,
     }
@@ -199,3 +211,21 @@ def paired(a: Config, b: Config) -> stats.McNemar | None:
     if ca is None or cb is None or ca[0] != cb[0] or ca[0] is None or len(ca[1]) != len(cb[1]):
         return None
     return stats.mcnemar(ca[1], cb[1])
+
+
+def model_by_dataset(
+    runs: list[dict[str, Any]], value: str = "metric", scale: float = 1.0
+) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
+    """(row labels: model [variant], datasets, their values) of one method's runs: a models x datasets table."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        cells.setdefault((r["model"] + (f" [{r['variant']}]" if r["variant"] else ""), r["dataset"]), []).append(
+            scale * r[value]
+        )
+    return sorted({k[0] for k in cells}), sorted({k[1] for k in cells}), cells
+
+
+def best_in_column(cells: dict[tuple[str, str], list[float]], rows_: list[str], col: str) -> float | None:
+    """The best mean of a column, or None when the column offers no choice (one value or none)."""
+    means = [mean_sd(cells[(m, col)])[0] for m in rows_ if (m, col) in cells]
+    return max(means) if len(means) > 1 else None

@@ -7,7 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tlfeat.report.rows import Config, configs, fmt_ms, group, mean_sd, paired, penultimate
+from tlfeat.report.rows import (
+    Config,
+    best_in_column,
+    configs,
+    fmt_ms,
+    group,
+    mean_sd,
+    model_by_dataset,
+    paired,
+    penultimate,
+)
 
 Block = tuple[str, Any]
 ALPHA = 0.05  # the paired tests' level
@@ -152,8 +162,7 @@ def failed(failures: dict[str, str]) -> list[Block]:
 
 def _bold_best(cells: dict[tuple[str, str], list[float]], rows_: list[str], cols: list[str]) -> list[list[str]]:
     """The table body, the best value of each column in bold where the column offers a choice."""
-    best = {d: max((mean_sd(cells[(m, d)])[0] for m in rows_ if (m, d) in cells), default=None) for d in cols}
-    choice = {d: sum((m, d) in cells for m in rows_) > 1 for d in cols}
+    best = {d: best_in_column(cells, rows_, d) for d in cols}
     body = []
     for m in rows_:
         line = [m]
@@ -162,7 +171,7 @@ def _bold_best(cells: dict[tuple[str, str], list[float]], rows_: list[str], cols
                 line.append("—")
                 continue
             text = fmt_ms(cells[(m, d)])
-            line.append(f"**{text}**" if choice[d] and mean_sd(cells[(m, d)])[0] == best[d] else text)
+            line.append(f"**{text}**" if mean_sd(cells[(m, d)])[0] == best[d] else text)
         body.append(line)
     return body
 
@@ -172,14 +181,9 @@ def method_tables(items: list[dict[str, Any]]) -> list[Block]:
     out: list[Block] = []
     main = penultimate(items)
     for (method,), runs in sorted(group(main, "method").items(), key=lambda kv: (kv[1][0]["method_rank"], kv[0])):
-        cols = sorted({r["dataset"] for r in runs})
-        label = {id(r): r["model"] + (f" [{r['variant']}]" if r["variant"] else "") for r in runs}
-        models = sorted(set(label.values()))
-        cells: dict[tuple[str, str], list[float]] = {}
-        for r in runs:
-            cells.setdefault((label[id(r)], r["dataset"]), []).append(r["metric"])
+        models, cols, cells = model_by_dataset(runs)
         metric = "/".join(sorted({r["metric_name"] for r in runs})).replace("roc_auc", "ROC AUC")
-        bold = "; best per dataset in bold" if any(sum((m, d) in cells for m in models) > 1 for d in cols) else ""
+        bold = "; best per dataset in bold" if any(best_in_column(cells, models, d) is not None for d in cols) else ""
         out.append(("h2", f"{method}: models × datasets ({metric}, mean ± sd over repeats{bold})"))
         out.append(("table", (["model", *cols], _bold_best(cells, models, cols))))
     return out
