@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
@@ -41,3 +42,6 @@ def command(quiet: bool, as_json: bool, **options: Any) -> None:
     cfg = CompareConfig(**given(options), progress=not quiet, command=command_line())
     folder = compare(cfg, echo=lambda line: click.echo(line, err=as_json))
     summary(folder, as_json)
+    failed = json.loads((folder / "failures.json").read_text()).get("failures") or {}
+    if failed:  # the report is written; the exit status still says that not every cell ran
+        raise SystemExit(1)

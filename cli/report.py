@@ -24,9 +24,15 @@ def command(folder: Path, as_json: bool) -> None:
 
 
 def summary(folder: Path, as_json: bool) -> None:
+    import logging
+
     from tlfeat.report import recommendation, rows
 
-    items = rows(folder)
+    logging.disable(logging.WARNING)  # the report was just built from these records: its warnings are said
+    try:
+        items = rows(folder)
+    finally:
+        logging.disable(logging.NOTSET)
     if as_json:
         click.echo(
             json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in items], indent=2, default=str)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,106 @@ def test_a_small_comparison_has_intervals_paired_tests_per_class_tables_and_expo
     assert "\\toprule" in tex and "\\bottomrule" in tex and "logreg" in tex
     rebuilt = CliRunner().invoke(cli, ["report", str(out)])
     assert rebuilt.exit_code == 0 and (out / "report.md").read_text() == md
+
+
+@pytest.mark.parametrize("n", [10, 13, 25, 27, 30, 3, 6, 7, 12])
+def test_wilson_interval_contains_a_perfect_or_null_score(n: int) -> None:
+    for correct in (0, n):
+        low, high = stats.wilson(correct, n)
+        assert low <= correct / n <= high
+
+
+def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tlfeat.report import build
+
+    cfg = CompareConfig(
+        models=("resnet18:untrained",),
+        datas=("digits",),
+        methods=("logreg", "svm"),
+        limit=60,
+        test_limit=10,
+        image_size=16,
+        workers=0,
+        out=tmp_path / "report",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    compare(cfg, echo=lambda _line: None)
+    out = tmp_path / "report"
+    records = json.loads((out / "compare.json").read_text())["records"]
+    assert len(records) == 2
+    # A run that gets every test image right: its interval's upper end is 1.0, and the plots are drawn.
+    perfect = out / records[0]
+    data = json.loads(perfect.read_text())
+    data["metrics"]["accuracy"] = 1.0
+    data["metrics"].pop("accuracy_ci95", None)
+    perfect.write_text(json.dumps(data))
+    build(out)
+    assert (out / "plots" / "accuracy_vs_time.png").stat().st_size > 5000
+
+    # A record that compare.json lists is missing: named, and the others still make the report.
+    (out / records[1]).rename(out / "moved.json")
+    result = CliRunner().invoke(cli, ["report", str(out)])
+    assert result.exit_code == 0 and "which is missing" in caplog.text
+    (out / "moved.json").rename(out / records[1])
+
+    # A field of the wrong type: the record is skipped with a warning, no crash.
+    data["metrics"]["accuracy"] = "high"
+    perfect.write_text(json.dumps(data))
+    for args in (["report", str(out)], ["results", "--results-dir", str(out / "results")]):
+        caplog.clear()
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0 and "not a number" in caplog.text, result.output
+
+    # compare.json damaged: said so, and the report covers the records under results/.
+    (out / "compare.json").write_text('{"records": 5}')
+    result = CliRunner().invoke(cli, ["report", str(out)])
+    assert result.exit_code == 0 and "compare.json is unreadable or malformed" in caplog.text, result.output
+
+
+def test_runs_on_earlier_versions_of_the_data_are_not_pooled(tmp_path: Path) -> None:
+    from tlfeat.report.rows import rows
+
+    tree = make_tree(tmp_path / "tree", per_class=6)
+    cfg = CompareConfig(
+        models=("resnet18:untrained",),
+        datas=(str(tree),),
+        methods=("logreg",),
+        image_size=16,
+        workers=0,
+        out=tmp_path / "report",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    compare(cfg, echo=lambda _line: None)
+    (tree / "train" / "ants" / "1.png").unlink()
+    lines: list[str] = []
+    compare(cfg, echo=lines.append)
+    assert any("update + fit" in line for line in lines), lines  # the plan says the cell is computed again
+    assert len(list((tmp_path / "report" / "results" / "fits").glob("*/record.json"))) == 2
+    assert len(rows(tmp_path / "report")) == 1  # compare.json lists the current run only
+    (tmp_path / "report" / "compare.json").unlink()
+    [row] = rows(tmp_path / "report")  # without it, the newer of the two runs of one configuration
+    assert row["n_train"] == 17
+
+
+def test_compare_checks_frozen_blocks_first_and_exits_1_when_a_cell_failed(tmp_path: Path) -> None:
+    common = ["--models", "resnet18:untrained", "--data", "digits", "--image-size", "16", "--limit", "50"]
+    common += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report"), "-q"]
+    result = CliRunner().invoke(cli, ["compare", *common, "--methods", "finetune:freeze:99"])
+    assert result.exit_code == 2 and "freeze:99 is more than the" in result.output, result.output
+    assert not (tmp_path / "report").exists()
+    result = CliRunner().invoke(
+        cli, ["compare", *common, "--methods", "logreg", "--models", "resnet18:untrained,squeezenet1_1"]
+    )
+    assert result.exit_code == 1 and "1 cell(s) failed" in result.output, result.output
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_fit_names_the_missing_limit_variant(tmp_path: Path) -> None:
+    extract(ExtractConfig(model="resnet18", data="digits", untrained=True, image_size=16, limit=40, test_limit=30,
+                          workers=0, cache_dir=tmp_path, progress=False))  # fmt: skip
+    result = CliRunner().invoke(cli, ["fit", "--data", "digits", "--limit", "77", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no cached train features" in result.output and "--limit 40" in result.output

@@ -243,3 +243,58 @@ def test_file_names_that_are_not_utf8(tmp_path: Path) -> None:
     assert "train/ants/caf\udce9.jpg" in train.ids and len(train) == 13
     listing = CliRunner().invoke(cli, ["ls", "--cache-dir", str(tmp_path / "cache")])
     assert listing.exit_code == 0, listing.output
+
+
+def test_a_damaged_file_is_never_the_source_of_an_update(tmp_path: Path) -> None:
+    """Damage and changed images together: the file is set aside and rebuilt, not carried over."""
+    import h5py
+
+    tree = make_tree(tmp_path / "tree", per_class=4)
+    cache_dir = tmp_path / "cache"
+    [train, _] = extract(_cfg(tree, cache_dir))
+    assert train.path is not None
+    with h5py.File(train.path, "r+") as h5:
+        h5["features"][3, 5] += 1.0
+    _change(tree)
+    [updated, _] = extract(_cfg(tree, cache_dir))
+    assert updated.meta["carried_rows"] == 0  # nothing taken over from the damaged file
+    assert list(cache_dir.glob("*.damaged"))
+    [fresh, _] = extract(_cfg(tree, tmp_path / "fresh"))
+    assert np.array_equal(updated.X, fresh.X) and updated.ids == fresh.ids
+
+
+def test_load_features_refuses_features_of_changed_images(tmp_path: Path) -> None:
+    import tlfeat
+
+    tree = make_tree(tmp_path / "tree", per_class=4)
+    cache_dir = tmp_path / "cache"
+    extract(_cfg(tree, cache_dir))
+    assert tlfeat.load_features("resnet18", str(tree), cache_dir=cache_dir).X.shape[0] == 12
+    _change(tree)
+    with pytest.raises(StaleFeatures, match="allow_stale=True"):
+        tlfeat.load_features("resnet18", str(tree), cache_dir=cache_dir)
+    assert tlfeat.load_features("resnet18", str(tree), cache_dir=cache_dir, allow_stale=True).X.shape[0] == 12
+    extract(_cfg(tree, cache_dir))
+    assert tlfeat.load_features("resnet18", str(tree), cache_dir=cache_dir).X.shape[0] == 12
+
+
+def test_an_update_keeps_the_cost_of_the_rows_it_carries_over(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=6)
+    cache_dir = tmp_path / "cache"
+    [before, _] = extract(_cfg(tree, cache_dir))
+    _change(tree)
+    [after, _] = extract(_cfg(tree, cache_dir))
+    carried, old_n = after.meta["carried_rows"], before.meta["n_images"]
+    expected = after.meta["run_seconds"] + before.meta["extract_seconds"] * carried / old_n
+    assert after.meta["extract_seconds"] == pytest.approx(expected)
+    assert after.meta["extract_seconds"] > after.meta["run_seconds"]
+
+
+def test_a_failed_run_leaves_no_empty_partial_behind(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=2)
+    cache_dir = tmp_path / "cache"
+    result = CliRunner().invoke(
+        cli, ["extract", "--model", "resnet18", "--data", str(tree), "--cache-dir", str(cache_dir), "--device", "cuda"]
+    )
+    assert result.exit_code == 2, result.output
+    assert not list(cache_dir.glob("*.partial")) and all(e.status != "partial" for e in catalog.scan(cache_dir))

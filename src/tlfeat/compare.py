@@ -8,6 +8,7 @@ records alone: no feature, fit or fine-tune is recomputed. A repeat varies the s
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -84,10 +85,28 @@ def check(cfg: CompareConfig) -> None:
                     backbones.check_layers(model.split(":", 1)[0], [layer])
             except TlfeatError as exc:
                 problems.append(str(exc).split(" Run ")[0])
+    if not problems:
+        problems += _too_many_frozen_blocks(cfg)
     if not cfg.models or not cfg.datas or not cfg.methods:
         problems.append("--models, --data and --methods each need at least one name")
     if problems:
         raise TlfeatError(f"{len(problems)} problem(s), nothing was run: " + " | ".join(problems))
+
+
+def _too_many_frozen_blocks(cfg: CompareConfig) -> list[str]:
+    """`finetune:freeze:k` with k above a model's number of blocks (the architecture is built, no weights)."""
+    ks = sorted(
+        {m.strategy.k for m in map(Method.parse, cfg.methods) if m.strategy is not None and m.strategy.kind == "freeze"}
+    )
+    if not ks or ks[-1] == 0:
+        return []
+    from tlfeat import strategies
+
+    problems = []
+    for name in dict.fromkeys(model.split(":", 1)[0] for model in cfg.models):
+        n = len(strategies.blocks(backbones.build(name, device="meta"), name))
+        problems += [f"finetune:freeze:{k} is more than the {n} blocks of {name}" for k in ks if k > n]
+    return problems
 
 
 def cells(cfg: CompareConfig) -> list[Cell]:
@@ -199,10 +218,21 @@ def planned(cfg: CompareConfig, cell: Cell) -> str:
             attrs[target.split] = cache.check(target.path, verify=False)
         except (TlfeatError, OSError):
             return "extract + fit"
+        if _stale(target.path, target.path.stat().st_mtime_ns, cfg.data_dir):
+            return "update + fit"
     path = fitting.record_path(
         fit_config(cfg, cell), attrs["train"], str(attrs["train"].get("sha256")), str(attrs["test"].get("sha256"))
     )
     return "reuse" if path.is_file() else "fit"
+
+
+@functools.lru_cache(maxsize=256)
+def _stale(path: Path, mtime_ns: int, data_dir: Path | None) -> bool:
+    """Have the images behind this cache file changed (cells sharing a file list its images once)?"""
+    from tlfeat import freshness
+
+    entry = catalog.Entry(path, cache.read_attrs(path), "ok")
+    return freshness.status(entry, data_dir).state == "stale"
 
 
 def run_cell(cfg: CompareConfig, cell: Cell) -> RunRecord:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tlfeat.constraints import Choice, Interval, Pattern, Positive, Text, key, setting, validate
+from tlfeat.constraints import Choice, Interval, NameList, Pattern, Positive, Text, key, setting, validate
 
 # --------------------------------------------------------------------------- environment
 
@@ -125,7 +125,7 @@ class ExtractConfig:
     data: str = key(help="Dataset name (see `tlfeat datasets`), an image folder, or shards.", check=NAME)
     splits: tuple[str, ...] | None = setting(None, help="Split(s) to extract; default: every split.", cli="--split")
     layer: str | None = key(
-        None, help="Layer(s) to pool instead of the penultimate one, comma-separated.", check=OPTIONAL_NAME
+        None, help="Layer(s) to pool instead of the penultimate one, comma-separated.", check=NameList(nullable=True)
     )
     weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
     weights_file: Path | None = key(

@@ -121,6 +121,21 @@ class Text(Constraint):
         return "a non-empty name without control characters"
 
 
+@dataclass(frozen=True)
+class NameList(Constraint):
+    """Comma-separated names, none of them empty (`layer2,layer3`)."""
+
+    nullable: bool = False
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        return Text().ok(value) and all(part.strip() for part in value.split(","))
+
+    def describe(self) -> str:
+        return "comma-separated names, none of them empty"
+
+
 def key(default: Any = MISSING, **options: Any) -> Any:
     """A field whose value changes the numbers: part of the key of what it produces.
 

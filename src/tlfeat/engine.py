@@ -220,12 +220,19 @@ def compute(
     seconds = time.perf_counter() - t0
     done = {}
     for plan, need in zip(plans, needs, strict=True):
-        if not weights and plan.state.old is not None:
+        spent = seconds  # what the rows this file holds cost: this run's, and the carried rows' share of the old file's
+        if plan.state.old is not None:
             old = cache.read_attrs(plan.state.old)
-            weights = {k: old.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+            if not weights:
+                weights = {k: old.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+            old_n = int(old.get("n_images") or 0)
+            from_old = sum(1 for source, _ in plan.carry.values() if source == "old")
+            if old_n and from_old:
+                spent += float(old.get("extract_seconds") or 0.0) * from_old / old_n
         extra = {
             **{k: v for k, v in weights.items() if v},
-            "extract_seconds": seconds,
+            "extract_seconds": spent,
+            "run_seconds": seconds,
             "images_per_second": len(todo) / max(seconds, 1e-9),
             "computed_rows": len(need),
             "carried_rows": len(plan.carry),

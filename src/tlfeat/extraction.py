@@ -192,7 +192,11 @@ def assess(cfg: ExtractConfig, target: Target, images: ImageSplit, locked: bool 
             changes = fingerprint.compare(
                 cache.stored_index(path), str(meta.get("signature", "")), images, cfg.verify_content
             )
-            fs = cache.read(path) if not changes.stale else None
+            if changes.stale:
+                cache.check(path, verify=True)  # rows are carried over only from a file that passes its checksums
+                fs = None
+            else:
+                fs = cache.read(path)
         except CacheDamaged as exc:
             if locked and path == target.path:
                 aside = fsio.set_aside(path)
@@ -356,6 +360,7 @@ def load_features(
     subset_seed: int | None = None,
     backend: str | None = None,
     lazy: bool = False,
+    allow_stale: bool = False,
 ) -> cache.FeatureSet:
     """Load cached features of `model` on `data` (the same string given to `--data`).
 
@@ -363,7 +368,13 @@ def load_features(
     `weights_id`, `image_size`, `limit` (of the training split) / `test_limit` (of the others),
     `subset_seed` and `backend` choose among several. `lazy=True` leaves the features on disk:
     `fs.X` reads rows on demand and `fs.iter_batches(n)` streams them.
+
+    Where the images are still there, they are compared with the file's fingerprints first: features
+    of images that changed since raise StaleFeatures (run `tlfeat extract` again to update them), unless
+    `allow_stale=True`.
     """
+    from tlfeat import freshness
+
     folder = Path(cache_dir) if cache_dir else config.default_cache_dir()
     path = catalog.find(
         folder,
@@ -377,6 +388,10 @@ def load_features(
         subset_seed=subset_seed if split == "train" else None,  # only --limit subsets have one
         backend=backend,
     )
+    if not allow_stale:
+        freshness.require_fresh(
+            [catalog.Entry(path, cache.read_attrs(path), "ok")], allow_stale_hint="allow_stale=True"
+        )
     return cache.read(path, lazy=lazy)
 
 

@@ -232,6 +232,15 @@ def _train(cfg: FinetuneConfig, out_dir: Path, wid: str) -> RunRecord:
     state = training.TrainState()
     if cfg.resume and run.last.is_file():
         state = training.TrainState.load(run.last, run.model, run.opt, run.sched, cfg.model)
+    elif cfg.resume:
+        stem = out_dir.name.rsplit("__", 1)[0]
+        others = [p.parent.name for p in out_dir.parent.glob(f"{stem}__*/last.pt") if p.parent != out_dir]
+        if others:
+            log.warning(
+                "--resume: nothing to resume for this configuration; the unfinished run %s was started on other "
+                "images or options (they changed since), so this is a new run and that one is left as it is",
+                others[0],
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     val_batches = run.batches(run.splits.val)
     for epoch in range(state.epoch, int(cfg.epochs or 1)):

@@ -107,6 +107,20 @@ def pairs(cfg: FitConfig) -> list[Pair]:
     for e in damaged:
         log.warning("%s", e.problem)
     if not out:
+        asked = {"train": cfg.limit, "test": cfg.test_limit}
+        for split, option in (("train", "--limit"), ("test", "--test-limit")):
+            present = [e for g in groups.values() for e in g.get(split, [])]
+            if (
+                present
+                and asked[split] is not None
+                and not any(catalog.matches(e.attrs, limit=asked[split]) for e in present)
+            ):
+                cached = sorted({int(e.attrs.get("limit") or 0) for e in present})
+                shown = ", ".join(f"{option} {n}" if n else "the whole split" for n in cached)
+                raise TlfeatError(
+                    f"no cached {split} features{' for ' + what if what else ''} with {option} {asked[split]} "
+                    f"(cached: {shown}); extract them with `tlfeat extract ... {option} {asked[split]}`"
+                )
         only = ", ".join(sorted({s for g in groups.values() for s in g}))
         broken = f"; damaged: {damaged[0].path.name} (extract rebuilds it)" if damaged else ""
         raise TlfeatError(

@@ -75,7 +75,9 @@ def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: b
     return Freshness("stale", changes) if changes.stale else Freshness("fresh")
 
 
-def require_fresh(entries: list[catalog.Entry], data_dir: Path | None = None) -> None:
+def require_fresh(
+    entries: list[catalog.Entry], data_dir: Path | None = None, allow_stale_hint: str = "--allow-stale"
+) -> None:
     """Raise StaleFeatures for the first entry whose images changed since it was extracted."""
     seen: set[Path] = set()
     for entry in entries:
@@ -88,5 +90,5 @@ def require_fresh(entries: list[catalog.Entry], data_dir: Path | None = None) ->
             raise StaleFeatures(
                 f"the images behind {entry.path.name} changed since it was extracted ({found.changes.summary()}); "
                 f"run `tlfeat extract --model {a.get('model')} --data {printable(str(a.get('dataset')))} ...` "
-                "with the same options to update the features (or pass --allow-stale)"
+                f"with the same options to update the features (or pass {allow_stale_hint})"
             )

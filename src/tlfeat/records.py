@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,52 @@ class RunRecord:
         record = cls(**values, details=details, path=path)
         record.limit = record.limit or None
         record.test_limit = record.test_limit or None
+        record._check_types()
         return record
+
+    def _check_types(self) -> None:
+        """ValueError naming the first field a hand-edited or damaged record holds the wrong kind of value in."""
+
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        accuracy = self.metrics.get("accuracy")
+        if not number(accuracy) or not 0.0 <= float(accuracy or 0.0) <= 1.0:
+            raise ValueError(f"metrics.accuracy is {accuracy!r}, not a number in [0, 1]")
+        for name in ("roc_auc", "balanced_accuracy", "macro_f1"):
+            value = self.metrics.get(name)
+            if value is not None and not number(value):
+                raise ValueError(f"metrics.{name} is {value!r}, not a number")
+        ci = self.metrics.get("accuracy_ci95")
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(x) for x in ci)):
+            raise ValueError(f"metrics.accuracy_ci95 is {ci!r}, not [low, high]")
+        for name, kind in (("per_class", dict), ("predictions", dict), ("confusion_matrix", list)):
+            value = self.metrics.get(name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"metrics.{name} is not a JSON {'object' if kind is dict else 'array'}")
+        if not isinstance(self.details.get("n_skipped") or {}, dict):
+            raise ValueError("details.n_skipped is not a JSON object")
+        for name in ("n_train", "n_test", "seed", "subset_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} is {value!r}, not a count")
+        for name in ("kind", "key", "method", "model", "dataset", "layer", "weights_id", "created"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} is {getattr(self, name)!r}, not a string")
+        if self.kind not in ("fit", "finetune"):
+            raise ValueError(f"kind is {self.kind!r}, not 'fit' or 'finetune'")
+        for name in ("config", "params", "provenance", "details"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} is not a JSON object")
+        if not isinstance(self.class_names, list):
+            raise ValueError("class_names is not a list")
+        for name in ("train_seconds", "search_seconds", "predict_seconds", "extract_seconds", "total_seconds"):
+            if not number(getattr(self.timings, name)):
+                raise ValueError(f"timings.{name} is {getattr(self.timings, name)!r}, not a number")
+        for name in ("image_size", "limit", "test_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} is {value!r}, not a whole number")
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:

@@ -206,6 +206,8 @@ class Writer:
         except (OSError, TlfeatError) as exc:
             log.warning("could not save the last %d rows (%s); they will be computed again", len(self._errors), exc)
             self._rows, self._errors, self._digests = [], [], []
+        if not self.leftover and self.partial.is_dir() and not whole_blocks(self.partial):
+            shutil.rmtree(self.partial, ignore_errors=True)  # nothing computed yet: nothing for `ls` to list
 
     def finish(self, extra_attrs: dict[str, Any]) -> Path:
         self.flush()

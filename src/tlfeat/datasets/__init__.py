@@ -8,6 +8,7 @@ model needs (resize, crop, normalise) is applied later, following the weights. n
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from tlfeat import config
@@ -116,8 +117,11 @@ def dataset_slug(dataset_id: str) -> str:
     """A short file-name-safe name: "mnist", or "<folder name>-<hash of its path>"."""
     if dataset_id in named_datasets():
         return dataset_id
-    base = dataset_id.removeprefix("shards:").split(",")[0].split("=")[-1]
-    stem = Path(base).name if not dataset_id.startswith("shards:") else Path(base).parent.name or "shards"
+    if dataset_id.startswith("shards:"):  # the folder the shards of every split share: "sh" for sh/{train,test}/*.tar
+        parents = [str(Path(part.split("=", 1)[-1]).parent) for part in dataset_id.removeprefix("shards:").split(",")]
+        stem = Path(os.path.commonpath(parents)).name or "shards"
+    else:
+        stem = Path(dataset_id).name
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40]
     digest = hashlib.sha256(dataset_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{name}-{digest}"

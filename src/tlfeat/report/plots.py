@@ -104,7 +104,7 @@ def accuracy_vs_time(items: list[dict[str, Any]], palette: Palette, path: Path) 
             ax.errorbar(
                 c.seconds("total_seconds"),
                 c.accuracy,
-                yerr=[[c.accuracy - low], [high - c.accuracy]],
+                yerr=[[max(0.0, c.accuracy - low)], [max(0.0, high - c.accuracy)]],
                 fmt="none",
                 ecolor=color,
                 alpha=0.6,

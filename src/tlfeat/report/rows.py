@@ -3,6 +3,8 @@ the tables are made of (configurations, their runs, means, intervals, paired tes
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -14,26 +16,59 @@ import numpy as np
 from tlfeat import datasets, stats
 from tlfeat.records import Method, RunRecord, load_record, load_records, variants
 
+log = logging.getLogger(__name__)
+
 
 def run_records(out: Path) -> list[RunRecord]:
     """The records a report covers: those `compare.json` lists (the runs of that comparison, wherever
-    `--results-dir` put them), else every record under `<out>/results/`."""
-    import json
-
+    `--results-dir` put them), else every record under `<out>/results/`, keeping of runs that agree in
+    everything but their date (the same configuration and seeds on data that changed since) the newest."""
     out = Path(out)
-    try:
-        listed = json.loads((out / "compare.json").read_text()).get("records")
-    except (OSError, ValueError, AttributeError):
-        listed = None
-    if not listed:
-        return load_records(out / "results")
+    index = out / "compare.json"
+    listed: Any = None
+    if index.is_file():
+        try:
+            listed = json.loads(index.read_text()).get("records")
+        except (OSError, ValueError, AttributeError) as exc:
+            listed = exc
+        if not (isinstance(listed, list) and all(isinstance(x, str) for x in listed)):
+            log.warning(
+                "%s is unreadable or malformed (%s); the report covers every record under %s/ instead "
+                "(run the same `tlfeat compare` again to rewrite it)",
+                index,
+                listed if isinstance(listed, Exception) else "no list of records",
+                out / "results",
+            )
+            listed = None
+    if listed is None:
+        return _newest(load_records(out / "results"))
     found = []
     for name in listed:
         path = out / name
         record = load_record(path)
         if record is not None:
             found.append(record)
+        elif not path.is_file():
+            log.warning("%s lists %s, which is missing; the report leaves that run out", index.name, name)
     return found
+
+
+def _newest(records: list[RunRecord]) -> list[RunRecord]:
+    """Runs that agree in configuration and seeds were made on different versions of the data: the newest stays."""
+    from tlfeat.records import configuration
+
+    newest: dict[str, RunRecord] = {}
+    for r in records:
+        same = json.dumps(
+            [r.kind, r.method, r.model, r.dataset, r.seed, r.subset_seed, configuration(r)], sort_keys=True, default=str
+        )
+        if same not in newest or r.created > newest[same].created:
+            newest[same] = r
+    superseded = len(records) - len(newest)
+    if superseded:
+        log.warning("left out %d run(s) superseded by a later run of the same configuration and seed", superseded)
+    kept = {id(r) for r in newest.values()}
+    return [r for r in records if id(r) in kept]
 
 
 def rows(out: Path) -> list[dict[str, Any]]:
