@@ -60,8 +60,12 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+MODEL_KEY = "0.55"  # the grey of a legend's model entries: no method's colour, so never read as one
+
+
 def _legend(fig: Any, handles: list[Any], title: str | None = None) -> None:
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title=title, title_fontsize=8, frameon=False)
+    # Centred on the right: clear of the figure's title, which spans the whole width.
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title=title, title_fontsize=8, frameon=False)
 
 
 _TICK_MANTISSAS = (1, 2, 3, 5)  # labelled on log time axes: dense enough to read, never crowded
@@ -133,7 +137,7 @@ def accuracy_vs_time(items: list[dict[str, Any]], palette: Palette, path: Path) 
     ]
     handles += [
         matplotlib.lines.Line2D(
-            [], [], color="black", marker=palette.marker(m), markerfacecolor="none", linestyle="", label=m
+            [], [], color=MODEL_KEY, marker=palette.marker(m), markerfacecolor="none", linestyle="", label=m
         )
         for m in sorted({c.model for c in cfgs})
     ]
@@ -172,7 +176,7 @@ def learning_curves(items: list[dict[str, Any]], palette: Palette, path: Path) -
         ax.grid(alpha=0.3)
     methods = sorted({r["method"] for r in tuned})
     handles = [matplotlib.lines.Line2D([], [], color=palette.color(m), label=m) for m in methods]
-    handles += [matplotlib.lines.Line2D([], [], color="black", linestyle=s, label=m) for m, s in styles.items()]
+    handles += [matplotlib.lines.Line2D([], [], color=MODEL_KEY, linestyle=s, label=m) for m, s in styles.items()]
     _legend(fig, handles, "colour: method, line: model")
     fig.suptitle("Fine-tuning: validation accuracy per epoch (mean over repeats, band: min to max)")
     return _save(fig, path)

@@ -26,12 +26,20 @@ def run_records(out: Path) -> list[RunRecord]:
     out = Path(out)
     index = out / "compare.json"
     listed: Any = None
+    meta: Any = None
     if index.is_file():
         try:
-            listed = json.loads(index.read_text()).get("records")
+            meta = json.loads(index.read_text())
+            listed = meta.get("records")
         except (OSError, ValueError, AttributeError) as exc:
             listed = exc
-        if not (isinstance(listed, list) and all(isinstance(x, str) for x in listed)):
+        if listed is None and isinstance(meta, dict) and "finished" not in meta:
+            log.warning(
+                "%s lists no runs yet (that comparison has not finished); the report covers every record under %s/",
+                index,
+                out / "results",
+            )
+        elif not (isinstance(listed, list) and all(isinstance(x, str) for x in listed)):
             log.warning(
                 "%s is unreadable or malformed (%s); the report covers every record under %s/ instead "
                 "(run the same `tlfeat compare` again to rewrite it)",
