@@ -166,6 +166,7 @@ def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from tlfeat.report import build
+    from tlfeat.report.rows import rows
 
     cfg = CompareConfig(
         models=("resnet18:untrained",),
@@ -189,14 +190,26 @@ def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
     data["metrics"]["accuracy"] = 1.0
     data["metrics"].pop("accuracy_ci95", None)
     perfect.write_text(json.dumps(data))
+    result = CliRunner().invoke(cli, ["report", str(out)])  # an accuracy its own predictions contradict
+    assert result.exit_code == 0 and "disagrees with its own predictions" in caplog.text
+    assert "Runs left out (1)" in (out / "report.md").read_text()
+    predictions = data["metrics"]["predictions"]
+    predictions["y_pred"] = list(predictions["y_true"])
+    perfect.write_text(json.dumps(data))
     build(out)
     assert (out / "plots" / "accuracy_vs_time.png").stat().st_size > 5000
+    assert "Runs left out" not in (out / "report.md").read_text()
 
     # A record that compare.json lists is missing: named, and the others still make the report.
     (out / records[1]).rename(out / "moved.json")
     result = CliRunner().invoke(cli, ["report", str(out)])
     assert result.exit_code == 0 and "which is missing" in caplog.text
     (out / "moved.json").rename(out / records[1])
+
+    # A path listed twice is one run.
+    meta = json.loads((out / "compare.json").read_text())
+    (out / "compare.json").write_text(json.dumps({**meta, "records": records + records[:1]}))
+    assert len(rows(out)) == 2
 
     # A field of the wrong type: the record is skipped with a warning, no crash.
     data["metrics"]["accuracy"] = "high"
@@ -256,3 +269,26 @@ def test_fit_names_the_missing_limit_variant(tmp_path: Path) -> None:
                           workers=0, cache_dir=tmp_path, progress=False))  # fmt: skip
     result = CliRunner().invoke(cli, ["fit", "--data", "digits", "--limit", "77", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 2 and "no cached train features" in result.output and "--limit 40" in result.output
+
+
+def test_the_report_leads_with_a_run_better_than_chance_and_breaks_auc_ties_by_accuracy() -> None:
+    from dataclasses import dataclass
+
+    from tlfeat.report.rows import best_of
+
+    @dataclass
+    class Stand:  # what best_of reads of a configuration
+        name: str
+        near_chance: str
+        metric: float
+        accuracy: float
+        total: float
+
+        def seconds(self, _what: str) -> float:
+            return self.total
+
+    weak = Stand("svm-rbf", "predicts one class for every image", 1.0, 0.6667, 1.0)
+    tied = Stand("logreg", "", 1.0, 1.0, 5.0)
+    slower = Stand("finetune", "", 1.0, 1.0, 50.0)
+    assert best_of([weak, tied, slower]).name == "logreg"  # type: ignore[list-item]
+    assert best_of([weak]).name == "svm-rbf"  # type: ignore[list-item]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat.errors import CacheDamaged, first_line
+from tlfeat.errors import CacheDamaged, CacheMismatch, first_line
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class LazyRows:
 
     def __init__(self, path: Path, keep: np.ndarray | None, dim: int) -> None:
         self.path, self.keep, self.dim = Path(path), keep, dim
+        self.identity = _identity(os.stat(self.path))  # the file that was verified: rows are read from it only
         n = None if keep is None else len(keep)
         if n is None:
             import h5py
@@ -105,6 +107,11 @@ class LazyRows:
         order = np.argsort(stored, kind="stable")
         out = np.empty((len(stored), self.dim), dtype=np.float32)
         with h5py.File(self.path, "r") as h5:
+            if _identity(os.fstat(h5.id.get_vfd_handle())) != self.identity:
+                raise CacheMismatch(
+                    f"{self.path} was replaced after these features were loaded (extract updated or rebuilt it); "
+                    "load them again (or run the same command again)"
+                )
             dset = h5["features"]
             sorted_rows = stored[order]
             if len(sorted_rows) and np.all(np.diff(sorted_rows) == 1):
@@ -117,6 +124,10 @@ class LazyRows:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def cache_key(key_fields: dict[str, Any]) -> str:

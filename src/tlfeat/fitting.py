@@ -121,11 +121,12 @@ def pairs(cfg: FitConfig) -> list[Pair]:
                     f"no cached {split} features{' for ' + what if what else ''} with {option} {asked[split]} "
                     f"(cached: {shown}); extract them with `tlfeat extract ... {option} {asked[split]}`"
                 )
-        only = ", ".join(sorted({s for g in groups.values() for s in g}))
+        have = {s for g in groups.values() for s in g}
+        missing = [s for s in ("train", "test") if s not in have] or ["train", "test"]
         broken = f"; damaged: {damaged[0].path.name} (extract rebuilds it)" if damaged else ""
         raise TlfeatError(
-            f"cached features{' for ' + what if what else ''} have no train+test pair (only: {only}{broken}); "
-            "extract the missing split with `tlfeat extract ... --split test` (or --split train)"
+            f"cached features{' for ' + what if what else ''} have no train+test pair (only: {', '.join(sorted(have))}"
+            f"{broken}); extract the missing split with `tlfeat extract ... --split {missing[0]}`"
         )
     out.sort(
         key=lambda p: (
@@ -216,10 +217,18 @@ def resolve_route(cfg: FitConfig, attrs: dict[str, Any]) -> str:
     from tlfeat import outofcore
 
     if cfg.route != "auto":
-        return "memory" if cfg.route == "memory" else "streaming"
-    budget = int(cfg.memory_gb * 1e9) if cfg.memory_gb else None
-    dim = int(attrs.get("n_features") or 0)
-    return "streaming" if outofcore.needs_streaming(int(attrs.get("n_images", 0)), dim, budget) else "memory"
+        route = "memory" if cfg.route == "memory" else "streaming"
+    else:
+        budget = int(cfg.memory_gb * 1e9) if cfg.memory_gb else None
+        dim = int(attrs.get("n_features") or 0)
+        route = "streaming" if outofcore.needs_streaming(int(attrs.get("n_images", 0)), dim, budget) else "memory"
+    if route == "streaming" and cfg.clf == "svm" and cfg.kernel != "linear":
+        why = "--route streaming" if cfg.route == "streaming" else "these features do not fit --memory-gb"
+        raise TlfeatError(
+            f"--kernel {cfg.kernel} has no streamed fit ({why}): an RBF SVM needs every training row in memory; "
+            "use --route memory (with enough --memory-gb) or the linear kernel"
+        )
+    return route
 
 
 def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:

@@ -21,7 +21,16 @@ from tlfeat.cache import FeatureSet
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 4 << 20  # each block read from disk holds about this much float32
-SGD_EPOCHS = 8
+SGD_EPOCHS = 8  # passes of the streamed SVM over a large training set; small ones get more (sgd_epochs)
+
+
+def sgd_epochs(n: int) -> int:
+    """Passes for SGD to come near LinearSVC's solution: 8 from 25,000 rows on, up to 50 on small sets.
+
+    Measured on digits features (MobileNetV2, C = 0.001): 200 rows reached 0.776 after 10 passes and
+    0.847 after 50 (LinearSVC 0.862); 1347 rows 0.956-0.958 after 10-50 (LinearSVC 0.964).
+    """
+    return int(min(50, max(SGD_EPOCHS, -(-200_000 // max(n, 1)))))
 
 
 def block_rows(dim: int) -> int:
@@ -153,7 +162,7 @@ def _sgd_svm(fs: FeatureSet, scaler: Scaler, classes: np.ndarray, C: float, seed
     rng = np.random.default_rng(seed)
     size = block_rows(fs.X.shape[1])
     starts = np.arange(0, len(fs), size)
-    for _ in range(SGD_EPOCHS):
+    for _ in range(sgd_epochs(len(fs))):
         for start in rng.permutation(starts):
             Xb = scaler(np.asarray(fs.X[start : start + size]))
             yb = fs.y[start : start + size]

@@ -227,6 +227,15 @@ class RunRecord:
             value = self.metrics.get(name)
             if value is not None and not number(value):
                 raise ValueError(f"metrics.{name} is {value!r}, not a number")
+        predictions = self.metrics.get("predictions")
+        if isinstance(predictions, dict) and isinstance(predictions.get("y_true"), list):
+            y_true, y_pred = predictions["y_true"], predictions.get("y_pred")
+            if not isinstance(y_pred, list) or len(y_pred) != len(y_true) or len(y_true) != self.n_test:
+                raise ValueError(f"metrics.predictions do not hold {self.n_test} test predictions")
+            if y_true:
+                right = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == p) / len(y_true)
+                if abs(right - float(accuracy or 0.0)) > 1e-9:
+                    raise ValueError(f"metrics.accuracy {accuracy} disagrees with its own predictions ({right:.4f})")
         ci = self.metrics.get("accuracy_ci95")
         if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(x) for x in ci)):
             raise ValueError(f"metrics.accuracy_ci95 is {ci!r}, not [low, high]")
@@ -290,21 +299,24 @@ def _timings(data: dict[str, Any]) -> Timings:
     return t.finish()
 
 
-def load_records(results_dir: Path, kind: str | None = None) -> list[RunRecord]:
-    """Every readable record under `results_dir` (fits/*/ and finetunes/*/); malformed ones are skipped with a warning."""
+def load_records(results_dir: Path, kind: str | None = None, problems: list[str] | None = None) -> list[RunRecord]:
+    """Every readable record under `results_dir` (fits/*/ and finetunes/*/); malformed ones are skipped with a
+    warning (and listed in `problems`, when given)."""
     out = []
     for path in sorted(Path(results_dir).glob("*/*/record.json")):
         try:
             record = RunRecord.load(path)
         except (ValueError, TypeError, TlfeatError) as exc:
             log.warning("skipping record %s: %s", path, exc)
+            if problems is not None:
+                problems.append(f"{path}: {exc}")
             continue
         if kind is None or record.kind == kind:
             out.append(record)
     return out
 
 
-def load_record(path: Path) -> RunRecord | None:
+def load_record(path: Path, problems: list[str] | None = None) -> RunRecord | None:
     """The record at `path`, or None when it is missing or malformed (the run is then done again)."""
     if not Path(path).is_file():
         return None
@@ -312,6 +324,8 @@ def load_record(path: Path) -> RunRecord | None:
         return RunRecord.load(path)
     except (ValueError, TypeError, TlfeatError) as exc:
         log.warning("ignoring record %s: %s", path, exc)
+        if problems is not None:
+            problems.append(f"{path}: {exc}")
         return None
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from tlfeat import datasets, fsio, metrics
 from tlfeat.config import FinetuneConfig
-from tlfeat.errors import TlfeatError, first_line
+from tlfeat.errors import TlfeatError
 from tlfeat.preprocess import Preprocessing
 
 
@@ -81,7 +81,9 @@ def load_checkpoint(path: Path, model_name: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same message
-        raise TlfeatError(f"{path} is not a readable checkpoint ({first_line(exc)})") from exc
+        from tlfeat.weights import load_error
+
+        raise TlfeatError(f"{path} is not a readable checkpoint ({load_error(exc)})") from exc
     if not isinstance(payload, dict) or "model" not in payload:
         raise TlfeatError(f"{path} is not a tlfeat checkpoint")
     if payload.get("model_name") != model_name:

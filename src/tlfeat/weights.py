@@ -134,6 +134,14 @@ def resolve(
     )
 
 
+def load_error(exc: BaseException) -> str:
+    """Why torch.load refused a file, without torch's advice to load untrusted files unsafely."""
+    text = first_line(exc)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return "not a PyTorch file of tensors: tlfeat loads only tensors, never other pickled objects"
+    return text
+
+
 def load_state_dict(path: Path) -> dict[str, Any]:
     """Load a state dict from a file with `weights_only=True`: tensors, never arbitrary objects."""
     import pickle
@@ -143,7 +151,7 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, IndexError) as exc:
-        raise TlfeatError(f"{path} is not a loadable weights file ({first_line(exc)})") from exc
+        raise TlfeatError(f"{path} is not a loadable weights file ({load_error(exc)})") from exc
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state"):
             if key in obj and isinstance(obj[key], dict):

@@ -72,3 +72,29 @@ def test_lazy_features_stream_in_blocks(synthetic: Path) -> None:
     assert np.array_equal(lazy.X[10:20], full.X[10:20]) and np.array_equal(lazy.X[[7, 3, 3]], full.X[[7, 3, 3]])
     stacked = np.concatenate([X for X, _ in lazy.iter_batches(1000)])
     assert np.array_equal(stacked, full.X) and np.array_equal(np.asarray(lazy.X), full.X)
+
+
+def test_a_lazy_set_refuses_to_read_a_file_replaced_after_it_was_loaded(synthetic: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tlfeat.errors import CacheMismatch
+
+    path = tmp_path / next(synthetic.glob("*__test__*.h5")).name
+    shutil.copyfile(next(synthetic.glob("*__test__*.h5")), path)
+    lazy = cache.read(path, lazy=True)
+    first = np.asarray(lazy.X[:5])
+    replacement = tmp_path / "other.h5"
+    shutil.copyfile(path, replacement)
+    replacement.replace(path)  # what an update does: a new file renamed over the old name
+    with pytest.raises(CacheMismatch, match="replaced after these features were loaded"):
+        lazy.X[:5]
+    assert np.array_equal(cache.read(path, lazy=True).X[:5], first)  # loaded again, it reads
+
+
+def test_an_rbf_svm_is_refused_on_the_streamed_route(synthetic: Path) -> None:
+    from tlfeat.errors import TlfeatError
+
+    with pytest.raises(TlfeatError, match="--kernel rbf has no streamed fit"):
+        fit(FitConfig(clf="svm", kernel="rbf", route="streaming", cache_dir=synthetic, results_dir=synthetic / "r"))
+    with pytest.raises(TlfeatError, match="do not fit --memory-gb"):
+        fit(FitConfig(clf="svm", kernel="rbf", memory_gb=0.01, cache_dir=synthetic, results_dir=synthetic / "r"))

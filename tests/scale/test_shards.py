@@ -152,3 +152,15 @@ def test_shard_errors_are_one_line(tree_and_shards: tuple[Path, Path], tmp_path:
     assert (
         relabelled.exit_code == 2 and "cannot decode image" in relabelled.output
     )  # found the label, then the bad image
+
+
+def test_a_parquet_row_without_a_label_is_refused(tree_and_shards: tuple[Path, Path], tmp_path: Path) -> None:
+    tree, _ = tree_and_shards
+    samples = _samples(tree, "train")[:4]
+    samples[2] = (samples[2][0], samples[2][1], None, samples[2][3])  # type: ignore[assignment]
+    _parquet(tmp_path / "part.parquet", samples)
+    result = CliRunner().invoke(
+        cli, ["extract", "--model", "resnet18", "--untrained", "-q", "--cache-dir", str(tmp_path / "c"),
+              "--data", str(tmp_path / "part.parquet")]
+    )  # fmt: skip
+    assert result.exit_code == 2 and "has no label" in result.output, result.output

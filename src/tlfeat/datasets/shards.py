@@ -167,6 +167,11 @@ def _parquet_samples(path: str, label_field: str) -> list[tuple[str, Any, Any, i
         keys = table.column(key_column).to_pylist() if key_column else None
         for row, label in enumerate(labels):
             key = str(keys[row]) if keys else f"{Path(path).name}/{group}/{row}"
+            if label is None or (isinstance(label, str) and not label.strip()):
+                raise TlfeatError(
+                    f"sample {printable(key)} of {printable(path)} has no label (column {field!r} is empty there); "
+                    "label it or remove the row"
+                )
             out.append((key, label, (path, group, row, column), 0))
     return out
 

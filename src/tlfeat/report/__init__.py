@@ -14,17 +14,19 @@ from typing import Any
 from tlfeat import fsio
 from tlfeat.errors import TlfeatError
 from tlfeat.report import export, plots, render
-from tlfeat.report.rows import configs, penultimate, rows
+from tlfeat.report.rows import best_of, configs, penultimate, rows
 from tlfeat.report.sections import recommendation, sections
 
 __all__ = ["build", "recommendation", "rows"]
 
 
-def _json(path: Path, default: Any) -> Any:
+def _json(path: Path, default: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object from `path`; `default` when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else default
+        data = json.loads(path.read_text()) if path.is_file() else default
     except (OSError, ValueError):
         return default
+    return data if isinstance(data, dict) else default
 
 
 def make_plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
@@ -40,7 +42,7 @@ def make_plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
         made["Learning curves of the fine-tuning runs"] = p
     for dataset in sorted({r["dataset"] for r in penultimate(items)}):
         cfgs = configs([r for r in penultimate(items) if r["dataset"] == dataset])
-        best = max(cfgs, key=lambda c: (c.metric, -c.seconds("total_seconds")))
+        best = best_of(cfgs)
         slug = "".join(ch if ch.isalnum() else "-" for ch in dataset)
         made[f"Confusion matrix, {dataset}: {best.label()}"] = plots.confusion(best, folder / f"confusion_{slug}.png")
     if (p := plots.accuracy_per_layer(items, folder / "accuracy_per_layer.png")) is not None:
@@ -55,10 +57,14 @@ def build(out: Path) -> Path:
     out = Path(out)
     if not (out / "results").is_dir() and not (out / "compare.json").is_file():
         raise TlfeatError(f"{out} holds no results; run `tlfeat compare ... --out {out}` first")
-    items = rows(out)
+    left_out: list[str] = []
+    items = rows(out, left_out)
     meta = _json(out / "compare.json", {})
     failures = _json(out / "failures.json", {}).get("failures", {})
-    blocks = sections(items, failures, meta, make_plots(out, items))
+    if not isinstance(failures, dict):
+        failures = {}
+    failures = {str(k): str(v) for k, v in failures.items()}
+    blocks = sections(items, failures, meta, make_plots(out, items), left_out)
     fsio.atomic_write(out / "report.md", render.markdown(blocks))
     fsio.atomic_write(out / "report.html", render.page(blocks, out.name))
     fsio.atomic_write(out / "rows.csv", render.csv_text(items))

@@ -149,6 +149,7 @@ def accuracy_vs_time(items: list[dict[str, Any]], palette: Palette, path: Path) 
 def learning_curves(items: list[dict[str, Any]], palette: Palette, path: Path) -> Path | None:
     """Validation accuracy per epoch of the fine-tuning runs: mean over repeats, band min to max."""
     import matplotlib.lines
+    import matplotlib.ticker
 
     plt = _plt()
     tuned = [r for r in items if r["_record"].kind == "finetune"]
@@ -172,7 +173,13 @@ def learning_curves(items: list[dict[str, Any]], palette: Palette, path: Path) -
             if len(runs) > 1:
                 ax.fill_between(epochs, arr.min(0), arr.max(0), color=color, alpha=0.15)
         ax.set(xlabel="epoch", ylabel="validation accuracy", title=dataset, ylim=(0, 1.02))
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
+        longest = max(
+            (len(r["_record"].details.get("history", [])) for r in tuned if r["dataset"] == dataset), default=1
+        )
+        if longest <= 2:  # one or two epochs: ticks at those epochs only, not at fractions between them
+            ax.set_xticks(range(1, longest + 1))
+            ax.set_xlim(0.5, longest + 0.5)
         ax.grid(alpha=0.3)
     methods = sorted({r["method"] for r in tuned})
     handles = [matplotlib.lines.Line2D([], [], color=palette.color(m), label=m) for m in methods]

@@ -19,7 +19,7 @@ from tlfeat.records import Method, RunRecord, load_record, load_records, variant
 log = logging.getLogger(__name__)
 
 
-def run_records(out: Path) -> list[RunRecord]:
+def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]:
     """The records a report covers: those `compare.json` lists (the runs of that comparison, wherever
     `--results-dir` put them), else every record under `<out>/results/`, keeping of runs that agree in
     everything but their date (the same configuration and seeds on data that changed since) the newest."""
@@ -49,15 +49,17 @@ def run_records(out: Path) -> list[RunRecord]:
             )
             listed = None
     if listed is None:
-        return _newest(load_records(out / "results"))
+        return _newest(load_records(out / "results", problems=problems))
     found = []
-    for name in listed:
+    for name in dict.fromkeys(listed):  # a path listed twice is one run
         path = out / name
-        record = load_record(path)
+        record = load_record(path, problems)
         if record is not None:
             found.append(record)
         elif not path.is_file():
             log.warning("%s lists %s, which is missing; the report leaves that run out", index.name, name)
+            if problems is not None:
+                problems.append(f"{name}: missing")
     return found
 
 
@@ -79,9 +81,10 @@ def _newest(records: list[RunRecord]) -> list[RunRecord]:
     return [r for r in records if id(r) in kept]
 
 
-def rows(out: Path) -> list[dict[str, Any]]:
-    """One row per run, sorted: dataset, model, method, layer, variant, seed."""
-    records = run_records(out)
+def rows(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per run, sorted: dataset, model, method, layer, variant, seed. Runs that could not be
+    read are listed in `problems`, when given."""
+    records = run_records(out, problems)
     labels: dict[int, str] = {}
     groups: dict[tuple[str, str, str, str, str], list[RunRecord]] = defaultdict(list)
     for r in records:  # pretrained and UNTRAINED backbones are told apart by the model column already
@@ -272,3 +275,9 @@ def best_in_column(cells: dict[tuple[str, str], list[float]], rows_: list[str], 
     """The best mean of a column, or None when the column offers no choice (one value or none)."""
     means = [mean_sd(cells[(m, col)])[0] for m in rows_ if (m, col) in cells]
     return max(means) if len(means) > 1 else None
+
+
+def best_of(cfgs: list[Config]) -> Config:
+    """The configuration a report leads with: never one no better than chance while another is; then the
+    table's metric, accuracy (ties of ROC AUC on a binary task), and the shorter time."""
+    return max(cfgs, key=lambda c: (not c.near_chance, c.metric, c.accuracy, -c.seconds("total_seconds")))

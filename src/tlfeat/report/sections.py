@@ -10,6 +10,7 @@ from typing import Any
 from tlfeat.report.rows import (
     Config,
     best_in_column,
+    best_of,
     configs,
     fmt_ms,
     group,
@@ -24,11 +25,16 @@ ALPHA = 0.05  # the paired tests' level
 
 
 def sections(
-    items: list[dict[str, Any]], failures: dict[str, str], meta: dict[str, Any], plots: dict[str, Path]
+    items: list[dict[str, Any]],
+    failures: dict[str, str],
+    meta: dict[str, Any],
+    plots: dict[str, Path],
+    left_out: list[str] | None = None,
 ) -> list[Block]:
     out: list[Block] = [("h1", "tlfeat comparison report")]
     for part in (
         recommendation_section(items),
+        unreadable(left_out or []),
         notes(items),
         skipped(items),
         failed(failures),
@@ -78,9 +84,13 @@ def recommendation(items: list[dict[str, Any]]) -> list[str]:
     lines = []
     for (dataset,), group_ in sorted(group(penultimate(items), "dataset").items()):
         cfgs = configs(group_)
-        best = max(cfgs, key=lambda c: (c.metric, -c.seconds("total_seconds")))
+        best = best_of(cfgs)
         name = best.metric_name.replace("roc_auc", "ROC AUC")
-        text = f"**{dataset}**: the most accurate is {best.label()} ({name} {best.metric:.4f}, {_ci(best)}; {best.seconds('total_seconds'):.0f} s per run)"
+        if best.metric_name == "accuracy":
+            text = f"**{dataset}**: the most accurate is {best.label()} (accuracy {best.metric:.4f}, {_ci(best)}; "
+        else:
+            text = f"**{dataset}**: the best by {name} is {best.label()} ({name} {best.metric:.4f}; accuracy {best.accuracy:.4f}, {_ci(best)}; "
+        text += f"{best.seconds('total_seconds'):.0f} s per run)"
         cheaper = [
             (c, why)
             for c in cfgs
@@ -134,6 +144,20 @@ def notes(items: list[dict[str, Any]]) -> list[Block]:
             )
         )
     return out
+
+
+def unreadable(left_out: list[str]) -> list[Block]:
+    if not left_out:
+        return []
+    return [
+        ("h2", f"Runs left out ({len(left_out)})"),
+        (
+            "p",
+            "These saved runs are missing or could not be read, so every table and the recommendation above are "
+            "made without them. Run the same `tlfeat compare` again to compute them anew.",
+        ),
+        *[("li", problem) for problem in left_out],
+    ]
 
 
 def skipped(items: list[dict[str, Any]]) -> list[Block]:
@@ -194,12 +218,13 @@ def dataset_tables(items: list[dict[str, Any]]) -> list[Block]:
     out: list[Block] = []
     for (dataset,), runs in sorted(group(penultimate(items), "dataset").items()):
         cfgs = sorted(configs(runs), key=lambda c: (c.parsed.rank, c.model, c.method, c.variant))
-        best = max(cfgs, key=lambda c: (c.metric, -c.seconds("total_seconds")))
+        best = best_of(cfgs)
         out.append(("h2", f"{dataset}: method × accuracy × time"))
         out.append(
             (
                 "p",
-                "Times are per run, in seconds. *extract* is the one-time extraction of the feature sets, shared by every "
+                "Times are per run, in seconds. *extract* is the one-time extraction of the feature sets (after an "
+                "incremental update: the update plus the carried rows' share of the earlier extraction), shared by every "
                 "frozen classifier on them; *C search* the cross-validated choice of C; *train* the final fit or the "
                 "fine-tuning epochs (with validation); *total* all of these. *vs best*: McNemar's paired test against the most accurate "
                 f"configuration ({best.label()}) on the same test images.",
@@ -282,7 +307,7 @@ def per_class(items: list[dict[str, Any]]) -> list[Block]:
     out: list[Block] = []
     for (dataset,), runs in sorted(group(penultimate(items), "dataset").items()):
         cfgs = sorted(configs(runs), key=lambda c: (c.parsed.rank, c.model, c.method, c.variant))
-        best = max(cfgs, key=lambda c: (c.metric, -c.seconds("total_seconds")))
+        best = best_of(cfgs)
         names = best.runs[0]["_record"].class_names
         out.append(("h2", f"{dataset}: per class"))
         out.append(
@@ -374,10 +399,10 @@ def every_run(items: list[dict[str, Any]]) -> list[Block]:
 def provenance(meta: dict[str, Any]) -> list[Block]:
     out: list[Block] = [("h2", "How these numbers were made")]
     if meta.get("command"):
-        out.append(("code", meta["command"]))
+        out.append(("code", str(meta["command"])))
     if meta.get("config"):
-        out.append(("code", json.dumps(meta["config"], indent=2)))
-    if meta.get("environment"):
+        out.append(("code", json.dumps(meta["config"], indent=2, default=str)))
+    if isinstance(meta.get("environment"), dict):
         out.append(("p", ", ".join(f"{k}: {v}" for k, v in meta["environment"].items())))
     out.append(
         (
