@@ -128,7 +128,7 @@ class OnnxRunner:
     """Fixed-size micro-batches here too (the last one padded): the features of an image never
     depend on how many images were computed with it."""
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path | bytes, meta: dict[str, Any]) -> None:
         # The decoding workers share these cores, so ONNX Runtime's idle threads must not spin.
         self.session = onnx_backend.Session(path, spin=False)
         self.meta = meta

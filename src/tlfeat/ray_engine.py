@@ -150,14 +150,8 @@ def payload(spec: inference.ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _runner_from(payload: dict[str, Any], spec: inference.ModelSpec) -> Any:
-    if "onnx" in payload:
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory(prefix="tlfeat-ray-") as folder:  # the session keeps what it needs
-            path = Path(folder) / "model.onnx"
-            path.write_bytes(payload["onnx"])
-            return inference.OnnxRunner(path, {})
+    if "onnx" in payload:  # loaded from memory: a killed actor leaves no file behind
+        return inference.OnnxRunner(payload["onnx"], {})
     return inference.TorchRunner.from_state(spec, payload["state_dict"])
 
 
