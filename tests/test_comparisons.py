@@ -271,7 +271,7 @@ def test_fit_names_the_missing_limit_variant(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no cached train features" in result.output and "--limit 40" in result.output
 
 
-def test_the_report_leads_with_a_run_better_than_chance_and_breaks_auc_ties_by_accuracy() -> None:
+def test_the_report_leads_with_a_run_better_than_chance() -> None:
     from dataclasses import dataclass
 
     from tlfeat.report.rows import best_of
@@ -287,8 +287,20 @@ def test_the_report_leads_with_a_run_better_than_chance_and_breaks_auc_ties_by_a
         def seconds(self, _what: str) -> float:
             return self.total
 
-    weak = Stand("svm-rbf", "predicts one class for every image", 1.0, 0.6667, 1.0)
-    tied = Stand("logreg", "", 1.0, 1.0, 5.0)
-    slower = Stand("finetune", "", 1.0, 1.0, 50.0)
+    weak = Stand("svm-rbf", "predicts one class for every image", 1.0, 1.0, 1.0)
+    tied = Stand("logreg", "", 0.9, 0.9, 5.0)
+    slower = Stand("finetune", "", 0.9, 0.9, 50.0)
     assert best_of([weak, tied, slower]).name == "logreg"  # type: ignore[list-item]
     assert best_of([weak]).name == "svm-rbf"  # type: ignore[list-item]
+
+
+def test_a_binary_test_split_with_one_class_still_gets_a_report(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=6, classes=("ants", "bees"), splits=("train",))
+    make_tree(tmp_path / "tree", per_class=3, classes=("ants",), splits=("test",))
+    args = ["compare", "--models", "resnet18:untrained", "--data", str(tree), "--methods", "logreg,logreg"]
+    args += ["--image-size", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r"), "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "the most accurate is" in md and "—" in md  # no ROC AUC with one class in the test split
+    assert len(json.loads((tmp_path / "r" / "compare.json").read_text())["records"]) == 1  # logreg once

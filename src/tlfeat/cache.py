@@ -81,9 +81,12 @@ class FeatureSet:
 class LazyRows:
     """The kept rows of a cache file's `features`, read on demand (slices, index arrays, np.asarray)."""
 
-    def __init__(self, path: Path, keep: np.ndarray | None, dim: int) -> None:
+    def __init__(
+        self, path: Path, keep: np.ndarray | None, dim: int, identity: tuple[int, int, int, int] | None = None
+    ) -> None:
         self.path, self.keep, self.dim = Path(path), keep, dim
-        self.identity = _identity(os.stat(self.path))  # the file that was verified: rows are read from it only
+        # The file that was verified (its identity taken before the check): rows are read from it only.
+        self.identity = identity or _identity(os.stat(self.path))
         n = None if keep is None else len(keep)
         if n is None:
             import h5py
@@ -283,9 +286,15 @@ def read(path: Path, verify: bool = True, lazy: bool = False) -> FeatureSet:
     import h5py
 
     path = Path(path)
+    try:
+        before = _identity(os.stat(path))
+    except OSError as exc:
+        raise CacheDamaged(f"{path} cannot be read ({first_line(exc, 160)}); {REBUILD}") from exc
     meta = check(path, verify=verify and lazy)
     try:
         with h5py.File(path, "r") as h5:
+            if _identity(os.fstat(h5.id.get_vfd_handle())) != before:  # replaced while it was being checked
+                raise CacheMismatch(f"{path} was replaced while it was being loaded; load it again")
             index = read_index(h5)
             dim = int(h5["features"].shape[1])
             X = None if lazy else h5["features"][...]
@@ -308,7 +317,7 @@ def read(path: Path, verify: bool = True, lazy: bool = False) -> FeatureSet:
         y, ids = y[keep], [ids[i] for i in keep]
         if X is not None:
             X = X[keep]
-    rows: Any = X if X is not None else LazyRows(path, keep, dim)
+    rows: Any = X if X is not None else LazyRows(path, keep, dim, identity=before)
     return FeatureSet(X=rows, y=y, ids=ids, class_names=index.class_names, meta=meta, path=path)
 
 

@@ -114,7 +114,7 @@ def cells(cfg: CompareConfig) -> list[Cell]:
     for data in cfg.datas:
         scratch_done: set[str] = set()
         for model in cfg.models:
-            for method in map(Method.parse, cfg.methods):
+            for method in dict.fromkeys(map(Method.parse, cfg.methods)):  # logreg,logreg is one method
                 name = model
                 if method.is_scratch:  # random weights anyway: MODEL and MODEL:untrained are one run
                     name = model.split(":", 1)[0]

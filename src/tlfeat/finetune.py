@@ -404,15 +404,18 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train accuracy")
-    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "s-", label="validation accuracy")
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "s-", label="validation accuracy", zorder=3)
     aucs = [h["val_roc_auc"] for h in history]
-    if all(a is not None for a in aucs):
-        ax_acc.plot(epochs, aucs, "^--", label="validation ROC AUC")
+    if all(a is not None for a in aucs):  # hollow: a point under it (both at 1.0) stays visible
+        ax_acc.plot(epochs, aucs, "^--", markerfacecolor="none", label="validation ROC AUC", zorder=4)
     ax_acc.set(xlabel="epoch", ylabel="metric", title="accuracy / ROC AUC", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(epochs) <= 2:  # one or two epochs: ticks at those epochs, not at fractions between them
+            ax.set_xticks(epochs)
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     fig.suptitle(title)
     with fsio.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

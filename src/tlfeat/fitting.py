@@ -258,6 +258,11 @@ def _train(cfg: FitConfig, train: cache.FeatureSet, route: str) -> tuple[Any, di
     cv = choose_C(cfg, train.X, train.y, train.ids)
     t0 = time.perf_counter()
     if route == "streaming":
+        if cfg.clf == "svm":
+            log.warning(
+                "svm on the streamed route is SGD on the hinge loss: it can fall short of LinearSVC's solution, "
+                "most on small training sets (use --route memory where the features fit in memory)"
+            )
         pipeline = outofcore.fit(cfg.clf, train, cv["C"], cfg.epochs, cfg.lr, cfg.seed)
     else:
         pipeline = classifiers.make_classifier(

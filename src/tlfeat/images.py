@@ -77,7 +77,9 @@ def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None
                 return to_rgb(img)
     except Image.DecompressionBombError as exc:
         raise TlfeatError(f"cannot decode image {name}: {exc} (a decompression bomb?)") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+    except UnidentifiedImageError as exc:  # PIL names its in-memory buffer here, not the file
+        raise TlfeatError(f"cannot decode image {name}: not an image format PIL can read") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise TlfeatError(f"cannot decode image {name}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a damaged file can make a decoder raise anything
         raise TlfeatError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc

@@ -44,7 +44,9 @@ def evaluate(
     precision/recall/F1, the confusion matrix, and the predictions for paired tests between runs."""
     from sklearn import metrics as skm
 
-    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true", append=True)  # the table says it
+    # The per-class table says both of these; balanced accuracy's inner confusion matrix needs no labels.
+    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true", append=True)
+    warnings.filterwarnings("ignore", message="A single label was found in 'y_true' and 'y_pred'", append=True)
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(class_names)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)

@@ -164,3 +164,17 @@ def test_a_parquet_row_without_a_label_is_refused(tree_and_shards: tuple[Path, P
               "--data", str(tmp_path / "part.parquet")]
     )  # fmt: skip
     assert result.exit_code == 2 and "has no label" in result.output, result.output
+
+
+def test_a_tar_with_an_empty_label_or_a_key_twice_is_refused(
+    tree_and_shards: tuple[Path, Path], tmp_path: Path
+) -> None:
+    tree, _ = tree_and_shards
+    samples = _samples(tree, "train")[:4]
+    base = ["extract", "--model", "resnet18", "--untrained", "-q", "--cache-dir", str(tmp_path / "c")]
+    _tar(tmp_path / "twice.tar", [*samples, (samples[0][0], samples[1][1], 1, samples[0][3])])
+    result = CliRunner().invoke(cli, [*base, "--data", str(tmp_path / "twice.tar")])
+    assert result.exit_code == 2 and "more than once" in result.output, result.output
+    _tar(tmp_path / "empty.tar", [*samples[:3], (samples[3][0], samples[3][1], "", samples[3][3])])  # type: ignore[list-item]
+    result = CliRunner().invoke(cli, [*base, "--data", str(tmp_path / "empty.tar")])
+    assert result.exit_code == 2 and "empty .cls label" in result.output, result.output

@@ -104,6 +104,7 @@ def _tar_samples(path: str, label_field: str) -> list[tuple[str, Any, int, int]]
     """(key, label, offset, size) of every sample with an image in one tar shard."""
     images: dict[str, tuple[int, int]] = {}
     labels: dict[str, Any] = {}
+    seen_ext: dict[str, str] = {}  # the image member kept for each key
     order: list[str] = []
     try:
         with tarfile.open(path, "r:") as tar:
@@ -119,9 +120,17 @@ def _tar_samples(path: str, label_field: str) -> list[tuple[str, Any, int, int]]
                 if ext in IMAGE_MEMBERS and key not in images:
                     images[key] = (member.offset_data, member.size)
                     order.append(key)
+                elif ext in IMAGE_MEMBERS and ext == seen_ext.get(key):
+                    raise TlfeatError(f"{printable(path)} holds sample {printable(key)}.{ext} more than once")
                 elif ext == label_field:
+                    if key in labels:
+                        raise TlfeatError(f"{printable(path)} holds the label {printable(key)}.{ext} more than once")
                     fh = tar.extractfile(member)
                     labels[key] = _label_value(fh.read() if fh else b"")
+                    if labels[key] == "":
+                        raise TlfeatError(f"{printable(path)}: sample {printable(key)} has an empty .{ext} label")
+                if ext in IMAGE_MEMBERS:
+                    seen_ext.setdefault(key, ext)
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise TlfeatError(f"{printable(path)} is not a readable tar shard ({exc})") from exc
     missing = [k for k in order if k not in labels]

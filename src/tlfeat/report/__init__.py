@@ -8,6 +8,7 @@ gives the same output as the `compare` run that made them, without recomputing a
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from tlfeat.report.rows import best_of, configs, penultimate, rows
 from tlfeat.report.sections import recommendation, sections
 
 __all__ = ["build", "recommendation", "rows"]
+
+log = logging.getLogger(__name__)
 
 
 def _json(path: Path, default: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +63,10 @@ def build(out: Path) -> Path:
     left_out: list[str] = []
     items = rows(out, left_out)
     meta = _json(out / "compare.json", {})
-    failures = _json(out / "failures.json", {}).get("failures", {})
+    failures = _json(out / "failures.json", {"failures": None}).get("failures", {})
+    if (out / "failures.json").is_file() and not isinstance(failures, dict):
+        left_out.append("failures.json is unreadable or malformed: failed cells, if any, are not listed here")
+        log.warning("%s is unreadable or malformed; failed cells, if any, are not listed", out / "failures.json")
     if not isinstance(failures, dict):
         failures = {}
     failures = {str(k): str(v) for k, v in failures.items()}

@@ -169,7 +169,9 @@ def learning_curves(items: list[dict[str, Any]], palette: Palette, path: Path) -
             arr = np.array([c[:n] for c in curves])
             epochs = np.arange(1, n + 1)
             color = palette.color(method)
-            ax.plot(epochs, arr.mean(0), marker="o", markersize=3, linestyle=styles[model], color=color)
+            ax.plot(
+                epochs, arr.mean(0), marker=palette.marker(model), markersize=4, linestyle=styles[model], color=color
+            )
             if len(runs) > 1:
                 ax.fill_between(epochs, arr.min(0), arr.max(0), color=color, alpha=0.15)
         ax.set(xlabel="epoch", ylabel="validation accuracy", title=dataset, ylim=(0, 1.02))
@@ -183,8 +185,11 @@ def learning_curves(items: list[dict[str, Any]], palette: Palette, path: Path) -
         ax.grid(alpha=0.3)
     methods = sorted({r["method"] for r in tuned})
     handles = [matplotlib.lines.Line2D([], [], color=palette.color(m), label=m) for m in methods]
-    handles += [matplotlib.lines.Line2D([], [], color=MODEL_KEY, linestyle=s, label=m) for m, s in styles.items()]
-    _legend(fig, handles, "colour: method, line: model")
+    handles += [
+        matplotlib.lines.Line2D([], [], color=MODEL_KEY, linestyle=s, marker=palette.marker(m), label=m)
+        for m, s in styles.items()
+    ]
+    _legend(fig, handles, "colour: method, line and marker: model")
     fig.suptitle("Fine-tuning: validation accuracy per epoch (mean over repeats, band: min to max)")
     return _save(fig, path)
 

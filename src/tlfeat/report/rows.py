@@ -40,6 +40,11 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
                 out / "results",
             )
         elif not (isinstance(listed, list) and all(isinstance(x, str) for x in listed)):
+            if problems is not None:
+                problems.append(
+                    f"{index.name} is unreadable or malformed: this report covers every record under results/, "
+                    "not those of runs saved elsewhere with --results-dir"
+                )
             log.warning(
                 "%s is unreadable or malformed (%s); the report covers every record under %s/ instead "
                 "(run the same `tlfeat compare` again to rewrite it)",
@@ -110,7 +115,6 @@ def rows(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
 def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
     method = r.parsed_method
     m, t = r.metrics, r.timings
-    binary = r.n_classes == 2
     correct = int(round(m["accuracy"] * r.n_test))
     low, high = m.get("accuracy_ci95") or stats.wilson(correct, r.n_test)
     untrained = not r.pretrained and not method.is_scratch
@@ -124,8 +128,10 @@ def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
         "variant": variant,
         "seed": r.seed,
         "subset_seed": r.subset_seed,
-        "metric_name": "roc_auc" if binary else "accuracy",
-        "metric": m.get("roc_auc") if binary else m["accuracy"],
+        # Ranked by accuracy on every task, binary ones too: the interval, the paired test and the confusion
+        # matrix are all about accuracy (ROC AUC has its own column, and is None where a class is missing).
+        "metric_name": "accuracy",
+        "metric": m["accuracy"],
         "accuracy": m["accuracy"],
         "ci95_low": low,
         "ci95_high": high,
@@ -278,6 +284,6 @@ def best_in_column(cells: dict[tuple[str, str], list[float]], rows_: list[str], 
 
 
 def best_of(cfgs: list[Config]) -> Config:
-    """The configuration a report leads with: never one no better than chance while another is; then the
-    table's metric, accuracy (ties of ROC AUC on a binary task), and the shorter time."""
-    return max(cfgs, key=lambda c: (not c.near_chance, c.metric, c.accuracy, -c.seconds("total_seconds")))
+    """The configuration a report leads with: never one no better than chance while another is; then
+    accuracy, and the shorter time."""
+    return max(cfgs, key=lambda c: (not c.near_chance, c.metric, -c.seconds("total_seconds")))

@@ -85,22 +85,20 @@ def recommendation(items: list[dict[str, Any]]) -> list[str]:
     for (dataset,), group_ in sorted(group(penultimate(items), "dataset").items()):
         cfgs = configs(group_)
         best = best_of(cfgs)
-        name = best.metric_name.replace("roc_auc", "ROC AUC")
-        if best.metric_name == "accuracy":
-            text = f"**{dataset}**: the most accurate is {best.label()} (accuracy {best.metric:.4f}, {_ci(best)}; "
-        else:
-            text = f"**{dataset}**: the best by {name} is {best.label()} ({name} {best.metric:.4f}; accuracy {best.accuracy:.4f}, {_ci(best)}; "
-        text += f"{best.seconds('total_seconds'):.0f} s per run)"
+        text = (
+            f"**{dataset}**: the most accurate is {best.label()} (accuracy {best.metric:.4f}, {_ci(best)}; "
+            f"{best.seconds('total_seconds'):.0f} s per run)"
+        )
         cheaper = [
             (c, why)
             for c in cfgs
-            if c is not best and c.seconds("total_seconds") < best.seconds("total_seconds")
+            if c is not best and not c.near_chance and c.seconds("total_seconds") < best.seconds("total_seconds")
             for same, why in [_same(best, c)]
             if same
         ]
         if cheaper:
             cheap, why = min(cheaper, key=lambda cw: cw[0].seconds("total_seconds"))
-            text += f". {cheap.label()} ({cheap.metric:.4f}) is indistinguishable from it ({why}) {_time_ratio(best.seconds('total_seconds'), cheap.seconds('total_seconds'))}."
+            text += f". {cheap.label()} (accuracy {cheap.metric:.4f}) is indistinguishable from it ({why}) {_time_ratio(best.seconds('total_seconds'), cheap.seconds('total_seconds'))}."
         else:
             frozen = [c for c in cfgs if c.parsed.is_frozen and c is not best]
             if frozen and not best.parsed.is_frozen:
@@ -153,7 +151,7 @@ def unreadable(left_out: list[str]) -> list[Block]:
         ("h2", f"Runs left out ({len(left_out)})"),
         (
             "p",
-            "These saved runs are missing or could not be read, so every table and the recommendation above are "
+            "These saved results are missing or could not be read, so every table and the recommendation are "
             "made without them. Run the same `tlfeat compare` again to compute them anew.",
         ),
         *[("li", problem) for problem in left_out],
@@ -271,7 +269,9 @@ def _dataset_row(c: Config, best: Config) -> list[str]:
         str(c.n_test),
         fmt_ms([r["accuracy"] for r in runs]),
         f"{low:.4f}–{high:.4f}",
-        fmt_ms([r["roc_auc"] for r in runs]) if runs[0]["roc_auc"] is not None else "—",
+        fmt_ms([r["roc_auc"] for r in runs if r["roc_auc"] is not None])
+        if any(r["roc_auc"] is not None for r in runs)
+        else "—",
         versus,
         fmt_ms([r["extract_seconds"] for r in runs], 1),
         fmt_ms([r["search_seconds"] for r in runs], 1),
