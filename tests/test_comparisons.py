@@ -195,6 +195,12 @@ def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
     assert "Runs left out (1)" in (out / "report.md").read_text()
     predictions = data["metrics"]["predictions"]
     predictions["y_pred"] = list(predictions["y_true"])
+    again = metrics.evaluate(
+        np.array(predictions["y_true"]), np.array(predictions["y_pred"]), None, data["class_names"]
+    )
+    data["metrics"].update(
+        {k: again[k] for k in ("accuracy_ci95", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix")}
+    )
     perfect.write_text(json.dumps(data))
     build(out)
     assert (out / "plots" / "accuracy_vs_time.png").stat().st_size > 5000
@@ -205,6 +211,16 @@ def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
     result = CliRunner().invoke(cli, ["report", str(out)])
     assert result.exit_code == 0 and "which is missing" in caplog.text
     (out / "moved.json").rename(out / records[1])
+
+    # Any figure its own predictions contradict (here the confusion matrix) leaves the run out.
+    edited = json.loads(perfect.read_text())
+    edited["metrics"]["confusion_matrix"][0][0] += 1
+    perfect.write_text(json.dumps(edited))
+    caplog.clear()
+    build(out)
+    assert "confusion_matrix disagrees with its own predictions" in caplog.text
+    assert "Runs left out (1)" in (out / "report.md").read_text()
+    perfect.write_text(json.dumps(data))
 
     # A path listed twice is one run.
     meta = json.loads((out / "compare.json").read_text())

@@ -19,6 +19,49 @@ from tlfeat.records import Method, RunRecord, load_record, load_records, variant
 log = logging.getLogger(__name__)
 
 
+DERIVED = ("accuracy_ci95", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix")
+
+
+def disagreement(record: RunRecord) -> str | None:
+    """Which figure of a record its own saved predictions contradict (a hand-edited record), or None."""
+    from tlfeat import metrics
+
+    predictions = record.metrics.get("predictions") or {}
+    if not predictions.get("y_true") or not record.class_names:
+        return None
+    y_true, y_pred = np.asarray(predictions["y_true"]), np.asarray(predictions["y_pred"])
+    if max(int(y_true.max()), int(y_pred.max())) >= len(record.class_names) or min(y_true.min(), y_pred.min()) < 0:
+        return "its predictions name classes it does not have"
+    again = metrics.evaluate(y_true, y_pred, None, list(record.class_names))
+    for name in DERIVED:
+        if name in record.metrics and not _same_value(record.metrics[name], again[name]):
+            return f"metrics.{name} disagrees with its own predictions"
+    return None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(float(a) - float(b)) <= 1e-9
+    return bool(a == b)
+
+
+def _consistent(records: list[RunRecord], problems: list[str] | None) -> list[RunRecord]:
+    kept = []
+    for r in records:
+        why = disagreement(r)
+        if why is None:
+            kept.append(r)
+            continue
+        log.warning("ignoring record %s: %s", r.path, why)
+        if problems is not None:
+            problems.append(f"{r.path}: {why}")
+    return kept
+
+
 def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]:
     """The records a report covers: those `compare.json` lists (the runs of that comparison, wherever
     `--results-dir` put them), else every record under `<out>/results/`, keeping of runs that agree in
@@ -54,7 +97,7 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
             )
             listed = None
     if listed is None:
-        return _newest(load_records(out / "results", problems=problems))
+        return _consistent(_newest(load_records(out / "results", problems=problems)), problems)
     found = []
     for name in dict.fromkeys(listed):  # a path listed twice is one run
         path = out / name
@@ -65,7 +108,7 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
             log.warning("%s lists %s, which is missing; the report leaves that run out", index.name, name)
             if problems is not None:
                 problems.append(f"{name}: missing")
-    return found
+    return _consistent(found, problems)
 
 
 def _newest(records: list[RunRecord]) -> list[RunRecord]:
