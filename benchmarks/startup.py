@@ -52,6 +52,13 @@ def tlfeat(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "tlfeat_cli.main", *map(str, args)]
 
 
+def extract_train(root: Path, cache_dir: Path, *extra: str | Path) -> list[str]:
+    """`tlfeat extract` of the photo set's training split with MobileNetV2, quietly, into `cache_dir`."""
+    return tlfeat(
+        "extract", "--model", "mobilenet_v2", "--data", root, "--split", "train", "-q", "--cache-dir", cache_dir, *extra
+    )
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "TLFEAT_OFFLINE": "1", **(env or {})})
@@ -115,67 +122,13 @@ def main() -> None:
         tutorial = timed([sys.executable, "-c", TUTORIAL, str(root / "train"), str(args.work / "tutorial.npy")])
         warm_cache = args.work / f"warm-{n}"
         shutil.rmtree(warm_cache, ignore_errors=True)
-        # Any earlier extraction of the model leaves its export: make it on another (one-image) folder.
-        timed(
-            tlfeat(
-                "extract",
-                "--model",
-                "mobilenet_v2",
-                "--data",
-                root,
-                "--split",
-                "train",
-                "--limit",
-                "8",
-                "-q",
-                "--cache-dir",
-                warm_cache,
-            )
-        )
-        warm = timed(
-            tlfeat(
-                "extract",
-                "--model",
-                "mobilenet_v2",
-                "--data",
-                root,
-                "--split",
-                "train",
-                "-q",
-                "--cache-dir",
-                warm_cache,
-            )
-        )
-        hit = timed(
-            tlfeat(
-                "extract",
-                "--model",
-                "mobilenet_v2",
-                "--data",
-                root,
-                "--split",
-                "train",
-                "-q",
-                "--cache-dir",
-                warm_cache,
-            )
-        )
+        # Any earlier extraction of the model leaves its export: make it on an 8-image subset (another key).
+        timed(extract_train(root, warm_cache, "--limit", "8"))
+        warm = timed(extract_train(root, warm_cache))
+        hit = timed(extract_train(root, warm_cache))
         cold_cache = args.work / f"cold-{n}"
         shutil.rmtree(cold_cache, ignore_errors=True)
-        cold = timed(
-            tlfeat(
-                "extract",
-                "--model",
-                "mobilenet_v2",
-                "--data",
-                root,
-                "--split",
-                "train",
-                "-q",
-                "--cache-dir",
-                cold_cache,
-            )
-        )
+        cold = timed(extract_train(root, cold_cache))
         rows.append((n, tutorial, warm, cold, hit))
         print(
             f"{n} photos: tutorial {tutorial:.2f} s, tlfeat {warm:.2f} s ({tutorial / warm:.2f}x; cold, export included: {cold:.2f} s, {tutorial / cold:.2f}x), cache hit {hit:.2f} s",
@@ -189,40 +142,8 @@ def main() -> None:
         cache_dir = args.work / f"pss-{backend}"
         shutil.rmtree(cache_dir, ignore_errors=True)
         if backend == "auto":  # the export exists, as after any earlier use of the model
-            timed(
-                tlfeat(
-                    "extract",
-                    "--model",
-                    "mobilenet_v2",
-                    "--data",
-                    root,
-                    "--split",
-                    "train",
-                    "--limit",
-                    "8",
-                    "-q",
-                    "--cache-dir",
-                    cache_dir,
-                )
-            )
-        memory[backend] = peak_tree_pss(
-            tlfeat(
-                "extract",
-                "--model",
-                "mobilenet_v2",
-                "--data",
-                root,
-                "--split",
-                "train",
-                "-q",
-                "--backend",
-                backend,
-                "--cache-dir",
-                cache_dir,
-                "--limit",
-                str(n - 8),
-            )
-        )
+            timed(extract_train(root, cache_dir, "--limit", "8"))
+        memory[backend] = peak_tree_pss(extract_train(root, cache_dir, "--backend", backend, "--limit", str(n - 8)))
     print(f"--help: {helps['--help']:.3f} s, extract --help: {helps['extract --help']:.3f} s (best of 5)")
     for backend, (seconds, pss) in memory.items():
         print(f"peak tree PSS, --backend {backend}: {pss:.0f} MB ({seconds:.1f} s)")
