@@ -20,6 +20,14 @@ from tlfeat_cli.main import cli
 from .conftest import make_tree
 
 
+def _small(tmp_path: Path, datas: tuple[str, ...], methods: tuple[str, ...], **kw: object) -> CompareConfig:
+    """A comparison small enough for a test: random-weight ResNet-18 at 16 px, report and cache under tmp_path."""
+    return CompareConfig(
+        models=("resnet18:untrained",), datas=datas, methods=methods, image_size=16, workers=0,
+        out=tmp_path / "report", cache_dir=tmp_path / "cache", progress=False, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
 def test_wilson_interval_agrees_with_scipy_and_by_hand() -> None:
     from scipy.stats import binomtest
 
@@ -119,22 +127,10 @@ def test_augmentation_defaults_follow_the_data(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_small_comparison_has_intervals_paired_tests_per_class_tables_and_exports(tmp_path: Path) -> None:
-    cfg = CompareConfig(
-        models=("resnet18:untrained",),
-        datas=("digits",),
-        methods=("logreg", "svm", "scratch"),
-        repeats=2,
-        resample=True,
-        limit=150,
-        test_limit=200,
-        image_size=16,
-        epochs=1,
-        scratch_epochs=2,
-        workers=0,
-        out=tmp_path / "report",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-    )
+    cfg = _small(
+        tmp_path, ("digits",), ("logreg", "svm", "scratch"), repeats=2, resample=True, limit=150, test_limit=200,
+        epochs=1, scratch_epochs=2,
+    )  # fmt: skip
     compare(cfg, echo=lambda _line: None)
     out = tmp_path / "report"
     md = (out / "report.md").read_text()
@@ -168,18 +164,7 @@ def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
     from tlfeat.report import build
     from tlfeat.report.rows import rows
 
-    cfg = CompareConfig(
-        models=("resnet18:untrained",),
-        datas=("digits",),
-        methods=("logreg", "svm"),
-        limit=60,
-        test_limit=10,
-        image_size=16,
-        workers=0,
-        out=tmp_path / "report",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-    )
+    cfg = _small(tmp_path, ("digits",), ("logreg", "svm"), limit=60, test_limit=10)
     compare(cfg, echo=lambda _line: None)
     out = tmp_path / "report"
     records = json.loads((out / "compare.json").read_text())["records"]
@@ -245,16 +230,7 @@ def test_runs_on_earlier_versions_of_the_data_are_not_pooled(tmp_path: Path) -> 
     from tlfeat.report.rows import rows
 
     tree = make_tree(tmp_path / "tree", per_class=6)
-    cfg = CompareConfig(
-        models=("resnet18:untrained",),
-        datas=(str(tree),),
-        methods=("logreg",),
-        image_size=16,
-        workers=0,
-        out=tmp_path / "report",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-    )
+    cfg = _small(tmp_path, (str(tree),), ("logreg",))
     compare(cfg, echo=lambda _line: None)
     (tree / "train" / "ants" / "1.png").unlink()
     lines: list[str] = []
