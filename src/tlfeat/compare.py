@@ -94,18 +94,19 @@ def check(cfg: CompareConfig) -> None:
 
 
 def _too_many_frozen_blocks(cfg: CompareConfig) -> list[str]:
-    """`finetune:freeze:k` with k above a model's number of blocks (the architecture is built, no weights)."""
-    ks = sorted(
-        {m.strategy.k for m in map(Method.parse, cfg.methods) if m.strategy is not None and m.strategy.kind == "freeze"}
-    )
-    if not ks or ks[-1] == 0:
-        return []
+    """`finetune:freeze:k` with k above a model's number of blocks."""
     from tlfeat import strategies
 
     problems = []
+    frozen = [
+        m.strategy for m in map(Method.parse, cfg.methods) if m.strategy is not None and m.strategy.kind == "freeze"
+    ]
     for name in dict.fromkeys(model.split(":", 1)[0] for model in cfg.models):
-        n = len(strategies.blocks(backbones.build(name, device="meta"), name))
-        problems += [f"finetune:freeze:{k} is more than the {n} blocks of {name}" for k in ks if k > n]
+        for strategy in frozen:
+            try:
+                strategies.check_blocks(name, strategy)
+            except TlfeatError as exc:
+                problems.append(str(exc))
     return problems
 
 

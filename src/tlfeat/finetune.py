@@ -110,13 +110,7 @@ def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
 
 def validate(cfg: FinetuneConfig) -> None:
     backbones.check_model(cfg.model)
-    strategy = strategies.parse(cfg.strategy)
-    if strategy.kind == "freeze":
-        n = len(strategies.blocks(backbones.build(cfg.model, device="meta"), cfg.model))
-        if strategy.k > n:
-            raise TlfeatError(
-                f"freeze:{strategy.k} is more than the {n} blocks of {cfg.model}; use freeze:0 to freeze:{n}"
-            )
+    strategies.check_blocks(cfg.model, strategies.parse(cfg.strategy))
     datasets.canonical(cfg.data)
 
 

@@ -123,6 +123,18 @@ def _block_of(param_name: str, block_list: list[list[str]]) -> int | None:
     return None
 
 
+def check_blocks(name: str, strategy: Strategy) -> None:
+    """`freeze:k` within the blocks of `name`, before anything runs (the architecture built on the meta
+    device: no weights, no memory)."""
+    if strategy.kind == "freeze" and strategy.k > 0:
+        _check_k(name, strategy.k, len(blocks(backbones.build(name, device="meta"), name)))
+
+
+def _check_k(name: str, k: int, n: int) -> None:
+    if not 0 <= k <= n:
+        raise TlfeatError(f"freeze:{k} is more than the {n} blocks of {name}; use freeze:0 to freeze:{n}")
+
+
 def apply(model: nn.Module, name: str, strategy: Strategy, lr: float) -> list[dict]:
     """Set `requires_grad` for `strategy` and return the optimizer's parameter groups.
 
@@ -130,8 +142,8 @@ def apply(model: nn.Module, name: str, strategy: Strategy, lr: float) -> list[di
     """
     block_list = blocks(model, name)
     n = len(block_list)
-    if strategy.kind == "freeze" and not 0 <= strategy.k <= n:
-        raise TlfeatError(f"freeze:{strategy.k} is more than the {n} blocks of {name}; use freeze:0 to freeze:{n}")
+    if strategy.kind == "freeze":
+        _check_k(name, strategy.k, n)
     groups: dict[str, dict] = {}
     for pname, param in model.named_parameters():
         i = _block_of(pname, block_list)
