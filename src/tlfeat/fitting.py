@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics
+from tlfeat.backbones import base as backbones
 from tlfeat.config import FitConfig
 from tlfeat.errors import CacheDamaged, TlfeatError
 from tlfeat.records import Method, RunRecord, Timings, load_now, load_record, variants
@@ -176,7 +177,7 @@ def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha:
     return (
         Path(cfg.results_dir)
         / "fits"
-        / f"{attrs['model']}__{slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
+        / f"{backbones.slug(str(attrs['model']))}__{slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
         / "record.json"
     )
 
