@@ -307,7 +307,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 class FinetuneConfig:
     """One fine-tuning run. Fields left as None take the strategy's recipe, recorded once resolved."""
 
-    model: str = key(help="Model (torchvision name, timm:NAME, open_clip:ARCH/TAG, hf:ORG/NAME...).", check=NAME, cli="--model")
+    model: str = key(
+        help="Model (torchvision name, timm:NAME, open_clip:ARCH/TAG, hf:ORG/NAME...).", check=NAME, cli="--model"
+    )
     data: str = key(help="Dataset name or image folder.", check=NAME)
     strategy: str = key(
         "full", help="full, head, freeze:K, discriminative[:RATIO] or scratch (random weights).", check=NAME

@@ -21,7 +21,7 @@ from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
 from tlfeat.errors import CacheDamaged, CacheMismatch, StaleFeatures, TlfeatError, printable
 from tlfeat.preprocess import Preprocessing
-from tlfeat.targets import State, Target, provenance
+from tlfeat.targets import State, Target
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,11 @@ class Context:
 KEY_RESOLVERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "model": lambda c: {"model": c.cfg.model},
     "data": lambda c: {"dataset": c.dataset},
-    "layer": lambda c: {"layer": layer_name(c.layer), "pooling": c.backbone.pooling(c.layer, c.cfg.pool), **c.backbone.cut(c.layer)},
+    "layer": lambda c: {
+        "layer": layer_name(c.layer),
+        "pooling": c.backbone.pooling(c.layer, c.cfg.pool),
+        **c.backbone.cut(c.layer),
+    },
     "pool": lambda c: {},  # in "pooling", with the layer it applies to
     "weights_id": lambda c: {"weights_id": c.weights_id},
     "weights_file": lambda c: {"weights_id": c.weights_id},

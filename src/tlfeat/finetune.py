@@ -112,7 +112,9 @@ def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
     slug = datasets.dataset_slug(datasets.canonical(cfg.data))
     method = Method.finetune(cfg.strategy).slug
     name = backbones.slug(cfg.model)
-    return Path(cfg.results_dir) / "finetunes" / f"{name}__{slug}__{method}__seed{cfg.seed}__{config_key(cfg, wid)}", wid
+    return Path(
+        cfg.results_dir
+    ) / "finetunes" / f"{name}__{slug}__{method}__seed{cfg.seed}__{config_key(cfg, wid)}", wid
 
 
 def validate(cfg: FinetuneConfig) -> None:

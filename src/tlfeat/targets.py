@@ -83,5 +83,3 @@ def provenance(
         "key_fields": json.dumps(target.key_fields, sort_keys=True, default=str),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-

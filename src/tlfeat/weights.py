@@ -202,20 +202,33 @@ def build_with_weights(name: str, resolved: ResolvedWeights) -> nn.Module:
     bb = backbones.resolve(name)
     if not resolved.pretrained:
         torch.manual_seed(int(resolved.weights_id.rsplit("seed", 1)[-1]))
+        model = bb.build()
+        if bb.source.builds_weights:  # the function loaded its weights: draw every layer afresh
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()  # type: ignore[operator]
+        return model
+    if resolved.source == "code":
         return bb.build()
     assert resolved.path is not None
     model = bb.build()
     state = bb.source.convert(bb.name, load_state_dict(resolved.path), model)
     own = model.state_dict()
     head = bb.head(model) + "."
-    resized = {k for k, v in state.items() if k.startswith(head) and k in own and own[k].shape != v.shape}
-    if resized and (weight := state.get(head + "weight")) is not None:
-        bb.replace_head(model, int(weight.shape[0]))
+    weight = state.get(head + "weight")
+    if weight is not None and (head + "weight" not in own or own[head + "weight"].shape != weight.shape):
+        bb.replace_head(model, int(weight.shape[0]))  # a fine-tuned checkpoint's head, or 21k classes
         own = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     custom = resolved.weights_id.startswith("file:")  # a file of features only may lack the head
     missing = [
-        k for k in own if k not in state and not k.endswith("num_batches_tracked") and not (custom and k.startswith(head))
+        k
+        for k in own
+        if k not in state and not k.endswith("num_batches_tracked") and not (custom and k.startswith(head))
     ]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected or shapes:

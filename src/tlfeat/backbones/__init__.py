@@ -30,9 +30,8 @@ from tlfeat.backbones.base import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from tlfeat.preprocess import Preprocessing
-
     from tlfeat.modelinfo import STUDIED, Family
+    from tlfeat.preprocess import Preprocessing
 
 __all__ = [
     "PENULTIMATE",

@@ -207,6 +207,7 @@ class Source:
     package: ClassVar[str] = ""  # the import name whose absence is one clear line
     extra: ClassVar[str] = ""  # `pip install 'tlfeat[extra]'`
     tokens: ClassVar[bool] = False  # its models may output transformer tokens (`--pool` applies)
+    builds_weights: ClassVar[bool] = False  # `build` returns the pretrained network itself (custom)
 
     # ---- names and metadata (no torch)
 

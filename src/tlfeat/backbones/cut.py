@@ -152,3 +152,31 @@ def top_level_blocks(model: nn.Module, head: str) -> list[list[str]]:
     if blocks and loose:
         blocks[0] = loose + blocks[0]
     return blocks
+
+
+class Headed(nn.Module):
+    """A tower that gives features (`base`, run by `features_fn`) and a classification head on them
+    (`head`: none until fine-tuning puts one there). Hugging Face and open_clip models are built so."""
+
+    def __init__(
+        self, base: nn.Module, dim: int, features_fn: Callable[[nn.Module, Any], Any], prefix_tokens: int | None = None
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.head: nn.Module = nn.Identity()
+        self.dim = dim
+        self.features_fn = features_fn
+        self.prefix_tokens = prefix_tokens
+
+    def forward(self, x: Any) -> Any:
+        return self.head(self.features_fn(self.base, x))
+
+
+def set_linear_head(model: nn.Module, n_classes: int, seed: int = 0) -> None:
+    """A `Headed` model's new head: `n_classes` outputs on its `dim` features, weights ~ N(0, 0.01)."""
+    head = nn.Linear(int(model.dim), n_classes)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    model.head = head

@@ -73,11 +73,13 @@ def download(repo_id: str, filenames: tuple[str, ...], extra: tuple[str, ...] = 
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:
-        raise TlfeatError("downloading from the Hugging Face hub needs huggingface_hub; pip install huggingface_hub") from exc
+        raise TlfeatError(
+            "downloading from the Hugging Face hub needs huggingface_hub; pip install huggingface_hub"
+        ) from exc
     errors = []
     for name in filenames:
         try:
-            path = Path(hf_hub_download(repo_id, name, cache_dir=str(config.hf_hub_cache())))
+            hf_hub_download(repo_id, name, cache_dir=str(config.hf_hub_cache()))
         except Exception as exc:  # noqa: BLE001 - a missing file or no network: try the next name
             errors.append(f"{name}: {type(exc).__name__}")
             continue

@@ -99,7 +99,7 @@ class TimmSource(Source):
         store = self._store()
         dim = store.get("dims", arch)
         if not isinstance(dim, int):
-            model = backbone.build(device="meta")
+            model: Any = backbone.build(device="meta")
             dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
             store.put("dims", arch, dim)
         return dim
@@ -173,7 +173,8 @@ class TimmSource(Source):
                 return timm.create_model(name, **kwargs)
 
     def head(self, model: nn.Module, name: str) -> str:
-        classifier = model.pretrained_cfg.get("classifier") or "head"
+        m: Any = model
+        classifier = m.pretrained_cfg.get("classifier") or "head"
         return str(classifier[0] if isinstance(classifier, (list, tuple)) else classifier)
 
     def layer_names(self, model: nn.Module, name: str, nodes: bool = False) -> list[str]:
@@ -182,7 +183,7 @@ class TimmSource(Source):
     def extractor(self, model: nn.Module, name: str, layers: list[str | None], pool: str | None) -> nn.Module:
         from tlfeat.backbones import cut
 
-        prefix = getattr(model, "num_prefix_tokens", None)
+        prefix: Any = getattr(model, "num_prefix_tokens", None)
         if pool is not None and prefix is None:
             raise TlfeatError(f"--pool applies to transformer tokens; timm:{name} outputs feature maps")
         names = self.layer_names(model, name)
@@ -203,16 +204,14 @@ class TimmSource(Source):
                 final, inter = (None, got) if not penultimate else got
             elif penultimate:
                 final = m.forward_features(x)
-            by_layer = {}
+            by_layer: dict[str | None, Any] = {}
             for layer, out in zip(named, inter, strict=True):
                 if pool is None:
                     by_layer[layer] = cut.pool_map(out)
                 else:
                     spatial, prefix_tokens = out
                     tokens = spatial.flatten(2).transpose(1, 2)
-                    by_layer[layer] = cut.pool_tokens(
-                        _cat(prefix_tokens, tokens), prefix_tokens.shape[1], pool
-                    )
+                    by_layer[layer] = cut.pool_tokens(_cat(prefix_tokens, tokens), prefix_tokens.shape[1], pool)
             if penultimate:
                 by_layer[None] = (
                     m.forward_head(final, pre_logits=True) if pool is None else cut.pool_tokens(final, prefix, pool)
@@ -227,7 +226,8 @@ class TimmSource(Source):
         from timm.models import group_parameters
 
         head = self.head(model, name)
-        groups = group_parameters(model, model.group_matcher(coarse=True))
+        m: Any = model
+        groups = group_parameters(model, m.group_matcher(coarse=True))
         out = []
         for params in groups.values():
             kept = [p for p in params if not (p == head or p.startswith(head + "."))]
@@ -238,8 +238,9 @@ class TimmSource(Source):
     def replace_head(self, model: nn.Module, name: str, n_classes: int, seed: int = 0) -> None:
         import torch
 
-        model.reset_classifier(n_classes)
-        new = model.get_classifier()
+        m: Any = model
+        m.reset_classifier(n_classes)
+        new = m.get_classifier()
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             new.weight.copy_(torch.randn(new.weight.shape, generator=gen) * 0.01)
@@ -285,10 +286,11 @@ def _read_info(arch: str) -> ModelInfo:
         cfg = get_pretrained_cfg(f"{arch}.{tag}")
         if cfg is None:
             continue
+        url: str
         if cfg.hf_hub_id:
             url = f"hf-hub:{cfg.hf_hub_id}" + (f"#{cfg.hf_hub_filename}" if cfg.hf_hub_filename else "")
         else:
-            url = cfg.url or ""
+            url = str(cfg.url or "")
         weights[tag] = _entry(tag, cfg, url)
     for (a, wid), (rf, like) in REGISTRY.items():
         if a == arch:
@@ -297,7 +299,9 @@ def _read_info(arch: str) -> ModelInfo:
     if not weights:  # an architecture without published weights: ImageNet's usual transform
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        weights["none"] = WeightsInfo("none", "", 224, 256, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic", True)
+        weights["none"] = WeightsInfo(
+            "none", "", 224, 256, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic", True
+        )
     return ModelInfo(arch, None, next(iter(weights)), weights)
 
 
