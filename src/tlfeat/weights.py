@@ -211,6 +211,8 @@ def build_with_weights(name: str, resolved: ResolvedWeights) -> nn.Module:
     if resolved.source == "code":
         return bb.build()
     assert resolved.path is not None
+    if (native := bb.source.load(bb.name, resolved.path)) is not None:
+        return native
     model = bb.build()
     state = bb.source.convert(bb.name, load_state_dict(resolved.path), model)
     own = model.state_dict()

@@ -271,6 +271,11 @@ class Source:
         """Where `locate` looks, for the message that says the weights are missing."""
         return "its hub cache"
 
+    def load(self, name: str, path: Path) -> nn.Module | None:
+        """The network with the weights of `path` loaded by the library's own loader, where the library
+        renames tensors as it loads (transformers); None: tlfeat loads the state dict itself."""
+        return None
+
     def convert(self, name: str, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         """A file's tensors under `model`'s parameter names (most files need nothing)."""
         return state

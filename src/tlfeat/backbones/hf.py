@@ -89,6 +89,23 @@ class HFSource(Source):
     def where(self, name: str, entry: WeightsInfo) -> str:
         return f"put {name}'s model.safetensors in the Hugging Face cache ({hub.repo_folder(name)})"
 
+    def load(self, name: str, path: Path) -> nn.Module | None:
+        """transformers' own `from_pretrained` (it renames a checkpoint's tensors to the installed
+        version's modules) from a folder of the config and the checked file; every tensor of the
+        model must be in the file (a classification head or a CLIP's text tower may be left over)."""
+        import tempfile
+
+        from tlfeat.weights import is_safetensors
+
+        if not is_safetensors(path) and _holds_wrapper(path):
+            return None  # a tlfeat fine-tune (best.pt): loaded as a state dict
+        with tempfile.TemporaryDirectory(prefix="tlfeat-hf-") as tmp:
+            for extra in ("config.json",):
+                (Path(tmp) / extra).symlink_to((folder(name) / extra).resolve())
+            weights = "model.safetensors" if is_safetensors(path) else "pytorch_model.bin"
+            (Path(tmp) / weights).symlink_to(Path(path).resolve())
+            return _make(Path(tmp), pretrained=True)
+
     def convert(self, name: str, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         """A checkpoint of the bare model, of a *ForImageClassification model (its `dinov2.` prefix and
         classifier), or of a whole CLIP (its image tower kept) -> this wrapper's `base.` names."""
@@ -274,25 +291,45 @@ def _run(base: Any, x: Any, hidden: bool = False) -> Any:
     return base(pixel_values=x, **kwargs)
 
 
-def _make(where: Path) -> nn.Module:
-    """The wrapper (`base`: the transformers model, `head`) of the model whose config is in `where`."""
+LEFT_OVER = ("classifier.", "text_model.", "text_projection", "logit_scale", "visual_projection")
+
+
+def _holds_wrapper(path: Path) -> bool:
+    from tlfeat.weights import load_state_dict
+
+    return any(k.startswith("base.") for k in load_state_dict(path))
+
+
+def _make(where: Path, pretrained: bool = False) -> nn.Module:
+    """The wrapper (`base`: the transformers model, `head`) of the model whose config is in `where`,
+    with the weights beside it when `pretrained`."""
     import warnings
 
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel
+    from transformers.utils import logging as hf_logging
 
     from tlfeat.backbones.cut import Headed
+
+    hf_logging.disable_progress_bar()  # tlfeat has its own; this one would print on every load
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = AutoConfig.from_pretrained(str(where), local_files_only=True)
-        if getattr(cfg, "vision_config", None) is not None:  # a whole CLIP: its image tower
-            from transformers import CLIPVisionModel
-
-            vcfg = cfg.vision_config
-            base = CLIPVisionModel(vcfg)
+        clip = getattr(cfg, "vision_config", None) is not None  # a whole CLIP: its image tower
+        vcfg = cfg.vision_config if clip else cfg
+        if not pretrained:
+            base = CLIPVisionModel(vcfg) if clip else AutoModel.from_config(cfg)
         else:
-            vcfg = cfg
-            base = AutoModel.from_config(cfg)
+            loader: Any = CLIPVisionModel if clip else AutoModel
+            base, info = loader.from_pretrained(str(where), local_files_only=True, output_loading_info=True)
+            left = [k for k in info.get("unexpected_keys", []) if not k.startswith(LEFT_OVER)]
+            missing = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+            if missing or left:
+                raise TlfeatError(
+                    f"the weights do not fit {where}'s config: {len(missing)} tensor(s) missing or of another shape "
+                    f"(e.g. {', '.join(missing[:2]) or '-'}), {len(left)} unexpected (e.g. {', '.join(left[:2]) or '-'})"
+                )
+            base.eval()
     dim = getattr(vcfg, "hidden_size", None) or vcfg.hidden_sizes[-1]
     tokens = getattr(vcfg, "patch_size", None) is not None
     prefix = 1 + int(getattr(vcfg, "num_register_tokens", 0) or 0) if tokens else None

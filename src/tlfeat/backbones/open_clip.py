@@ -203,9 +203,15 @@ class OpenClipSource(Source):
         return cut.Extractor(model, forward).eval()
 
     def blocks(self, model: nn.Module, name: str) -> list[list[str]]:
+        """Stem (patch embedding, class and position embeddings), each residual block, then the final
+        norm with the projection (a parameter of the tower itself, used last)."""
         from tlfeat.backbones import cut
 
-        return cut.top_level_blocks(model, "head")
+        blocks = cut.top_level_blocks(model, "head")
+        if blocks and "base.proj" in blocks[0]:
+            blocks[0].remove("base.proj")
+            blocks[-1].append("base.proj")
+        return blocks
 
     def replace_head(self, model: nn.Module, name: str, n_classes: int, seed: int = 0) -> None:
         from tlfeat.backbones import cut
