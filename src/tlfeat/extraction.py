@@ -9,9 +9,10 @@ of one split come from one pass over its images.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from tlfeat import backbones, cache, catalog, config, constraints, datasets, eng
 from tlfeat.backbones import Backbone, layer_name
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
-from tlfeat.errors import CacheDamaged, CacheMismatch, StaleFeatures, TlfeatError, printable
+from tlfeat.backbones.base import Store
+from tlfeat.errors import CacheDamaged, CacheMismatch, ExportFailed, StaleFeatures, TlfeatError, first_line, printable
 from tlfeat.preprocess import Preprocessing
 from tlfeat.targets import State, Target
 
@@ -83,8 +85,19 @@ def key_fields(ctx: Context) -> dict[str, Any]:
     return fields
 
 
-def choose_backend(cfg: ExtractConfig) -> str:
-    """The backend that will run: ONNX Runtime on CPU where installed (measured faster), else torch."""
+def _export_memo() -> Store:
+    from tlfeat.inference import versions
+
+    return Store("onnx-exports", versions()["torch"] or "none")
+
+
+def _export_id(cfg: ExtractConfig, image_size: int) -> str:
+    return json.dumps([cfg.model, [layer_name(layer) for layer in cfg.layers()], image_size, cfg.pool])
+
+
+def choose_backend(cfg: ExtractConfig, image_size: int | None = None) -> str:
+    """The backend that will run: ONNX Runtime on CPU where installed (measured faster), else torch;
+    torch for a network torch.onnx could not export before (remembered per torch version)."""
     from tlfeat import onnx_backend
 
     cpu = cfg.device.startswith("cpu")
@@ -101,6 +114,8 @@ def choose_backend(cfg: ExtractConfig) -> str:
         if not cpu:
             raise TlfeatError(f"--backend onnxruntime runs on the CPU; use --backend torch with --device {cfg.device}")
         return "onnxruntime"
+    if image_size is not None and _export_memo().get("failed", _export_id(cfg, image_size)):
+        return "torch"
     return "onnxruntime" if cpu and onnx_backend.available() else "torch"
 
 
@@ -119,8 +134,8 @@ def plan(cfg: ExtractConfig) -> list[Target]:
     for split in cfg.splits or available:
         if split not in available:
             raise TlfeatError(f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}")
-    wid, backend = weights_id(cfg), choose_backend(cfg)
     prep = bb.preprocessing(cfg.weights_id, cfg.image_size, cfg.fast_decode)
+    wid, backend = weights_id(cfg), choose_backend(cfg, prep.crop_size)
     out = []
     for split in cfg.splits or available:
         for layer in cfg.layers():
@@ -190,7 +205,6 @@ def assess(cfg: ExtractConfig, target: Target, images: ImageSplit, locked: bool 
 
 def _check_same(path: Path, meta: dict[str, Any], key_fields: dict[str, Any]) -> None:
     """A file found under a key's name must hold what that key describes."""
-    import json
 
     stored = json.loads(str(meta.get("key_fields", "{}")))
     diffs = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in key_fields.items() if stored.get(k) != v]
@@ -221,7 +235,23 @@ def load_images(cfg: ExtractConfig, split: str) -> ImageSplit:
 
 
 def extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
-    """Extract, update or reuse features for every requested split and layer; one FeatureSet each."""
+    """Extract, update or reuse features for every requested split and layer; one FeatureSet each.
+
+    With `--backend auto`, a network that torch.onnx cannot export is said once and runs on torch
+    (its files are keyed `torch`); later runs go to torch directly."""
+    try:
+        return _extract(cfg, echo)
+    except ExportFailed as exc:
+        if cfg.backend != "auto":
+            raise
+        size = backbones.resolve(cfg.model).preprocessing(cfg.weights_id, cfg.image_size).crop_size
+        why = first_line(exc).split("; use --backend", 1)[0]
+        _export_memo().put("failed", _export_id(cfg, size), why)
+        log.warning("%s runs on torch: %s (remembered; later runs go to torch directly)", cfg.model, why)
+        return _extract(replace(cfg, backend="torch"), echo)
+
+
+def _extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
     targets = plan(cfg)
     results: list[cache.FeatureSet] = []
     runner = engine.Runners(cfg)

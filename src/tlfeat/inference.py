@@ -9,8 +9,10 @@ partial update, a resumed run and a Ray worker give the same bits as one uninter
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,4 +235,28 @@ def _export(spec: ModelSpec, path: Path) -> dict[str, Any]:
     }
     net = build_with_weights(spec.model, resolved)
     extractor = backbones.feature_extractor(net, spec.model, list(spec.layers), spec.pool)
-    return onnx_backend.export(extractor, path, spec.image_size, layers, provenance)
+    with _stderr_silenced():  # torch prints its whole IR graph when an operator has no ONNX form
+        return onnx_backend.export(extractor, path, spec.image_size, layers, provenance)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptors 1 and 2 to /dev/null (torch's C++ logger writes there directly); the exception
+    says what failed. Only in the export's own process."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)

@@ -317,10 +317,6 @@ class Source:
 
         cut.new_linear_head(model, self.head(model, name), n_classes, seed)
 
-    def exports(self, name: str) -> bool:
-        """Can its extractor go through torch.onnx.export? (tried anyway; False skips the attempt)."""
-        return True
-
 
 def _installed(package: str) -> bool:
     try:

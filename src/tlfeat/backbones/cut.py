@@ -49,7 +49,15 @@ class Extractor(nn.Module):
         self.forward_fn = forward_fn
 
     def forward(self, x: Any) -> Any:
-        feats = tuple(f.flatten(1) for f in self.forward_fn(self.model, x))
+        if torch.onnx.is_in_onnx_export():  # attention's fused fast path has no ONNX form; the plain one does
+            fast = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                feats = tuple(f.flatten(1) for f in self.forward_fn(self.model, x))
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fast)
+        else:
+            feats = tuple(f.flatten(1) for f in self.forward_fn(self.model, x))
         return feats[0] if len(feats) == 1 else feats
 
 

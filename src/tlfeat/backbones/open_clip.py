@@ -218,9 +218,6 @@ class OpenClipSource(Source):
 
         cut.set_linear_head(model, n_classes, seed)
 
-    def exports(self, name: str) -> bool:
-        return True
-
 
 def _without_projection(visual: Any, x: Any) -> Any:
     """The tower's pooled output before `proj` (the tower's own forward with the projection lifted)."""
