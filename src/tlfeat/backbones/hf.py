@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tlfeat import config, offline
 from tlfeat.backbones import hub
 from tlfeat.backbones.base import Located, ModelInfo, Source, WeightsInfo
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -104,7 +104,10 @@ class HFSource(Source):
                 (Path(tmp) / extra).symlink_to((folder(name) / extra).resolve())
             weights = "model.safetensors" if is_safetensors(path) else "pytorch_model.bin"
             (Path(tmp) / weights).symlink_to(Path(path).resolve())
-            return _make(Path(tmp), pretrained=True)
+            try:
+                return _make(Path(tmp), pretrained=True)
+            except TlfeatError as exc:
+                raise TlfeatError(f"{path} does not fit hf:{name}: {exc}") from exc
 
     def convert(self, name: str, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         """A checkpoint of the bare model, of a *ForImageClassification model (its `dinov2.` prefix and
@@ -321,12 +324,19 @@ def _make(where: Path, pretrained: bool = False) -> nn.Module:
             base = CLIPVisionModel(vcfg) if clip else AutoModel.from_config(cfg)
         else:
             loader: Any = CLIPVisionModel if clip else AutoModel
-            base, info = loader.from_pretrained(str(where), local_files_only=True, output_loading_info=True)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # its loading report is a table; the error below is one line
+            try:
+                base, info = loader.from_pretrained(str(where), local_files_only=True, output_loading_info=True)
+            except (RuntimeError, OSError, ValueError) as exc:
+                raise TlfeatError(f"the weights do not fit the config ({first_line(exc)})") from exc
+            finally:
+                hf_logging.set_verbosity(verbosity)
             left = [k for k in info.get("unexpected_keys", []) if not k.startswith(LEFT_OVER)]
             missing = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
             if missing or left:
                 raise TlfeatError(
-                    f"the weights do not fit {where}'s config: {len(missing)} tensor(s) missing or of another shape "
+                    f"the weights do not fit the config: {len(missing)} tensor(s) missing or of another shape "
                     f"(e.g. {', '.join(missing[:2]) or '-'}), {len(left)} unexpected (e.g. {', '.join(left[:2]) or '-'})"
                 )
             base.eval()
