@@ -18,9 +18,9 @@ from typing import Any
 
 from tlfeat import backbones, cache, catalog, config, constraints, datasets, engine, fingerprint, fsio
 from tlfeat.backbones import Backbone, layer_name
+from tlfeat.backbones.base import Store
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
-from tlfeat.backbones.base import Store
 from tlfeat.errors import CacheDamaged, CacheMismatch, ExportFailed, StaleFeatures, TlfeatError, first_line, printable
 from tlfeat.preprocess import Preprocessing
 from tlfeat.targets import State, Target
