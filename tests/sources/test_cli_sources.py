@@ -42,7 +42,9 @@ def test_compare_extracts_fits_and_fine_tunes_every_source(world: dict[str, Any]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "failures.json").read_text())["failures"] == {}
     records = [json.loads(p.read_text()) for p in (out / "results").rglob("record.json")]
-    assert {(r["model"], r["method"]) for r in records} == {(m, k) for m in MODELS for k in ("logreg", "finetune:freeze:1")}
+    assert {(r["model"], r["method"]) for r in records} == {
+        (m, k) for m in MODELS for k in ("logreg", "finetune:freeze:1")
+    }
     for r in records:
         if r["kind"] == "finetune":  # blocks counted by the source; the first one frozen
             assert r["details"]["n_blocks"] == MODELS[r["model"]], r["model"]
@@ -79,9 +81,13 @@ def _features(folder: Path, split: str) -> np.ndarray:
 def test_onnx_runtime_features_equal_torch(world: dict[str, Any], model: str) -> None:
     base = world["root"] / f"onnx-{model.replace(':', '-').replace('/', '-')}"
     for backend in ("torch", "onnxruntime"):
-        proc = run(world, "extract", "--model", model, *SMALL, "-q", "--backend", backend, "--cache-dir", base / backend)
+        proc = run(
+            world, "extract", "--model", model, *SMALL, "-q", "--backend", backend, "--cache-dir", base / backend
+        )
         assert proc.returncode == 0 and f"[{backend}]" in proc.stdout, proc.stderr[-2000:]
-    np.testing.assert_allclose(_features(base / "onnxruntime", "test"), _features(base / "torch", "test"), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        _features(base / "onnxruntime", "test"), _features(base / "torch", "test"), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.slow
