@@ -65,7 +65,7 @@ def check(cfg: CompareConfig) -> None:
         try:
             backbones.check_model(name)
         except TlfeatError as exc:
-            problems.append(str(exc).split(" Run ")[0])
+            problems.append(_suffix_problem(name) or str(exc).split(" Run ")[0])
     for data in cfg.datas:
         try:
             datasets.canonical(data)
@@ -89,6 +89,18 @@ def check(cfg: CompareConfig) -> None:
         problems.append("--models, --data and --methods each need at least one name")
     if problems:
         raise TlfeatError(f"{len(problems)} problem(s), nothing was run: " + " | ".join(problems))
+
+
+def _suffix_problem(name: str) -> str | None:
+    """`resnet18:frozen`: a known model with a suffix other than `:untrained`."""
+    head, sep, suffix = name.rpartition(":")
+    if not sep or not head:
+        return None
+    try:
+        backbones.check_model(head)
+    except TlfeatError:
+        return None
+    return f"model spec {name!r}: the only suffix is ':{backbones.base.UNTRAINED}', not ':{suffix}'"
 
 
 def _too_many_frozen_blocks(cfg: CompareConfig) -> list[str]:
