@@ -36,17 +36,17 @@ def put(cache: Path, repo: str, files: dict[str, Path]) -> Path:
     return snap
 
 
-def timm_vit(cache: Path, work: Path) -> Any:
-    """timm's `test_vit` (6 blocks, width 64) where timm keeps its r160_in1k weights."""
+def timm_model(cache: Path, work: Path, arch: str = "test_vit") -> Any:
+    """One of timm's test models (`test_vit`: 6 blocks, width 64) where timm keeps its r160_in1k weights."""
     import timm
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = timm.create_model("test_vit").eval()
-    path = work / "timm_test_vit.safetensors"
+    model = timm.create_model(arch).eval()
+    path = work / f"timm_{arch}.safetensors"
     save_file(model.state_dict(), str(path))
-    put(cache, "timm/test_vit.r160_in1k", {"model.safetensors": path})
+    put(cache, f"timm/{arch}.r160_in1k", {"model.safetensors": path})
     return model
 
 
@@ -132,7 +132,8 @@ def all_hubs(cache: Path, work: Path) -> dict[str, Any]:
     dino, repo, folder = hf_dinov2(cache, work)
     reg, reg_repo, _ = hf_dinov2(cache, work, registers=4)
     return {
-        "timm": timm_vit(cache, work),
+        "timm": timm_model(cache, work),
+        "timm_convnext": timm_model(cache, work, "test_convnext"),
         "dinov2": dino,
         "dinov2_repo": repo,
         "dinov2_folder": folder,

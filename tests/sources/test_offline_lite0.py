@@ -55,6 +55,9 @@ def test_conversion_is_by_structure_and_checked_by_shape(lite0: weights.Resolved
     assert torch.equal(converted["blocks.1.0.conv_pwl.weight"], state["_blocks.1._project_conv.weight"])
     assert torch.equal(converted["blocks.0.0.conv_pw.weight"], state["_blocks.0._project_conv.weight"])  # no expansion
     assert torch.equal(converted["blocks.6.0.bn3.running_var"], state["_blocks.15._bn2.running_var"])
+    # Same shapes, different roles: the BatchNorm after the expansion and the one after the depthwise conv.
+    assert torch.equal(converted["blocks.1.0.bn1.running_mean"], state["_blocks.1._bn0.running_mean"])
+    assert torch.equal(converted["blocks.1.0.bn2.running_mean"], state["_blocks.1._bn1.running_mean"])
     broken = {**state, "_blocks.3._depthwise_conv.weight": state["_blocks.4._depthwise_conv.weight"]}
     with pytest.raises(TlfeatError, match=r"_blocks.3._depthwise_conv.weight .* -> blocks.2.0.conv_dw.weight"):
         convert_efficientnet_pytorch(broken, model)

@@ -114,16 +114,18 @@ def test_unknown_names_say_where_to_look() -> None:
 # --------------------------------------------------------------------------- timm
 
 
-def test_timm_features_equal_forward_head_pre_logits(hub: dict[str, Any]) -> None:
-    vit = hub["timm"]
+@pytest.mark.parametrize(("arch", "layer", "index"), [("test_vit", "blocks.2", 2), ("test_convnext", "stages.1", 1)])
+def test_timm_features_equal_forward_head_pre_logits(hub: dict[str, Any], arch: str, layer: str, index: int) -> None:
+    """ConvNeXt's pre-logits are pooled, then normed: not the mean of its last feature map."""
+    model = hub["timm" if arch == "test_vit" else "timm_convnext"]
     x = torch.randn(2, 3, 160, 160)
-    got = features("timm:test_vit", x, ["blocks.2", None])
+    got = features(f"timm:{arch}", x, [layer, None])
     with torch.no_grad():
-        ref = vit.forward_head(vit.forward_features(x), pre_logits=True)
-        inter = vit.forward_intermediates(x, indices=[2], intermediates_only=True)[0].mean(dim=(2, 3))
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+        inter = model.forward_intermediates(x, indices=[index], intermediates_only=True)[0].mean(dim=(2, 3))
     torch.testing.assert_close(got[1], ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(got[0], inter, rtol=0, atol=1e-6)
-    assert weights.resolve("timm:test_vit").source == "hf-cache"
+    assert weights.resolve(f"timm:{arch}").source == "hf-cache"
 
 
 def test_timm_token_pooling(hub: dict[str, Any]) -> None:
