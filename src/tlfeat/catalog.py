@@ -121,9 +121,10 @@ def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: 
         and e.attrs.get("dataset") == dataset_id
         and e.attrs.get("split") == split
     ]
+    from tlfeat.backbones.base import slug
     from tlfeat.datasets import dataset_slug
 
-    prefix = f"{model}__{dataset_slug(dataset_id)}__{split}__"
+    prefix = f"{slug(model)}__{dataset_slug(dataset_id)}__{split}__"
     damaged = [e for e in entries if e.status == "damaged" and e.path.name.startswith(prefix)]
     if not candidates and damaged:
         raise CacheDamaged(damaged[0].problem)

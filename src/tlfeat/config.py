@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tlfeat.backbones.base import POOLS, parse_layers
 from tlfeat.constraints import Choice, Interval, NameList, Pattern, Positive, Text, key, setting, validate
 
 # --------------------------------------------------------------------------- environment
@@ -51,6 +52,24 @@ def torch_home() -> Path:
     """torch's hub folder without importing torch (the rule of `torch.hub.get_dir`)."""
     base = env("TORCH_HOME") or os.path.join(env("XDG_CACHE_HOME", "~/.cache"), "torch")
     return Path(base).expanduser() / "hub"
+
+
+def hf_hub_cache() -> Path:
+    """Hugging Face's hub cache (timm, open_clip and transformers share it), found without importing it."""
+    if value := env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE"):
+        return Path(value).expanduser()
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def open_clip_cache() -> Path:
+    """Where open_clip keeps weights it downloads from a URL (its default, `~/.cache/clip`)."""
+    return Path(env("TLFEAT_OPEN_CLIP_CACHE", "~/.cache/clip")).expanduser()
+
+
+def hub_offline() -> bool:
+    """No download from any model hub: TLFEAT_OFFLINE, or Hugging Face's own HF_HUB_OFFLINE."""
+    return offline() or env_flag("HF_HUB_OFFLINE")
 
 
 def cores() -> int:
@@ -121,15 +140,26 @@ def _paths(config: Any, *names: str) -> None:
 class ExtractConfig:
     """One extraction request. `key` fields change the numbers and are in the cache key."""
 
-    model: str = key(help="torchvision model name, e.g. resnet50 (see `tlfeat models`).", check=NAME, cli="--model")
+    model: str = key(
+        help="Model: a torchvision name (resnet50), or timm:NAME, open_clip:ARCH/TAG, hf:ORG/NAME, custom:MODULE:FUNCTION (see `tlfeat models`).",
+        check=NAME,
+        cli="--model",
+    )
     data: str = key(help="Dataset name (see `tlfeat datasets`), an image folder, or shards.", check=NAME)
     splits: tuple[str, ...] | None = setting(None, help="Split(s) to extract; default: every split.", cli="--split")
     layer: str | None = key(
         None, help="Layer(s) to pool instead of the penultimate one, comma-separated.", check=NameList(nullable=True)
     )
-    weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
+    pool: str | None = key(
+        None,
+        help="Transformers: pool the tokens as cls, mean (of the patch tokens, registers left out) or cls+mean (default: the model's own).",
+        check=Choice(POOLS, nullable=True),
+    )
+    weights_id: str | None = key(
+        None, help="Weights entry (torchvision default IMAGENET1K_V1; see `tlfeat models`).", check=OPTIONAL_NAME
+    )
     weights_file: Path | None = key(
-        None, help="Explicit weights file (state dict or a tlfeat checkpoint).", cli="--weights"
+        None, help="Explicit weights file (safetensors, a state dict or a tlfeat checkpoint).", cli="--weights"
     )
     untrained: bool = key(False, help="Random weights (seeded): a no-transfer baseline, marked as such.")
     seed: int = key(0, help="Seed for --untrained weights.", check=SEED)
@@ -183,10 +213,7 @@ class ExtractConfig:
 
     def layers(self) -> list[str | None]:
         """The layers asked for: [None] for the penultimate one."""
-        if not self.layer:
-            return [None]
-        names = [n.strip() for n in self.layer.split(",") if n.strip()]
-        return [None if n == "penultimate" else n for n in dict.fromkeys(names)] or [None]
+        return parse_layers(self.layer)
 
     def split_limit(self, split: str) -> int | None:
         """`--limit` applies to training images, `--test-limit` to every evaluation split."""
@@ -280,7 +307,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 class FinetuneConfig:
     """One fine-tuning run. Fields left as None take the strategy's recipe, recorded once resolved."""
 
-    model: str = key(help="torchvision model name.", check=NAME, cli="--model")
+    model: str = key(
+        help="Model (torchvision name, timm:NAME, open_clip:ARCH/TAG, hf:ORG/NAME...).", check=NAME, cli="--model"
+    )
     data: str = key(help="Dataset name or image folder.", check=NAME)
     strategy: str = key(
         "full", help="full, head, freeze:K, discriminative[:RATIO] or scratch (random weights).", check=NAME
@@ -326,7 +355,9 @@ class FinetuneConfig:
     subset_seed: int = key(0, help="Seed of the --limit subsets.", check=SEED)
     label_field: str = key("cls", help="Shards and Parquet: the field that holds the label.", check=NAME)
     seed: int = key(0, help="Seed of the head, the shuffling and the augmentation.", check=SEED)
-    weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
+    weights_id: str | None = key(
+        None, help="Weights entry (torchvision default IMAGENET1K_V1; see `tlfeat models`).", check=OPTIONAL_NAME
+    )
     weights_file: Path | None = key(
         None, help="Start from this file, e.g. best.pt of an earlier fine-tune.", cli="--weights"
     )

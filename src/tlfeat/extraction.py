@@ -9,24 +9,23 @@ of one split come from one pass over its images.
 
 from __future__ import annotations
 
+import json
 import logging
-import platform
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tlfeat import __version__, backbones, cache, catalog, config, constraints, datasets, fingerprint, fsio
+from tlfeat import backbones, cache, catalog, config, constraints, datasets, engine, fingerprint, fsio
+from tlfeat.backbones import Backbone, layer_name
+from tlfeat.backbones.base import Store
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
-from tlfeat.errors import CacheDamaged, CacheMismatch, StaleFeatures, TlfeatError, printable
+from tlfeat.errors import CacheDamaged, CacheMismatch, ExportFailed, StaleFeatures, TlfeatError, first_line, printable
 from tlfeat.preprocess import Preprocessing
+from tlfeat.targets import State, Target
 
 log = logging.getLogger(__name__)
-
-LAYER_DEFAULT = backbones.PENULTIMATE
-POOLING = "global-average"
 
 
 # --------------------------------------------------------------------------- the cache key
@@ -43,6 +42,7 @@ class Context:
     weights_id: str
     backend: str
     prep: Preprocessing
+    backbone: Backbone
 
 
 # Key fields that enter the key in a resolved form; every other `key` field of ExtractConfig enters
@@ -50,7 +50,12 @@ class Context:
 KEY_RESOLVERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "model": lambda c: {"model": c.cfg.model},
     "data": lambda c: {"dataset": c.dataset},
-    "layer": lambda c: {"layer": c.layer or LAYER_DEFAULT},
+    "layer": lambda c: {
+        "layer": layer_name(c.layer),
+        "pooling": c.backbone.pooling(c.layer, c.cfg.pool),
+        **c.backbone.cut(c.layer),
+    },
+    "pool": lambda c: {},  # in "pooling", with the layer it applies to
     "weights_id": lambda c: {"weights_id": c.weights_id},
     "weights_file": lambda c: {"weights_id": c.weights_id},
     "untrained": lambda c: {"weights_id": c.weights_id},
@@ -72,7 +77,7 @@ def _limit(c: Context) -> dict[str, Any]:
 
 
 def key_fields(ctx: Context) -> dict[str, Any]:
-    fields: dict[str, Any] = {"format": cache.FORMAT_VERSION, "split": ctx.split, "pooling": POOLING}
+    fields: dict[str, Any] = {"format": cache.FORMAT_VERSION, "split": ctx.split}
     for name in constraints.key_fields(ctx.cfg):
         resolve = KEY_RESOLVERS.get(name)
         value = getattr(ctx.cfg, name)
@@ -80,19 +85,19 @@ def key_fields(ctx: Context) -> dict[str, Any]:
     return fields
 
 
-@dataclass
-class Target:
-    """One cache file to produce: a split at a layer."""
+def _export_memo() -> Store:
+    from tlfeat.inference import versions
 
-    split: str
-    layer: str | None
-    path: Path
-    key_fields: dict[str, Any]
-    key: str
+    return Store("onnx-exports", versions()["torch"] or "none")
 
 
-def choose_backend(cfg: ExtractConfig) -> str:
-    """The backend that will run: ONNX Runtime on CPU where installed (measured faster), else torch."""
+def _export_id(cfg: ExtractConfig, image_size: int) -> str:
+    return json.dumps([cfg.model, [layer_name(layer) for layer in cfg.layers()], image_size, cfg.pool])
+
+
+def choose_backend(cfg: ExtractConfig, image_size: int | None = None) -> str:
+    """The backend that will run: ONNX Runtime on CPU where installed (measured faster), else torch;
+    torch for a network torch.onnx could not export before (remembered per torch version)."""
     from tlfeat import onnx_backend
 
     cpu = cfg.device.startswith("cpu")
@@ -109,40 +114,38 @@ def choose_backend(cfg: ExtractConfig) -> str:
         if not cpu:
             raise TlfeatError(f"--backend onnxruntime runs on the CPU; use --backend torch with --device {cfg.device}")
         return "onnxruntime"
+    if image_size is not None and _export_memo().get("failed", _export_id(cfg, image_size)):
+        return "torch"
     return "onnxruntime" if cpu and onnx_backend.available() else "torch"
 
 
 def weights_id(cfg: ExtractConfig) -> str:
     """The weights id for the cache key, computed without torch and without the network."""
-    if cfg.untrained:
-        return f"untrained:seed{cfg.seed}"
-    if cfg.weights_file is not None:
-        from tlfeat.weights import resolve
+    from tlfeat.weights import weights_id as resolved_id
 
-        return resolve(cfg.model, cfg.weights_id, cfg.weights_file).weights_id
-    return backbones.weights_entry(cfg.model, cfg.weights_id).name
+    return resolved_id(cfg.model, cfg.weights_id, cfg.weights_file, cfg.untrained, cfg.seed)
 
 
 def plan(cfg: ExtractConfig) -> list[Target]:
     """Every cache file the request covers: (split, layer) pairs, in split order."""
-    backbones.check_model(cfg.model)
+    bb = backbones.resolve(cfg.model)
     dataset = datasets.canonical(cfg.data)
     available = datasets.splits(cfg.data)
     for split in cfg.splits or available:
         if split not in available:
             raise TlfeatError(f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}")
-    wid, backend = weights_id(cfg), choose_backend(cfg)
-    prep = backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size, cfg.fast_decode)
+    prep = bb.preprocessing(cfg.weights_id, cfg.image_size, cfg.fast_decode)
+    wid, backend = weights_id(cfg), choose_backend(cfg, prep.crop_size)
     out = []
     for split in cfg.splits or available:
         for layer in cfg.layers():
-            fields = key_fields(Context(cfg, split, layer, dataset, wid, backend, prep))
+            fields = key_fields(Context(cfg, split, layer, dataset, wid, backend, prep, bb))
             key = cache.cache_key(fields)
-            path = cache.cache_path(cfg.resolved_cache_dir(), cfg.model, _file_stem(dataset, layer), split, key)
+            path = cache.cache_path(cfg.resolved_cache_dir(), bb.slug, _file_stem(dataset, layer), split, key)
             out.append(Target(split, layer, path, fields, key))
     named = [layer for layer in cfg.layers() if layer is not None]
     if named and not all(t.path.is_file() for t in out):
-        backbones.check_layers(cfg.model, named)  # raises, naming the valid layers, before any work
+        bb.check_layers(named)  # raises, naming the valid layers, before any work
     return out
 
 
@@ -165,16 +168,6 @@ def alternatives(cfg: ExtractConfig, target: Target) -> list[tuple[Path, dict[st
 
 
 # --------------------------------------------------------------------------- reuse, staleness
-
-
-@dataclass
-class State:
-    """What a target's file holds compared with the images now."""
-
-    target: Target
-    fs: cache.FeatureSet | None = None  # the file's features, when they can be returned as they are
-    changes: fingerprint.Changes | None = None  # how the images differ, when the file is stale
-    old: Path | None = None  # the stale file, to carry rows over from
 
 
 def assess(cfg: ExtractConfig, target: Target, images: ImageSplit, locked: bool = False) -> State:
@@ -212,7 +205,6 @@ def assess(cfg: ExtractConfig, target: Target, images: ImageSplit, locked: bool 
 
 def _check_same(path: Path, meta: dict[str, Any], key_fields: dict[str, Any]) -> None:
     """A file found under a key's name must hold what that key describes."""
-    import json
 
     stored = json.loads(str(meta.get("key_fields", "{}")))
     diffs = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in key_fields.items() if stored.get(k) != v]
@@ -243,9 +235,23 @@ def load_images(cfg: ExtractConfig, split: str) -> ImageSplit:
 
 
 def extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
-    """Extract, update or reuse features for every requested split and layer; one FeatureSet each."""
-    from tlfeat import engine
+    """Extract, update or reuse features for every requested split and layer; one FeatureSet each.
 
+    With `--backend auto`, a network that torch.onnx cannot export is said once and runs on torch
+    (its files are keyed `torch`); later runs go to torch directly."""
+    try:
+        return _extract(cfg, echo)
+    except ExportFailed as exc:
+        if cfg.backend != "auto":
+            raise
+        size = backbones.resolve(cfg.model).preprocessing(cfg.weights_id, cfg.image_size).crop_size
+        why = first_line(exc).split("; use --backend", 1)[0]
+        _export_memo().put("failed", _export_id(cfg, size), why)
+        log.warning("%s runs on torch: %s (remembered; later runs go to torch directly)", cfg.model, why)
+        return _extract(replace(cfg, backend="torch"), echo)
+
+
+def _extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
     targets = plan(cfg)
     results: list[cache.FeatureSet] = []
     runner = engine.Runners(cfg)
@@ -295,54 +301,6 @@ class _locks:
             self.stack.pop().__exit__(*exc)
 
 
-def provenance(
-    cfg: ExtractConfig, target: Target, images: ImageSplit, weights: dict[str, Any], runtime: dict[str, str]
-) -> dict[str, Any]:
-    """The attributes a cache file describes itself with."""
-    import json
-
-    from tlfeat.inference import versions
-
-    prep = target.key_fields["preprocessing"]
-    installed = versions()
-    return {
-        "tlfeat_version": __version__,
-        "format": cache.FORMAT_VERSION,
-        "model": cfg.model,
-        "weights_id": weights.get("weights_id") or target.key_fields["weights_id"],
-        "weights_source": weights.get("weights_source", ""),
-        "weights_sha256": weights.get("weights_sha256", ""),
-        "pretrained": not str(target.key_fields["weights_id"]).startswith("untrained:"),
-        "layer": target.layer or LAYER_DEFAULT,
-        "pooling": POOLING,
-        "preprocessing": json.dumps(prep, sort_keys=True),
-        "image_size": prep["crop_size"],
-        "fast_decode": bool(prep.get("fast_decode", False)),
-        "dataset": images.dataset,
-        "dataset_source": images.source,
-        "source_files": json.dumps(list(images.source_files)),
-        "split": target.split,
-        "limit": cfg.split_limit(target.split) or 0,
-        "train_limit": cfg.limit or 0,
-        "test_limit": cfg.test_limit or 0,
-        "subset_seed": cfg.subset_seed if cfg.split_limit(target.split) is not None else 0,
-        "data_dir": str(cfg.data_dir) if images.dataset in datasets.named_datasets() else "",
-        "label_field": cfg.label_field,
-        "split_seed": datasets.SPLIT_SEED,
-        "backend": target.key_fields["backend"],
-        "precision": cfg.precision,
-        "engine": cfg.engine,
-        "runtime_version": runtime.get("version", ""),
-        "device": cfg.device,
-        "torch_version": installed["torch"],
-        "torchvision_version": installed["torchvision"],
-        "onnxruntime_version": installed["onnxruntime"],
-        "python_version": platform.python_version(),
-        "key_fields": json.dumps(target.key_fields, sort_keys=True, default=str),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 # --------------------------------------------------------------------------- loading from Python
 
 
@@ -381,7 +339,7 @@ def load_features(
         model,
         datasets.canonical(data),
         split,
-        layer=layer or LAYER_DEFAULT,
+        layer=layer_name(layer),
         weights_id=weights_id,
         image_size=image_size,
         limit=limit if split == "train" else test_limit,

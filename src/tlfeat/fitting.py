@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics
+from tlfeat.backbones.base import slug
 from tlfeat.config import FitConfig
 from tlfeat.errors import CacheDamaged, TlfeatError
 from tlfeat.records import Method, RunRecord, Timings, load_now, load_record, variants
@@ -171,12 +172,12 @@ def config_key(cfg: FitConfig, train_sha: str, test_sha: str, route: str) -> str
 
 def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha: str) -> Path:
     """Where the record of this fit is (or will be) saved: compare asks before running anything."""
-    slug = datasets.dataset_slug(str(attrs["dataset"]))
+    data_slug = datasets.dataset_slug(str(attrs["dataset"]))
     key = config_key(cfg, train_sha, test_sha, resolve_route(cfg, attrs))
     return (
         Path(cfg.results_dir)
         / "fits"
-        / f"{attrs['model']}__{slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
+        / f"{slug(str(attrs['model']))}__{data_slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
         / "record.json"
     )
 

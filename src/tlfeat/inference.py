@@ -9,8 +9,10 @@ partial update, a resumed run and a Ray worker give the same bits as one uninter
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ class ModelSpec:
     precision: str
     device: str
     cache_dir: Path
+    pool: str | None = None  # transformers: how tokens are pooled (None: the model's own)
 
     @property
     def weights_tag(self) -> str:
@@ -52,10 +55,20 @@ class ModelSpec:
             return self.weights_id
         return backbones.weights_entry(self.model, self.weights_id_arg).sha_prefix or self.weights_id
 
+    def output_names(self) -> list[str]:
+        """One per layer; the pooling joins the name where it is not the model's own."""
+        pooled = f"[{self.pool}]" if self.pool else ""
+        return [backbones.layer_name(layer) + pooled for layer in self.layers]
+
     def onnx_path(self) -> Path:
-        layers = [layer or backbones.PENULTIMATE for layer in self.layers]
         return onnx_backend.export_path(
-            self.cache_dir, self.model, self.weights_id, self.weights_tag, self.image_size, layers, self.precision
+            self.cache_dir,
+            backbones.slug(self.model),
+            self.weights_id,
+            self.weights_tag,
+            self.image_size,
+            self.output_names(),
+            self.precision,
         )
 
 
@@ -76,13 +89,13 @@ class TorchRunner:
 
         check_device(spec.device)
         net = build_with_weights(spec.model, resolved)
-        self._setup(spec, backbones.feature_extractor(net, spec.model, list(spec.layers)))
+        self._setup(spec, backbones.feature_extractor(net, spec.model, list(spec.layers), spec.pool))
 
     @classmethod
     def from_state(cls, spec: ModelSpec, state: dict[str, Any]) -> TorchRunner:
         """The same network from the state dict of another runner's extractor (Ray replicas)."""
         runner = cls.__new__(cls)
-        extractor = backbones.feature_extractor(backbones.build(spec.model), spec.model, list(spec.layers))
+        extractor = backbones.feature_extractor(backbones.build(spec.model), spec.model, list(spec.layers), spec.pool)
         extractor.load_state_dict(state)
         runner._setup(spec, extractor)
         return runner
@@ -212,7 +225,7 @@ def _export(spec: ModelSpec, path: Path) -> dict[str, Any]:
     from tlfeat.weights import build_with_weights
 
     resolved = _resolve(spec)
-    layers = [layer or backbones.PENULTIMATE for layer in spec.layers]
+    layers = spec.output_names()
     provenance = {
         "model": spec.model,
         "layers": layers,
@@ -221,5 +234,29 @@ def _export(spec: ModelSpec, path: Path) -> dict[str, Any]:
         "precision": "fp32",
     }
     net = build_with_weights(spec.model, resolved)
-    extractor = backbones.feature_extractor(net, spec.model, list(spec.layers))
-    return onnx_backend.export(extractor, path, spec.image_size, layers, provenance)
+    extractor = backbones.feature_extractor(net, spec.model, list(spec.layers), spec.pool)
+    with _stderr_silenced():  # torch prints its whole IR graph when an operator has no ONNX form
+        return onnx_backend.export(extractor, path, spec.image_size, layers, provenance)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptors 1 and 2 to /dev/null (torch's C++ logger writes there directly); the exception
+    says what failed. Only in the export's own process."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import config, fsio, offline
-from tlfeat.errors import TlfeatError, first_line
+from tlfeat.errors import ExportFailed, TlfeatError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def export(
     except TlfeatError:
         raise
     except Exception as exc:
-        raise TlfeatError(
+        raise ExportFailed(
             f"could not export this model to ONNX ({type(exc).__name__}: {first_line(exc)}); use --backend torch"
         ) from exc
     return meta

@@ -8,7 +8,7 @@ normalised in the main process into one reused buffer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,12 +31,14 @@ class Preprocessing:
     interpolation: str = "bilinear"
     antialias: bool = True
     fast_decode: bool = False  # JPEG DCT-domain downscaling of large photos before the resize
+    squash: bool = False  # resize both sides to resize_size, ignoring the aspect ratio (Hugging Face's ViT)
 
     def key(self) -> dict[str, Any]:
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
-        if not self.fast_decode:
-            del out["fast_decode"]  # keys of files made before the option existed stay valid
+        for name in ("fast_decode", "squash"):
+            if not out[name]:
+                del out[name]  # keys of files made before the option existed stay valid
         return out
 
     @classmethod
@@ -48,9 +50,7 @@ class Preprocessing:
         if image_size is None:
             return self
         resize = int(round(image_size * self.resize_size / self.crop_size))
-        return Preprocessing(
-            image_size, resize, self.mean, self.std, self.interpolation, self.antialias, self.fast_decode
-        )
+        return replace(self, crop_size=image_size, resize_size=resize)
 
     def resize_crop(self, img: Any) -> np.ndarray:
         """PIL RGB image -> uint8 (3, crop, crop): torchvision's resize (short side) and centre crop."""
@@ -58,6 +58,8 @@ class Preprocessing:
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.resize_size, int(self.resize_size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if self.squash:
+            new_w = new_h = self.resize_size
         if (new_h, new_w) != (h, w):
             img = img.resize((new_w, new_h), _PIL_FILTERS[self.interpolation])
         arr = np.asarray(img, dtype=np.uint8)
