@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,12 @@ from PIL import Image
 def pytest_configure(config: pytest.Config) -> None:
     # Also for module-scoped fixtures, which run before the per-test environment below.
     os.environ["TLFEAT_BACKEND"] = "torch"
+    # ONNX exports of module-scoped fixtures: in a folder of this session, never the user's model cache.
+    os.environ["TLFEAT_MODEL_CACHE"] = tempfile.mkdtemp(prefix="tlfeat-models-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("TLFEAT_MODEL_CACHE", ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +28,7 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TLFEAT_BACKEND", "torch")  # tests of the ONNX Runtime backend ask for it by name
     monkeypatch.setenv("TLFEAT_CACHE_DIR", str(tmp_path / "features_cache"))
     monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))  # each test makes its own exports
 
 
 def _pattern(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlfeat import ExtractConfig, extract, onnx_backend
+from tlfeat import ExtractConfig, config, extract, onnx_backend
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction import choose_backend
 
@@ -43,7 +43,7 @@ def test_export_is_made_once_and_auto_reuses_other_backends(
 ) -> None:
     cache_dir = tmp_path / "c"
     extract(_cfg(tree, cache_dir, "onnxruntime", model="resnet18", untrained=True))
-    [export] = list((cache_dir / "onnx").glob("*.onnx"))
+    [export] = list((config.model_cache_dir() / "onnx").glob("*.onnx"))
     mtime = export.stat().st_mtime_ns
 
     calls = []

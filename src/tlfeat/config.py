@@ -43,6 +43,14 @@ def tlfeat_home() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tlfeat"
 
 
+def model_cache_dir() -> Path:
+    """Where ONNX exports live (`TLFEAT_MODEL_CACHE`, default TLFEAT_HOME/models): one per user, shared
+    by every cache folder and project, like torch's TORCH_HOME for weights."""
+    if folder := env("TLFEAT_MODEL_CACHE"):
+        return Path(folder).expanduser()
+    return tlfeat_home() / "models"
+
+
 def default_data_dir() -> Path:
     return Path(env("TLFEAT_DATA_DIR")).expanduser() if env("TLFEAT_DATA_DIR") else tlfeat_home() / "data"
 
