@@ -193,7 +193,9 @@ def main() -> None:
     report = {
         "rows": [
             dict(
-                zip(("images", "tutorial_s", "tlfeat_s", "tlfeat_no_export_s", "torch_s", "cache_hit_s"), r, strict=True)
+                zip(
+                    ("images", "tutorial_s", "tlfeat_s", "tlfeat_no_export_s", "torch_s", "cache_hit_s"), r, strict=True
+                )
             )
             for r in rows
         ],

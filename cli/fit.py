@@ -34,10 +34,10 @@ FIELDS = (
 @user_errors()
 def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool, **options: Any) -> None:
     """Train a classifier on every selected pair of cached train/test features and report test metrics."""
+    cfg = FitConfig(**given(options))  # bad arguments are refused before scikit-learn is imported
     from tlfeat.fitting import fit
     from tlfeat.fitting import table as make_table
 
-    cfg = FitConfig(**given(options))
     results = fit(cfg, allow_stale=allow_stale, data_dir=data_dir)
     for res in results:
         r = res.record

@@ -146,6 +146,18 @@ def plan(cfg: ExtractConfig) -> list[Target]:
     return out
 
 
+def refuse_unreachable_weights(cfg: ExtractConfig) -> None:
+    """Weights that only a download could bring, where no download can work: refused before any image
+    is read and before torch is imported (WeightsNotFound names the ways to supply them)."""
+    if cfg.untrained or cfg.weights_file is not None:
+        return
+    from tlfeat import network, weights
+
+    path, source = weights.locate(cfg.model, cfg.weights_id)
+    if path is None and source == "download" and not network.can_download():
+        weights.resolve(cfg.model, cfg.weights_id)  # raises, without trying the download
+
+
 def _file_stem(dataset: str, layer: str | None) -> str:
     slug = datasets.dataset_slug(dataset)
     return slug if layer is None else f"{slug}__{''.join(c if c.isalnum() else '_' for c in layer)}"
@@ -247,6 +259,8 @@ def extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> li
     from tlfeat import engine
 
     targets = plan(cfg)
+    if not all(t.path.is_file() or any(p.is_file() for p, _ in alternatives(cfg, t)) for t in targets):
+        refuse_unreachable_weights(cfg)
     results: list[cache.FeatureSet] = []
     runner = engine.Runners(cfg)
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlfeat import config, offline
+from tlfeat import config, network, offline, progress
 from tlfeat.backbones import weights_entry
 from tlfeat.errors import TlfeatError, WeightsNotFound, first_line
 
@@ -116,9 +116,12 @@ def resolve(
         except TlfeatError as exc:
             errors.append(str(exc))
 
-    if allow_download and not config.offline():
+    if allow_download and not config.offline() and not network.reachable(entry.url):
+        errors.append(f"{entry.url.split('/')[2]} is unreachable from here")
+    elif allow_download and not config.offline():
         import torch
 
+        progress.status(f"downloading {filename} from {entry.url.split('/')[2]} (once, into {hub_file.parent})")
         try:
             hub_file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(entry.url, str(hub_file), hash_prefix=prefix, progress=False)
