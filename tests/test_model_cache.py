@@ -42,7 +42,7 @@ EXPORTING_CHILD = textwrap.dedent(
     cli(sys.argv[1:], prog_name="tlfeat")
     """
 )
-ARGS = ["--model", "resnet18", "--untrained", "--image-size", "32", "--backend", "onnxruntime", "--workers", "0", "-q"]
+ARGS = ["--model", "resnet18", "--untrained", "--image-size", "32", "--backend", "onnxruntime", "--workers", "0"]
 
 
 def _cfg(tree: Path, cache_dir: Path, **kw: Any) -> ExtractConfig:
@@ -65,15 +65,16 @@ def test_two_processes_make_one_export_the_second_waits_for_it(tmp_path: Path) -
     models, log = tmp_path / "models", tmp_path / "exports.log"
     run_env = env(TLFEAT_MODEL_CACHE=str(models), EXPORT_LOG=str(log), TLFEAT_BACKEND="auto")
 
-    def start(cache_dir: Path, **extra: str) -> subprocess.Popen[str]:
-        cmd = [sys.executable, "-c", EXPORTING_CHILD, "extract", "--data", str(tree), *ARGS, "--cache-dir", cache_dir]
+    def start(cache_dir: Path, *more: str, **extra: str) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-c", EXPORTING_CHILD, "extract", "--data", str(tree), *ARGS, *more]
+        cmd += ["--cache-dir", str(cache_dir)]
         return subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**run_env, **extra}
         )
 
-    first = start(tmp_path / "c1", STOP_IN_EXPORT="1")
+    first = start(tmp_path / "c1", STOP_IN_EXPORT="1")  # without -q: it says what it waits for
     wait_until_stopped(first.pid)  # holding the export's lock, nothing exported yet
-    second = start(tmp_path / "c2")  # another cache folder: the same export
+    second = start(tmp_path / "c2", "-q")  # another cache folder: the same export
     assert second.stderr is not None
     seen = []
     for line in second.stderr:  # blocks until the line comes, or the process ends without it
@@ -86,6 +87,8 @@ def test_two_processes_make_one_export_the_second_waits_for_it(tmp_path: Path) -
     out1, err1 = first.communicate(timeout=600)
     out2, err2 = second.communicate(timeout=600)
     assert first.returncode == 0 and second.returncode == 0, err1 + err2
+    assert "tlfeat: exporting resnet18 at 32 px to ONNX (once per machine" in err1, err1
+    assert "tlfeat: exporting" not in err2  # -q: no status lines (and it made no export)
     assert log.read_text().split() == [str(first.pid)], "exactly one export, by the first process"
     assert len(_exports(models)) == 1 and "[onnxruntime]" in out2
     a, b = (sorted(catalog.scan(tmp_path / c), key=lambda e: e.path.name) for c in ("c1", "c2"))
