@@ -15,10 +15,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TLFEAT_BACKEND"] = "torch"
     # ONNX exports of module-scoped fixtures: in a folder of this session, never the user's model cache.
     os.environ["TLFEAT_MODEL_CACHE"] = tempfile.mkdtemp(prefix="tlfeat-models-")
+    os.environ["TLFEAT_RESULTS_DIR"] = tempfile.mkdtemp(prefix="tlfeat-results-")  # never ./results
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(os.environ.get("TLFEAT_MODEL_CACHE", ""), ignore_errors=True)
+    for name in ("TLFEAT_MODEL_CACHE", "TLFEAT_RESULTS_DIR"):
+        shutil.rmtree(os.environ.get(name, ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +31,7 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TLFEAT_CACHE_DIR", str(tmp_path / "features_cache"))
     monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))  # each test makes its own exports
+    monkeypatch.setenv("TLFEAT_RESULTS_DIR", str(tmp_path / "results"))
 
 
 def _pattern(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -415,8 +415,11 @@ class CompareConfig:
     seed: int = key(0, help="First seed.", check=SEED)
     on_error: str = setting("fail", help="Unreadable images while extracting: fail or skip.", check=Choice(ON_ERROR))
     workers: int | None = setting(None, help="Decoding processes.", check=WORKERS)
-    out: Path = setting(Path("reports/run"), help="Report folder.")
-    results_dir: Path | None = setting(None, help="Where runs are saved (default: OUT/results).")
+    out: Path = setting(Path("reports/run"), help="Report folder (its report points to the runs in --results-dir).")
+    results_dir: Path = setting(
+        help="Where runs are saved, beside every fit and fine-tune (env TLFEAT_RESULTS_DIR).",
+        factory=default_results_dir,
+    )
     cache_dir: Path = setting(help="Where feature files live (env TLFEAT_CACHE_DIR).", factory=default_cache_dir)
     data_dir: Path = setting(help="Where named datasets are read from (env TLFEAT_DATA_DIR).", factory=default_data_dir)
     progress: bool = setting(True, cli=None)
@@ -431,7 +434,8 @@ class CompareConfig:
 
     @property
     def runs_dir(self) -> Path:
-        return Path(self.results_dir) if self.results_dir else Path(self.out) / "results"
+        """The project's one result store: `tlfeat results` lists these runs and `fit` reuses their fits."""
+        return Path(self.results_dir)
 
 
 def _split(value: str) -> tuple[str, ...]:
