@@ -387,14 +387,22 @@ def load_features(
     of images that changed since raise StaleFeatures (run `tlfeat extract` again to update them), unless
     `allow_stale=True`.
     """
-    from tlfeat import freshness
+    from tlfeat import freshness, onnx_backend
 
     folder = Path(cache_dir) if cache_dir else config.default_cache_dir()
+    # Among several variants, the one `tlfeat extract --model MODEL --data DATA` makes.
+    prefer: dict[str, Any] = {"backend": "onnxruntime" if onnx_backend.available() else "torch"}
+    try:
+        entry = backbones.weights_entry(model, None if weights_id is None or ":" in weights_id else weights_id)
+        prefer.update(weights_id=entry.name, image_size=entry.crop_size)
+    except TlfeatError:  # not a model of the registry: no default to prefer
+        pass
     path = catalog.find(
         folder,
         model,
         datasets.canonical(data),
         split,
+        prefer=prefer,
         layer=layer or LAYER_DEFAULT,
         weights_id=weights_id,
         image_size=image_size,
