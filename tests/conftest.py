@@ -13,7 +13,8 @@ from PIL import Image
 def pytest_configure(config: pytest.Config) -> None:
     # Also for module-scoped fixtures, which run before the per-test environment below.
     os.environ["TLFEAT_BACKEND"] = "torch"
-    # ONNX exports of module-scoped fixtures: in a folder of this session, never the user's model cache.
+    # ONNX exports: one model cache for the session, as on a user's machine (never the user's own);
+    # a test that inspects or damages exports sets its own with monkeypatch.
     os.environ["TLFEAT_MODEL_CACHE"] = tempfile.mkdtemp(prefix="tlfeat-models-")
     os.environ["TLFEAT_RESULTS_DIR"] = tempfile.mkdtemp(prefix="tlfeat-results-")  # never ./results
 
@@ -30,7 +31,6 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TLFEAT_BACKEND", "torch")  # tests of the ONNX Runtime backend ask for it by name
     monkeypatch.setenv("TLFEAT_CACHE_DIR", str(tmp_path / "features_cache"))
     monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))  # each test makes its own exports
     monkeypatch.setenv("TLFEAT_RESULTS_DIR", str(tmp_path / "results"))
 
 

@@ -99,6 +99,7 @@ def test_two_processes_make_one_export_the_second_waits_for_it(tmp_path: Path) -
 def test_exports_are_shared_by_cache_folders_and_found_where_tlfeat_0_2_left_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))
     tree = make_tree(tmp_path / "tree", per_class=3)
     [made, _] = extract(_cfg(tree, tmp_path / "c1"))
     [export] = _exports(config.model_cache_dir())
@@ -132,6 +133,7 @@ def test_exports_are_shared_by_cache_folders_and_found_where_tlfeat_0_2_left_the
 def test_decoding_starts_while_the_export_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first run does not wait for the export before decoding: the export here can only finish
     once a batch has been decoded (a run that exported first would never get there)."""
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))  # no export yet
     tree = make_tree(tmp_path / "tree", per_class=3)
     decoded = threading.Event()
     original_decode, original_export = pool.decode_batch, inference.export_elsewhere
@@ -160,6 +162,7 @@ def test_an_export_that_fails_is_one_clear_error(tmp_path: Path, monkeypatch: py
         raise TlfeatError("could not export this model to ONNX (RuntimeError: boom); use --backend torch")
 
     monkeypatch.setattr(inference, "export_elsewhere", fails)
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))
     with pytest.raises(TlfeatError, match="use --backend torch"):
         extract(_cfg(make_tree(tmp_path / "tree", per_class=3), tmp_path / "c"))
     assert not list((tmp_path / "c").glob("*.h5"))

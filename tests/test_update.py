@@ -209,7 +209,8 @@ def test_resume_over_a_changed_image_list_never_misplaces_rows(tmp_path: Path, m
     assert resumed.ids == fresh.ids and np.array_equal(resumed.X, fresh.X)
 
 
-def test_a_damaged_onnx_export_is_detected_and_made_again(tmp_path: Path) -> None:
+def test_a_damaged_onnx_export_is_detected_and_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))  # this test damages its export
     tree = make_tree(tmp_path / "tree", per_class=4)
     [good, _] = extract(_cfg(tree, tmp_path / "c1", backend="onnxruntime"))
     [export] = list((config.model_cache_dir() / "onnx").glob("*.onnx"))
