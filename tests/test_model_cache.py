@@ -152,7 +152,9 @@ def test_decoding_starts_while_the_export_is_made(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(inference, "export_elsewhere", export_elsewhere)
     train, _ = extract(_cfg(tree, tmp_path / "c"))
     assert train.meta["backend"] == "onnxruntime" and train.meta["weights_id"] == "untrained:seed0"
-    assert train.meta["weights_source"] == "untrained" and len(_exports(config.model_cache_dir())) == 1
+    [export] = _exports(config.model_cache_dir())
+    assert train.meta["weights_source"] == "untrained" and train.meta["onnx_export"] == export.name
+    assert train.meta["onnx_export_sha256"] == onnx_backend.verified(export)["sha256"]  # which export computed it
 
 
 def test_an_export_that_fails_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

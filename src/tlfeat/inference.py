@@ -192,7 +192,9 @@ def load(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
 
 
 def weights_meta(export_meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: export_meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+    """The weights' provenance from an export's sidecar, and which export computed the features."""
+    out = {k: export_meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+    return {**out, "onnx_export": export_meta.get("file", ""), "onnx_export_sha256": export_meta.get("sha256", "")}
 
 
 def ensure_export(spec: ModelSpec) -> dict[str, Any]:
