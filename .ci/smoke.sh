@@ -18,7 +18,7 @@ tlfeat extract --model mobilenet_v2 --data digits --limit 300 --test-limit 100 -
 tlfeat fit --clf logreg --model mobilenet_v2 --data digits
 tlfeat finetune --model mobilenet_v2 --data digits --strategy head --epochs 1 --limit 100 --test-limit 50 \
     --image-size 32 --batch-size 16 -q
-"$PY" - <<'EOF'
+(cd "$WORK" && "$PY" -) <<'EOF'
 import numpy as np
 import tlfeat
 
