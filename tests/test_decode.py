@@ -54,29 +54,30 @@ def _jpegs() -> list[tuple[str, bytes]]:
 @pytest.mark.slow
 def test_default_decode_gives_torchvisions_features_on_real_photos_at_1x_to_16x() -> None:
     import torch
+    from torchvision.models import MobileNet_V2_Weights
 
     from tlfeat.weights import build_with_weights, resolve
 
-    torch.set_num_threads(1)  # the machine is shared; this keeps the test's time predictable
     net = build_with_weights("mobilenet_v2", resolve("mobilenet_v2")).eval()
     net.classifier = torch.nn.Identity()
-    from torchvision.models import MobileNet_V2_Weights
-
-    reference = (
-        MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
-    )  # torchvision's own transform, on torchvision's own decode
+    reference = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()  # torchvision's own, on torchvision's decode
     prep = backbones.preprocessing("mobilenet_v2", None, None, fast_decode=True)
     assert prep.fast_decode and prep.resize_size == 256  # the default the test is about
     normalize = Normalizer(prep)
     worst: dict[str, float] = {}
     drafted = 0
-    for name, data in _jpegs():
-        ours = torch.from_numpy(normalize(prep.crop_of(data, name)[None]).copy())
-        theirs = reference(Image.open(io.BytesIO(data)).convert("RGB"))[None]
-        with torch.inference_mode():
-            a, b = net(torch.cat([theirs, ours])).numpy()
-        worst[name] = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-        drafted += images.draft_scale(Image.open(io.BytesIO(data)).size, 256) > 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: one thread keeps this test's time predictable
+    try:
+        for name, data in _jpegs():
+            ours = torch.from_numpy(normalize(prep.crop_of(data, name)[None]).copy())
+            theirs = reference(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+            with torch.inference_mode():
+                a, b = net(torch.cat([theirs, ours])).numpy()
+            worst[name] = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+            drafted += images.draft_scale(Image.open(io.BytesIO(data)).size, 256) > 1
+    finally:
+        torch.set_num_threads(threads)  # other tests' bits must not depend on this one
     assert drafted >= 8 * len(PHOTOS), "the large photos must be decoded at reduced scale (or this tests nothing)"
     bad = {k: round(v, 5) for k, v in worst.items() if v < 0.999}
     assert not bad, f"features below cosine 0.999 to torchvision's: {bad}"
