@@ -60,8 +60,8 @@ KEY_RESOLVERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "weights_file": lambda c: {"weights_id": c.weights_id},
     "untrained": lambda c: {"weights_id": c.weights_id},
     "seed": lambda c: {"weights_id": c.weights_id},
-    "image_size": lambda c: {"preprocessing": c.prep.key()},
-    "fast_decode": lambda c: {"preprocessing": c.prep.key()},
+    "image_size": lambda c: {"preprocessing": _prep_key(c)},
+    "fast_decode": lambda c: {"preprocessing": _prep_key(c)},
     "limit": lambda c: _limit(c),
     "test_limit": lambda c: _limit(c),
     "subset_seed": lambda c: _limit(c),
@@ -69,6 +69,10 @@ KEY_RESOLVERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "backend": lambda c: {"backend": c.backend},
     "device": lambda c: {"device": c.cfg.device.split(":")[0]},
 }
+
+
+def _prep_key(c: Context) -> dict[str, Any]:
+    return c.prep.key(decoded=c.dataset not in datasets.named_datasets())  # named datasets are pixels, not files
 
 
 def _limit(c: Context) -> dict[str, Any]:
@@ -147,6 +151,19 @@ def plan(cfg: ExtractConfig) -> list[Target]:
     if named and not all(t.path.is_file() for t in out):
         bb.check_layers(named)  # raises, naming the valid layers, before any work
     return out
+
+
+def refuse_unreachable_weights(cfg: ExtractConfig) -> None:
+    """Weights that only a download could bring, where no download can work: refused before any image
+    is read and before torch is imported (WeightsNotFound names the ways to supply them)."""
+    if cfg.untrained or cfg.weights_file is not None:
+        return
+    from tlfeat import network, weights
+
+    path, source = weights.locate(cfg.model, cfg.weights_id)
+    url = backbones.resolve(cfg.model).weights_entry(cfg.weights_id).url
+    if path is None and source == "download" and not network.can_download(url):
+        weights.resolve(cfg.model, cfg.weights_id)  # raises, without trying the download
 
 
 def _file_stem(dataset: str, layer: str | None) -> str:
@@ -253,6 +270,8 @@ def extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> li
 
 def _extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
     targets = plan(cfg)
+    if not all(t.path.is_file() or any(p.is_file() for p, _ in alternatives(cfg, t)) for t in targets):
+        refuse_unreachable_weights(cfg)
     results: list[cache.FeatureSet] = []
     runner = engine.Runners(cfg)
     try:
@@ -331,14 +350,22 @@ def load_features(
     of images that changed since raise StaleFeatures (run `tlfeat extract` again to update them), unless
     `allow_stale=True`.
     """
-    from tlfeat import freshness
+    from tlfeat import freshness, onnx_backend
 
     folder = Path(cache_dir) if cache_dir else config.default_cache_dir()
+    # Among several variants, the one `tlfeat extract --model MODEL --data DATA` makes.
+    prefer: dict[str, Any] = {"backend": "onnxruntime" if onnx_backend.available() else "torch"}
+    try:
+        entry = backbones.weights_entry(model, None if weights_id is None or ":" in weights_id else weights_id)
+        prefer.update(weights_id=entry.name, image_size=entry.crop_size)
+    except TlfeatError:  # not a model of the registry: no default to prefer
+        pass
     path = catalog.find(
         folder,
         model,
         datasets.canonical(data),
         split,
+        prefer=prefer,
         layer=layer_name(layer),
         weights_id=weights_id,
         image_size=image_size,

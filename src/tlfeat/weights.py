@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlfeat import backbones, config, offline
+from tlfeat import backbones, config, network, offline, progress
 from tlfeat.backbones import Backbone, WeightsInfo
 from tlfeat.errors import TlfeatError, WeightsNotFound, first_line
 
@@ -104,8 +104,12 @@ def resolve(
         except TlfeatError as exc:
             errors.append(str(exc))
 
-    if allow_download and not config.hub_offline() and entry.url and not entry.url.startswith("registry:"):
+    downloadable = allow_download and not config.hub_offline() and entry.url and not entry.url.startswith("registry:")
+    if downloadable and not network.reachable(network.http_url(entry.url)):
+        errors.append(f"{network.host(entry.url)} is unreachable from here")
+    elif downloadable:
         bb.source.require()
+        progress.status(f"downloading the weights of {bb.spec} ({entry.name}) from {network.host(entry.url)} (once)")
         try:
             got = bb.source.download(bb.name, entry)
             return ResolvedWeights(entry.name, got.source, got.path, got.sha256)
