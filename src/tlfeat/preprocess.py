@@ -52,12 +52,16 @@ class Preprocessing:
             image_size, resize, self.mean, self.std, self.interpolation, self.antialias, self.fast_decode
         )
 
+    def resized_shape(self, h: int, w: int) -> tuple[int, int]:
+        """(height, width) after torchvision's resize of the short side to `resize_size`."""
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+
     def resize_crop(self, img: Any) -> np.ndarray:
         """PIL RGB image -> uint8 (3, crop, crop): torchvision's resize (short side) and centre crop."""
         w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        new_h, new_w = self.resized_shape(h, w)
         if (new_h, new_w) != (h, w):
             img = img.resize((new_w, new_h), _PIL_FILTERS[self.interpolation])
         arr = np.asarray(img, dtype=np.uint8)
