@@ -58,6 +58,7 @@ class Runners:
 
                 self.runner, self.weights = ray_engine.payload(spec)
             else:
+                inference.check_device(self.cfg.device)  # every GPU of cuda:0,1,... before any is used
                 self.runner, self.weights = inference.load(spec)
         return self.runner, self.weights
 

@@ -97,11 +97,12 @@ class Board:
 
     def __init__(self, source: Iterable[Fetched], n_batches: int, replicas: int, ahead: int) -> None:
         self.source = iter(source)
-        self.n_batches, self.alive, self.ahead = n_batches, replicas, ahead
+        self.n_batches, self.alive, self.running, self.ahead = n_batches, replicas, replicas, ahead
         self.cond = threading.Condition()
         self.read_lock = threading.Lock()  # the source is a generator: one reader at a time
         self.taken = 0  # batches read from the source and not yet yielded
         self.completed = 0
+        self.waiting = 0  # idle replicas waiting for a failed one's batches
         self.retry: deque[Fetched] = deque()
         self.results: dict[int, tuple[Fetched, list[np.ndarray]]] = {}
         self.exhausted = False
@@ -120,12 +121,17 @@ class Board:
                     if self.retry:
                         return self.retry.popleft()
                     if self.exhausted:
-                        if not idle or self.completed >= self.n_batches:
+                        # The last replica to go idle ends the wait: nobody holds a batch any more.
+                        if not idle or self.completed >= self.n_batches or self.waiting + 1 >= self.running:
                             return None
-                    elif self.taken < self.ahead:
+                        self.waiting += 1
+                        self.cond.wait()
+                        self.waiting -= 1
+                        continue
+                    if self.taken < self.ahead:
                         self.taken += 1
                         break
-                    elif not idle:  # the batch it holds may be the one the caller waits for
+                    if not idle:  # the batch it holds may be the one the caller waits for
                         return None
                     self.cond.wait()
             try:
@@ -165,14 +171,21 @@ class Board:
                 self.error = exc
             self.cond.notify_all()
 
+    def leave(self) -> None:
+        """A replica's thread ends (done, retired or stopped)."""
+        with self.cond:
+            self.running -= 1
+            self.cond.notify_all()
+
     def ordered(self) -> Iterator[tuple[Fetched, list[np.ndarray]]]:
         for index in range(self.n_batches):
             with self.cond:
-                while index not in self.results and self.error is None:
+                while index not in self.results and self.error is None and self.running > 0:
                     self.cond.wait()
                 if index not in self.results:
-                    assert self.error is not None
-                    raise self.error
+                    raise self.error or TlfeatError(
+                        f"internal: every replica stopped and batch {index} was not computed"
+                    )
                 result = self.results.pop(index)
                 self.taken -= 1
                 self.cond.notify_all()
@@ -207,6 +220,8 @@ def _work(board: Board, replica: Replica) -> None:
         board.retire(replica.name, jobs, _out_of_memory(replica.name, exc) or exc)
     except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
         board.fail(exc)
+    finally:
+        board.leave()
 
 
 def _on(device: Any) -> Any:
