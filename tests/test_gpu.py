@@ -293,10 +293,12 @@ class FakePreparer:
 
         self.device = torch.device("cpu")
         self.fail_on: int | None = None
+        self.seen: list[int] = []
 
     def __call__(self, fetched: Fetched) -> Prepared:
         import torch
 
+        self.seen += [int(r) for r in fetched.rows]
         if self.fail_on is not None and self.fail_on in fetched.rows:
             raise TlfeatError(f"cannot decode image {self.fail_on}")
         return Prepared(fetched, torch.tensor(fetched.rows, dtype=torch.float32))
@@ -408,3 +410,4 @@ def test_an_image_error_stops_the_run_and_is_not_retried_elsewhere() -> None:
             got.append(chunk)
     assert len(got) <= 3  # the batches before it, at most
     assert 10 not in runners[0].rows + runners[1].rows
+    assert (preparers[0].seen + preparers[1].seen).count(10) == 1  # the other device did not try it again
