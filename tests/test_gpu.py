@@ -411,3 +411,92 @@ def test_an_image_error_stops_the_run_and_is_not_retried_elsewhere() -> None:
     assert len(got) <= 3  # the batches before it, at most
     assert 10 not in runners[0].rows + runners[1].rows
     assert (preparers[0].seen + preparers[1].seen).count(10) == 1  # the other device did not try it again
+
+
+# --------------------------------------------------------------------------- fine-tuning on the device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_batches_made_on_the_device_equal_the_cpu_transform(tree: Path, device: str) -> None:
+    import torch
+
+    from tlfeat import backbones, datasets, training
+
+    split = datasets.load_split(str(tree), "train", tree)
+    prep = backbones.preprocessing("resnet18", None, 48)
+    cpu = training.loader(split, training.EvalTransform(prep), 5, 0)
+    pixels = training.loader(split, training.Pixels(prep, prep.crop_size), 5, 0)
+    on_device = training.OnDevice(pixels, prep, "standard", device, seed=None)
+    for (a, ya), (b, yb) in zip(cpu, on_device, strict=True):
+        assert b.device.type == torch.device(device).type and b.shape == a.shape == (len(ya), 3, 48, 48)
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0 if device == "cpu" else 1e-6)
+        assert torch.equal(yb.cpu(), ya)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_crops_on_the_device_follow_random_resized_crop(device: str) -> None:
+    import torch
+
+    from tlfeat import backbones, training
+
+    prep = backbones.preprocessing("resnet18", None, 48)  # canvas 55 px, crop 48
+    size = prep.resize_size
+    boxes = training.random_boxes(4000, size, (0.08, 1.0), torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= size).all() and (w >= 1).all() and (h >= 1).all()
+    area = w * h / size**2
+    assert area.min() < 0.15 and area.max() > 0.9  # the whole 8-100% range is drawn
+    ratio = (w / h)[area < 0.5]  # small boxes are never clipped by the canvas: their ratio is as drawn
+    assert ratio.min() > 0.6 and ratio.max() < 1.6 and (ratio < 0.9).any() and (ratio > 1.1).any()
+    again = training.random_boxes(4000, size, (0.08, 1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, again)
+
+    canvas = torch.arange(2 * 3 * size * size, dtype=torch.float32).reshape(2, 3, size, size) % 251
+    batch = canvas.to(torch.uint8).to(device)
+    crops = training.OnDevice(torch.utils.data.DataLoader([]), prep, "crop", device, seed=0)
+    assert crops.train_crops(batch, torch.Generator().manual_seed(0)).shape == (2, 3, 48, 48)
+    from torchvision.ops import roi_align
+
+    # aligned boxes in pixel corners: the whole canvas at its own size is the canvas itself
+    rois = torch.tensor([[0, 0, 0, size, size]], dtype=torch.float32, device=device)
+    same = roi_align(batch[:1].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    torch.testing.assert_close(same, batch[:1].float(), rtol=0, atol=1e-4)
+    flips = training.OnDevice(torch.utils.data.DataLoader([]), prep, "flip", device, seed=0)
+    out = flips.train_crops(batch.repeat(8, 1, 1, 1), torch.Generator().manual_seed(3))
+    centre = batch[:, :, 4:52, 4:52].float().repeat(8, 1, 1, 1)  # round(3.5) = 4, as torchvision's centre crop
+    flipped = [not torch.equal(o, c) for o, c in zip(out, centre, strict=True)]
+    assert all(torch.equal(o, c.flip(-1)) for o, c, f in zip(out, centre, flipped, strict=True) if f)
+    assert 0 < sum(flipped) < 16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fine_tuning_with_augmentation_on_the_device_in_bf16(
+    tmp_path: Path, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlfeat import constraints, finetune, training
+    from tlfeat.config import FinetuneConfig
+
+    tree = make_tree(tmp_path / "t", per_class=6)
+    crops = []
+    real = training.OnDevice.train_crops
+    monkeypatch.setattr(training.OnDevice, "train_crops", lambda self, x, g: crops.append(len(x)) or real(self, x, g))
+    base = dict(
+        model="resnet18", data=str(tree), strategy="full", untrained=True, epochs=1, image_size=32, workers=0,
+        batch_size=4, precise_bn=1, device=device, results_dir=tmp_path / "r", progress=False,
+    )  # fmt: skip
+    plain = finetune.finetune_one(FinetuneConfig(**base, augment_on="cpu"))
+    assert crops == []
+    fast = finetune.finetune_one(FinetuneConfig(**base, augment_on="device", precision="bf16"))
+    assert sum(crops) >= 8  # every training batch of the epoch (and the BatchNorm re-estimation)
+    assert fast.record.params["precision"] == "bf16" and fast.record.params["augment_on"] == "device"
+    assert fast.path != plain.path and fast.record.key != plain.record.key
+    assert fast.record.details["history"][0]["train_loss"] != plain.record.details["history"][0]["train_loss"]
+    assert 0 <= fast.record.metrics["accuracy"] <= 1
+
+    if device == "cpu":  # runs made before these two options keep their keys: the default adds neither
+        cfg = FinetuneConfig(**base)
+        fields = {n: getattr(cfg, n) for n in constraints.key_fields(cfg) if n not in ("precision", "augment_on")}
+        fields.update(
+            data=str(tree), weights_file=None, weights="untrained:seed0", images=finetune.images_signature(cfg)
+        )
+        assert cache.cache_key({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}) == plain.record.key

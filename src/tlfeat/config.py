@@ -100,6 +100,7 @@ ON_ERROR = ("fail", "skip")
 BACKENDS = ("auto", "torch", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECODES = ("auto", "cpu", "device")
+TRAIN_PRECISIONS = ("fp32", "bf16")
 ENGINES = ("local", "ray")
 AUGMENTS = ("auto", "none", "flip", "crop", "standard")
 OPTIMIZERS = ("adam", "sgd")
@@ -378,7 +379,22 @@ class FinetuneConfig:
         None, help="Start from this file, e.g. best.pt of an earlier fine-tune.", cli="--weights"
     )
     untrained: bool = key(False, help="Random backbone weights (what scratch always uses).")
-    workers: int | None = setting(None, help="DataLoader worker processes.", check=WORKERS)
+    precision: str = key(
+        "fp32",
+        help="fp32, or bf16: autocast of the forward pass and the loss (for GPUs).",
+        check=Choice(TRAIN_PRECISIONS),
+    )
+    augment_on: str = key(
+        "auto",
+        help="Where training crops, flips and normalisation happen: cpu (in the loader workers), device (on the "
+        "GPU, from uint8 images the workers resize), auto (device on CUDA).",
+        check=Choice(DECODES),
+    )
+    workers: int | None = setting(
+        None,
+        help="DataLoader worker processes (default: one per core, at most 4; on CUDA, one per core but one).",
+        check=WORKERS,
+    )
     device: str = setting("cpu", help="cpu, cuda, cuda:1 or mps.", check=DEVICE)
     resume: bool = setting(False, help="Continue an interrupted run of the same configuration.")
     keep_last: bool = setting(False, help="Keep last.pt (with optimizer state) once the run completes.")
@@ -405,6 +421,12 @@ class FinetuneConfig:
     @property
     def learning_rate(self) -> float:
         return float(self.lr or 0.0)
+
+    def resolved_augment_on(self) -> str:
+        """cpu or device: what --augment-on auto means here (device on CUDA)."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        return "device" if self.device.startswith("cuda") else "cpu"
 
     def split_limit(self, split: str) -> int | None:
         return self.limit if split == "train" else self.test_limit
