@@ -477,17 +477,29 @@ def test_fine_tuning_with_augmentation_on_the_device_in_bf16(
     from tlfeat.config import FinetuneConfig
 
     tree = make_tree(tmp_path / "t", per_class=6)
-    crops = []
+    import torch
+
+    crops, autocast_in_training = [], []
     real = training.OnDevice.train_crops
     monkeypatch.setattr(training.OnDevice, "train_crops", lambda self, x, g: crops.append(len(x)) or real(self, x, g))
+    loss = torch.nn.functional.cross_entropy
+
+    def spy(logits: Any, y: Any, **kw: Any) -> Any:
+        if logits.requires_grad:  # a training step
+            autocast_in_training.append(torch.is_autocast_enabled(logits.device.type))
+        return loss(logits, y, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
     base = dict(
         model="resnet18", data=str(tree), strategy="full", untrained=True, epochs=1, image_size=32, workers=0,
         batch_size=4, precise_bn=1, device=device, results_dir=tmp_path / "r", progress=False,
     )  # fmt: skip
     plain = finetune.finetune_one(FinetuneConfig(**base, augment_on="cpu"))
-    assert crops == []
+    assert crops == [] and autocast_in_training and not any(autocast_in_training)
+    autocast_in_training.clear()
     fast = finetune.finetune_one(FinetuneConfig(**base, augment_on="device", precision="bf16"))
     assert sum(crops) >= 8  # every training batch of the epoch (and the BatchNorm re-estimation)
+    assert autocast_in_training and all(autocast_in_training)  # every step's forward pass and loss in bf16
     assert fast.record.params["precision"] == "bf16" and fast.record.params["augment_on"] == "device"
     assert fast.path != plain.path and fast.record.key != plain.record.key
     assert fast.record.details["history"][0]["train_loss"] != plain.record.details["history"][0]["train_loss"]
