@@ -239,17 +239,21 @@ class Preparer:
     def _prepare(self, fetched: Fetched) -> Any:
         import torch
 
-        n, crop = len(fetched.rows), self.prep.crop_size
-        batch = torch.zeros((n, 3, crop, crop), dtype=torch.uint8, device=self.device)
-        decoded = self._decode(fetched) + self._upload(fetched.arrays)
+        pieces, order = [], []
         by_shape: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
-        for pos, image in decoded:
+        for pos, image in self._decode(fetched) + self._upload(fetched.arrays):
             by_shape.setdefault(tuple(image.shape), []).append((pos, image))
         for group in by_shape.values():
-            where = torch.tensor([pos for pos, _ in group], device=self.device)
-            batch[where] = self.resize_crop(torch.stack([image for _, image in group]))
+            pieces.append(self.resize_crop(torch.stack([image for _, image in group])))
+            order += [pos for pos, _ in group]
         for positions, future in fetched.cpu:
-            self._join_cpu(fetched, positions, future, batch)
+            pieces.append(self._join_cpu(fetched, positions, future))
+            order += positions
+        if sorted(order) != list(range(len(fetched.rows))):
+            raise TlfeatError(f"internal: batch {fetched.index} lost track of its images")
+        crops = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        rows = torch.from_numpy(np.argsort(np.asarray(order)))  # the crop of each row, in row order
+        batch = crops[rows.to(self.device, non_blocking=True)]
         return batch.float().div_(255.0).sub_(self.mean).div_(self.std)
 
     def resize_crop(self, x: Any) -> Any:
@@ -274,6 +278,11 @@ class Preparer:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.stream is not None:
+            # decode_jpeg allocates its outputs on this stream but writes them from nvJPEG's own: a block
+            # freed here while kernels queued here still read it would be overwritten early
+            # (pytorch/vision#9606). With this stream idle, every freed block is really free.
+            self.stream.synchronize()
         todo = [j for j in fetched.jpegs if j[2] not in self.refused]
         refused = [j for j in fetched.jpegs if j[2] in self.refused]
         tensors = [torch.frombuffer(content, dtype=torch.uint8) for _, content, _, _ in todo]
@@ -314,12 +323,10 @@ class Preparer:
             out += [(pos, stack[k]) for k, (pos, _) in enumerate(group)]
         return out
 
-    def _join_cpu(self, fetched: Fetched, positions: list[int], future: Future[Decoded], batch: Any) -> None:
-        """The CPU workers' crops into their rows of the batch, with their digests and errors."""
-        import torch
-
+    def _join_cpu(self, fetched: Fetched, positions: list[int], future: Future[Decoded]) -> Any:
+        """The CPU workers' crops, uploaded; their digests and errors into the batch's."""
         decoded = self.pool.result(future)
-        batch[torch.tensor(positions, device=self.device)] = self.staging.upload(decoded.crops)
         fetched.digests[positions] = decoded.digests
         for pos, error in zip(positions, decoded.errors, strict=True):
             fetched.errors[pos] = error
+        return self.staging.upload(decoded.crops)
