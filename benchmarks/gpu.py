@@ -203,7 +203,8 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        print(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)
+        raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr.strip() or proc.stdout.strip())[-300:]}")
     return seconds, proc.stdout
 
 
@@ -279,6 +280,166 @@ def prepare(carry: Path) -> None:
     )
 
 
+class Bench:
+    """The rows, each section in its own guard: a failed one is a row saying so, and the rest still run.
+    The table is rewritten after every row, so a run cut short keeps what it measured."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        self.args, self.cores = args, os.cpu_count() or 1
+        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.startswith("cuda")
+        quick = args.quick
+        self.size, self.batch = (64, 16) if quick else (224, 256)
+        self.n_train, self.n_test = (48, 16) if quick else (args.photos * 5 // 6, args.photos - args.photos * 5 // 6)
+        self.model = "resnet18" if quick else "resnet50"
+        self.env = {**os.environ, "TLFEAT_OFFLINE": "1", "TLFEAT_BACKEND": "torch"}
+        self.rows: list[tuple[str, str, str]] = []
+        self.results: dict[str, Any] = {"device": self.device, "quick": quick, "cores": self.cores}
+        self.results.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+        if self.cuda:
+            self.results.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count())
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.t0 = time.perf_counter()
+        self.photos = Path()
+
+    def row(self, what: str, value: str, note: str = "") -> None:
+        self.rows.append((what, value, note))
+        print(f"{what:<66} {value:>16}  {note}", flush=True)
+        out = self.args.out
+        out.mkdir(parents=True, exist_ok=True)
+        self.results.update(table=self.rows, total_seconds=time.perf_counter() - self.t0)
+        (out / f"gpu-{self.stamp}.json").write_text(json.dumps(self.results, indent=1, default=str))
+        lines = ["| what | images/s (or time) | note |", "|---|---:|---|"] + [
+            f"| {a} | {b} | {c} |" for a, b, c in self.rows
+        ]
+        (out / f"gpu-{self.stamp}.md").write_text("\n".join(lines) + "\n")
+
+    def section(self, name: str, fn: Any) -> None:
+        if name in self.args.skip.split(","):
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one failed row must not cost the others on a lent GPU
+            self.row(f"{name}: FAILED", type(exc).__name__, str(exc).strip().splitlines()[-1][:300] if str(exc) else "")
+
+    def setup(self) -> None:
+        t0 = time.perf_counter()
+        self.photos = make_photos(self.args.work / f"photos-{self.n_train}", self.n_train, self.n_test)
+        self.row(
+            "setup: photos made (500 x 375 JPEGs)", f"{self.n_train + self.n_test}", f"{time.perf_counter() - t0:.1f} s"
+        )
+        self.row("setup: model table for this torchvision", f"{ensure_model_table(self.env):.1f} s")
+        start, _ = run(
+            [sys.executable, "-c", f"import torch; torch.zeros(1, device={self.device!r}).sum().item()"], self.env
+        )
+        self.results["torch_start"] = start
+        self.row(
+            f"process start: import torch, first tensor on {self.device}", f"{start:.1f} s", "in every process row"
+        )
+
+    def ceilings(self) -> None:
+        alone = model_alone(self.device, self.size, self.batch, self.model, 3 if self.args.quick else 20)
+        self.results["model_alone"] = alone
+        what = f"{self.model} alone, random input, batch {self.batch}, channels_last: " + " / ".join(alone)
+        self.row(what, " / ".join(f"{v:,.0f}" for v in alone.values()))
+        self.results["decode_alone"] = decode_alone(self.photos, self.device, self.size, self.batch)
+        self.row(
+            f"decode_jpeg on {self.device} (batches of {self.batch}) + resize + crop",
+            f"{self.results['decode_alone']:,.0f}",
+        )
+
+    def tutorial(self) -> None:
+        script = self.args.work / "tutorial.py"
+        script.write_text(TUTORIAL)
+        workers = max(1, self.cores - 1)
+        secs, out = run(
+            [sys.executable, script, self.photos, self.device, self.size, workers, self.batch, self.model], self.env
+        )
+        n, inner = out.split("INNER ")[1].split()
+        self.results["tutorial"] = {"inner": int(n) / float(inner), "process": int(n) / secs, "seconds": secs}
+        self.row(f"tutorial loop (ImageFolder, {workers} workers, batch {self.batch}, pinned): inner / process",
+                 f"{self.results['tutorial']['inner']:,.0f} / {self.results['tutorial']['process']:,.0f}", f"{secs:.1f} s")  # fmt: skip
+
+    def extract(self) -> None:
+        import torch
+
+        runs = {"cpu": ["--decode", "cpu"], "device": ["--decode", "device"]}
+        if self.cuda:
+            runs["device --precision bf16"] = ["--decode", "device", "--precision", "bf16"]
+        if self.cuda and torch.cuda.device_count() > 1:
+            every = ",".join(str(i) for i in range(torch.cuda.device_count()))
+            runs[f"device --device cuda:{every}"] = ["--decode", "device", "--device", f"cuda:{every}"]
+        n_all = self.n_train + self.n_test
+        caches = {}
+        for name, extra in runs.items():
+            cache = self.args.work / f"cache-{len(caches)}"
+            subprocess.run(["rm", "-rf", str(cache)], check=True)
+            cmd = tlfeat("extract", "--model", self.model, "--untrained", "--data", self.photos, "--device", self.device,
+                         "--backend", "torch", "--image-size", self.size, "--cache-dir", cache, "-q", *extra)  # fmt: skip
+            secs, out = run(cmd, self.env)
+            self.results[f"tlfeat --decode {name}"] = {
+                "computed": computed(out),
+                "process": n_all / secs,
+                "seconds": secs,
+            }
+            self.row(f"tlfeat extract --decode {name} (defaults): computed / process",
+                     f"{computed(out):,.0f} / {n_all / secs:,.0f}", f"{secs:.1f} s")  # fmt: skip
+            caches[name] = cached_features(cache)
+        low, mid = cosines(caches["cpu"], caches["device"])
+        self.results["agreement_device_vs_cpu"] = {"min": low, "median": mid}
+        self.row("agreement: cosine of --decode device to --decode cpu, min / median", f"{low:.6f} / {mid:.6f}")
+        if "device --precision bf16" in caches:
+            low, mid = cosines(caches["device"], caches["device --precision bf16"])
+            self.results["agreement_bf16_vs_fp32"] = {"min": low, "median": mid}
+            self.row("agreement: cosine of bf16 to fp32, min / median", f"{low:.6f} / {mid:.6f}")
+        if "tutorial" in self.results:
+            ratio = self.results["tlfeat --decode device"]["process"] / self.results["tutorial"]["process"]
+            self.row("tlfeat --decode device against the tutorial loop, process to process", f"{ratio:.2f}x")
+
+    def mnist(self) -> None:
+        cache = self.args.work / "cache-mnist"
+        subprocess.run(["rm", "-rf", str(cache)], check=True)
+        limits = ["--limit", "500", "--test-limit", "100", "--image-size", self.size] if self.args.quick else []
+        data_dir = ["--data-dir", self.args.data_dir] if self.args.data_dir else []
+        found = "idx files" if self.args.data_dir and (self.args.data_dir / "MNIST" / "raw").is_dir() else "registry"
+        secs, out = run(tlfeat("extract", "--model", "mobilenet_v2", "--data", "mnist", "--device", self.device,
+                               "--backend", "torch", "--cache-dir", cache, "-q", *data_dir, *limits), self.env)  # fmt: skip
+        n = 600 if self.args.quick else 70_000
+        self.results["mnist"] = {"computed": computed(out), "process": n / secs, "seconds": secs}
+        self.row(f"MNIST {n:,} (mobilenet_v2, {found}, defaults): computed / process",
+                 f"{computed(out):,.0f} / {n / secs:,.0f}", f"{secs:.1f} s")  # fmt: skip
+
+    def finetune(self) -> None:
+        limit, batch = (32, 8) if self.args.quick else (5000, 256)
+        n_train = 0
+        for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16"])):
+            if name == "bf16" and not self.cuda:
+                continue
+            results_dir = self.args.work / f"finetune-{name}"
+            subprocess.run(["rm", "-rf", str(results_dir)], check=True)
+            secs, out = run(tlfeat("finetune", "--model", "resnet18", "--data", self.photos, "--strategy", "full",
+                                   "--untrained", "--optimizer", "sgd", "--epochs", 1, "--batch-size", batch, "--limit", limit,
+                                   "--test-limit", limit // 5, "--image-size", self.size, "--device", self.device,
+                                   "--results-dir", results_dir, "--quiet", "--json", *extra), self.env)  # fmt: skip
+            record = json.loads(out)
+            epoch, n_train = record["details"]["history"][0], record["n_train"]
+            self.results[f"finetune {name}"] = {"epoch": epoch["train_seconds"], "process": secs}
+            self.row(f"tlfeat finetune ResNet-18, 1 epoch, {n_train} photos, {name}, augment on {record['params']['augment_on']}",
+                     f"{epoch['train_seconds']:.1f} s", f"process {secs:.1f} s")  # fmt: skip
+        script = self.args.work / "plain_train.py"
+        script.write_text(PLAIN_TRAIN)
+        workers = max(1, self.cores - 1)
+        secs, out = run(
+            [sys.executable, script, self.photos, self.device, self.size, workers, batch, n_train], self.env
+        )
+        plain = float(out.split("EPOCH ")[1])
+        self.results["finetune plain loop"] = {"epoch": plain, "process": secs}
+        self.row(f"plain PyTorch loop, the same epoch (augmented in {workers} workers, fp32)",
+                 f"{plain:.1f} s", f"process {secs:.1f} s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda (default where there is one) or cpu")
@@ -287,134 +448,20 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="where MNIST is (MNIST/raw/*.gz)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"), help="the table and JSON go here")
     parser.add_argument("--prepare", type=Path, default=None, help="write MNIST + MobileNetV2 weights to carry")
-    parser.add_argument("--skip", default="", help="comma-separated rows to leave out: tutorial,mnist,finetune")
+    parser.add_argument("--photos", type=int, default=12_000, help="photos to make (5/6 train, 1/6 test)")
+    parser.add_argument("--skip", default="", help="comma-separated sections: ceilings,tutorial,extract,mnist,finetune")
     args = parser.parse_args()
     if args.prepare is not None:
         prepare(args.prepare)
         return
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    quick, cores, skip = args.quick, os.cpu_count() or 1, set(args.skip.split(","))
-    size = 64 if quick else 224
-    n_train, n_test = (48, 16) if quick else (10_000, 2_000)
-    batch = 16 if quick else 256
-    model, small = ("resnet18", "mobilenet_v2") if quick else ("resnet50", "mobilenet_v2")
-    env = {**os.environ, "TLFEAT_OFFLINE": "1", "TLFEAT_BACKEND": "torch"}
     args.work.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str, str]] = []
-    results: dict[str, Any] = {"device": device, "quick": quick, "cores": cores, "torch": torch.__version__}
-    if device.startswith("cuda"):
-        results["gpu"] = torch.cuda.get_device_name(0)
-        results["gpus"] = torch.cuda.device_count()
-
-    def row(what: str, value: str, note: str = "") -> None:
-        rows.append((what, value, note))
-        print(f"{what:<62} {value:>16}  {note}", flush=True)
-
-    t0 = time.perf_counter()
-    photos = make_photos(args.work / f"photos-{n_train}", n_train, n_test)
-    row("setup: photos made (500 x 375 JPEGs)", f"{n_train + n_test}", f"{time.perf_counter() - t0:.1f} s")
-    row("setup: model table for this torchvision", f"{ensure_model_table(env):.1f} s")
-
-    alone = model_alone(device, size, batch, model, 3 if quick else 20)
-    results["model_alone"] = alone
-    row(
-        f"{model} alone, random input, batch {batch}: " + " / ".join(alone),
-        " / ".join(f"{v:,.0f}" for v in alone.values()),
+    bench = Bench(args)
+    bench.setup()
+    for name in ("ceilings", "tutorial", "extract", "mnist", "finetune"):
+        bench.section(name, getattr(bench, name))
+    print(
+        f"\n{len(bench.rows)} rows in {time.perf_counter() - bench.t0:.0f} s; table in {args.out}/gpu-{bench.stamp}.md"
     )
-    results["decode_alone"] = decode_alone(photos, device, size, batch)
-    row(f"decode_jpeg on {device} (batches of {batch}) + resize + crop", f"{results['decode_alone']:,.0f}")
-
-    n_all = n_train + n_test
-    if "tutorial" not in skip:
-        script = args.work / "tutorial.py"
-        script.write_text(TUTORIAL)
-        secs, out = run([sys.executable, str(script), photos, device, size, max(1, cores - 1), batch, model], env)
-        n, inner = out.split("INNER ")[1].split()
-        results["tutorial"] = {"inner": int(n) / float(inner), "process": n_all / secs}
-        row("tutorial loop (ImageFolder, workers = cores - 1, pinned): inner / process",
-            f"{results['tutorial']['inner']:,.0f} / {results['tutorial']['process']:,.0f}")  # fmt: skip
-
-    runs = {
-        "cpu": ["--decode", "cpu"],
-        "device": ["--decode", "device"],
-        "device-bf16": ["--decode", "device", "--precision", "bf16"],
-    }
-    if not device.startswith("cuda"):
-        del runs["device-bf16"]  # autocast in extraction is for GPUs
-    if device.startswith("cuda") and torch.cuda.device_count() > 1:
-        every = ",".join(str(i) for i in range(torch.cuda.device_count()))
-        runs[f"device, cuda:{every}"] = ["--decode", "device", "--device", f"cuda:{every}"]
-    for name, extra in runs.items():
-        cache = args.work / f"cache-{name.replace(' ', '').replace(',', '_').replace(':', '')}"
-        subprocess.run(["rm", "-rf", str(cache)], check=True)
-        cmd = tlfeat("extract", "--model", model, "--untrained", "--data", photos, "--device", device,
-                     "--backend", "torch", "--image-size", size, "--cache-dir", cache, "-q", *extra)  # fmt: skip
-        secs, out = run(cmd, env)
-        results[f"tlfeat {name}"] = {"computed": computed(out), "process": n_all / secs, "seconds": secs}
-        row(f"tlfeat extract --decode {name}: computed / process",
-            f"{computed(out):,.0f} / {n_all / secs:,.0f}", f"{secs:.1f} s")  # fmt: skip
-        results.setdefault("caches", {})[name] = cache
-    caches = {k: cached_features(v) for k, v in results.pop("caches").items()}
-    low, mid = cosines(caches["cpu"], caches["device"])
-    results["agreement_device_vs_cpu"] = {"min": low, "median": mid}
-    row("agreement: cosine of --decode device to --decode cpu, min / median", f"{low:.6f} / {mid:.6f}")
-    if "device-bf16" in caches:
-        low, mid = cosines(caches["device"], caches["device-bf16"])
-        results["agreement_bf16_vs_fp32"] = {"min": low, "median": mid}
-        row("agreement: cosine of bf16 to fp32, min / median", f"{low:.6f} / {mid:.6f}")
-    if "tutorial" in results:
-        best = results["tlfeat device"]["process"] / results["tutorial"]["process"]
-        row("tlfeat --decode device against the tutorial loop, process to process", f"{best:.2f}x")
-
-    if "mnist" not in skip:
-        mnist_cache = args.work / "cache-mnist"
-        subprocess.run(["rm", "-rf", str(mnist_cache)], check=True)
-        found = (args.data_dir or Path()) / "MNIST" / "raw"
-        limits = ["--limit", "500", "--test-limit", "100", "--image-size", str(size)] if quick else []
-        data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
-        secs, out = run(tlfeat("extract", "--model", small, "--data", "mnist", "--device", device, "--backend", "torch",
-                               "--cache-dir", mnist_cache, "-q", *data_dir, *limits), env)  # fmt: skip
-        n_mnist = 600 if quick else 70_000
-        results["mnist"] = {"computed": computed(out), "process": n_mnist / secs, "seconds": secs}
-        row(f"MNIST {n_mnist:,} ({small}, {'idx files' if found.is_dir() else 'registry'}): computed / process",
-            f"{computed(out):,.0f} / {n_mnist / secs:,.0f}", f"{secs:.1f} s")  # fmt: skip
-
-    if "finetune" not in skip:
-        limit, ft_batch = (32, 8) if quick else (5000, 256)
-        epochs = {}
-        for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16"])):
-            if name == "bf16" and not device.startswith("cuda"):
-                continue
-            results_dir = args.work / f"finetune-{name}"
-            subprocess.run(["rm", "-rf", str(results_dir)], check=True)
-            secs, out = run(tlfeat("finetune", "--model", "resnet18", "--data", photos, "--strategy", "full", "--untrained",
-                                   "--optimizer", "sgd", "--epochs", 1, "--batch-size", ft_batch, "--limit", limit,
-                                   "--test-limit", limit // 5, "--image-size", size, "--device", device,
-                                   "--results-dir", results_dir, "--quiet", "--json", *extra), env)  # fmt: skip
-            record = json.loads(out)
-            epoch = record["details"]["history"][0]
-            epochs[name] = epoch["train_seconds"]
-            n_ft = record["n_train"]
-            row(f"tlfeat finetune ResNet-18, 1 epoch on {n_ft} photos, {name}, augment on {record['params']['augment_on']}",
-                f"{epoch['train_seconds']:.1f} s", f"process {secs:.1f} s")  # fmt: skip
-        script = args.work / "plain_train.py"
-        script.write_text(PLAIN_TRAIN)
-        secs, out = run([sys.executable, str(script), photos, device, size, max(1, cores - 1), ft_batch, n_ft], env)
-        plain = float(out.split("EPOCH ")[1])
-        results["finetune"] = {"plain_epoch": plain, "tlfeat_epoch": epochs, "n_train": n_ft}
-        row(f"plain PyTorch loop, the same epoch (RandomResizedCrop + flip in {max(1, cores - 1)} workers, fp32)",
-            f"{plain:.1f} s", f"process {secs:.1f} s")  # fmt: skip
-
-    results["table"] = rows
-    results["total_seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"gpu-{stamp}.json").write_text(json.dumps(results, indent=1, default=str))
-    table = ["| what | images/s (or time) | note |", "|---|---:|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    (args.out / f"gpu-{stamp}.md").write_text("\n".join(table) + "\n")
-    print(f"\n{len(rows)} rows in {results['total_seconds']:.0f} s; written to {args.out}/gpu-{stamp}.{{md,json}}")
 
 
 if __name__ == "__main__":

@@ -296,7 +296,9 @@ def chunks(
     bar = progress.bar(cfg.progress, len(rows), f"{cfg.model} {images.split} ({', '.join(devices)})")
     try:
         with DecodePool(prep, workers, skip=cfg.on_error == "skip") as pool:
-            fetcher = Fetcher(images, batches, pool, cfg.resolved_decode() == "device", default_readers())
+            # Parquet rows are read a row group at a time, and two groups are kept: two readers share them.
+            readers = min(2, default_readers()) if images.kind == "parquet" else default_readers()
+            fetcher = Fetcher(images, batches, pool, cfg.resolved_decode() == "device", readers)
             for chunk in run(fetcher, len(batches), build(runner, spec, devices, prep, pool)):
                 for err in chunk[2]:
                     if err:
