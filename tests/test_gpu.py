@@ -285,6 +285,22 @@ def test_replicas_standing_in_for_gpus_give_the_bits_of_one_device(
     assert sum(r.batches for r in built[:3]) == 6  # 12 training images in batches of 2
 
 
+@pytest.mark.skipif(GPUS < 2, reason=f"{GPUS} CUDA GPU(s) here; the stand-in replicas above ran instead")
+def test_two_gpus_write_the_file_one_gpu_writes(tree: Path, tmp_path: Path) -> None:
+    base = dict(model="resnet18", untrained=True, data=str(tree), image_size=32, progress=False, batch_size=2)
+    one = extract(ExtractConfig(**base, device="cuda:0", cache_dir=tmp_path / "one"))
+    two = extract(ExtractConfig(**base, device="cuda:0,1", cache_dir=tmp_path / "two"))
+    for a, b in zip(one, two, strict=True):
+        assert a.path.name == b.path.name and a.ids == b.ids
+        np.testing.assert_array_equal(a.X, b.X)
+
+
+@needs_cuda
+def test_the_batch_on_a_gpu_fits_its_free_memory() -> None:
+    batch = replicas.default_batch(["cuda:0"])
+    assert 64 <= batch <= replicas.MAX_BATCH and batch % 64 == 0
+
+
 class FakePreparer:
     """Stands in for a device's Preparer: the batch's row numbers as its 'pixels'."""
 
