@@ -115,7 +115,12 @@ class DecodePool:
         """One batch decoded by the workers in the background (at once, here, without workers);
         read it with `result`."""
         if self._pool is not None:
-            return self._pool.submit(decode_batch, items, self.prep, self.skip)
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                return self._pool.submit(decode_batch, items, self.prep, self.skip)
+            except BrokenProcessPool as exc:
+                raise worker_died() from exc
         done: Future[Decoded] = Future()
         try:
             done.set_result(decode_batch(items, self.prep, self.skip))
