@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tlfeat import classifier_specs
 from tlfeat.constraints import Choice, Interval, NameList, Pattern, Positive, Text, key, setting, validate
 
 # --------------------------------------------------------------------------- environment
@@ -101,8 +102,9 @@ ENGINES = ("local", "ray")
 AUGMENTS = ("auto", "none", "flip", "crop", "standard")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("step", "cosine")
-CLASSIFIERS = ("logreg", "svm", "linear")
-KERNELS = ("linear", "rbf")
+CLASSIFIERS = classifier_specs.classifiers()
+KERNELS = classifier_specs.kernels()
+PROTOCOLS = tuple(classifier_specs.PROTOCOLS)
 ROUTES = ("auto", "memory", "streaming")
 TABLE_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")  # what `fit --metric` can show
 
@@ -125,7 +127,9 @@ class ExtractConfig:
     data: str = key(help="Dataset name (see `tlfeat datasets`), an image folder, or shards.", check=NAME)
     splits: tuple[str, ...] | None = setting(None, help="Split(s) to extract; default: every split.", cli="--split")
     layer: str | None = key(
-        None, help="Layer(s) to pool instead of the penultimate one, comma-separated.", check=NameList(nullable=True)
+        None,
+        help="Layer(s) to pool instead of the penultimate one, comma-separated; a+b+c extracts each part (fit then concatenates them).",
+        check=NameList(nullable=True),
     )
     weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
     weights_file: Path | None = key(
@@ -185,7 +189,8 @@ class ExtractConfig:
         """The layers asked for: [None] for the penultimate one."""
         if not self.layer:
             return [None]
-        names = [n.strip() for n in self.layer.split(",") if n.strip()]
+        # `a+b+c` (concatenated layers, one feature set for `fit`) is made of its parts' files.
+        names = [part.strip() for n in self.layer.split(",") for part in n.split("+") if part.strip()]
         return [None if n == "penultimate" else n for n in dict.fromkeys(names)] or [None]
 
     def split_limit(self, split: str) -> int | None:
@@ -200,18 +205,41 @@ class ExtractConfig:
 class FitConfig:
     """A classifier on cached features; selectors pick the feature sets, `key` fields the classifier."""
 
-    clf: str = key("logreg", help="logreg, svm or linear.", check=Choice(CLASSIFIERS))
+    clf: str = key("logreg", help=classifier_specs.clf_help(), check=Choice(CLASSIFIERS))
     kernel: str = key("linear", help="SVM kernel: linear or rbf (rbf for small data).", check=Choice(KERNELS))
     C: float | None = key(
         None,
-        help="Inverse regularisation strength (default: chosen by 3-fold CV).",
+        help=(
+            "Inverse regularisation strength on standardised features (larger: less regularisation; logreg and "
+            "linear add ||W||^2 / (2 C n) to the mean cross-entropy, the SVM is liblinear's C). Default: chosen on "
+            "a validation split of train (CV on small sets) along a warm-started path."
+        ),
         check=Positive(nullable=True),
         cli="--C",
     )
     epochs: int = key(50, help="Epochs of the linear head.", check=EPOCHS)
     lr: float = key(1e-2, help="Learning rate of the linear head.", check=Positive())
-    seed: int = key(0, help="Seed of the CV folds and the linear head.", check=SEED)
-    cv_folds: int = key(3, help="Folds of the C search.", check=Interval(int, 2, 20))
+    k: int = key(
+        20,
+        help="knn: neighbours that vote (DINO's 10, 20, 100 and 200 are all recorded).",
+        check=Interval(int, 1, 10_000),
+    )
+    temperature: float = key(
+        0.07, help="knn: T of the vote weights exp(cosine / T).", check=Positive(high=100.0), cli="--knn-temperature"
+    )
+    protocol: str | None = key(
+        None,
+        help="A paper's evaluation protocol (sets the classifier): clip (CLIP's logistic-regression probe), dinov2 (DINOv2's linear layer over a grid of learning rates).",
+        check=Choice(PROTOCOLS, nullable=True),
+    )
+    shots: int | None = key(
+        None,
+        help="Fit on N training images per class (k-shot), drawn by a hash of the image ids.",
+        check=Interval(int, 1, 1_000_000, nullable=True),
+    )
+    shot_draw: int = key(0, help="Which draw of the --shots images (another seed of the hash).", check=SEED)
+    seed: int = key(0, help="Seed of the C search's split or folds and of the linear head.", check=SEED)
+    cv_folds: int = key(5, help="Folds of the C search on small training sets.", check=Interval(int, 2, 20))
     route: str = key("auto", help="memory, streaming (features larger than RAM), or auto.", check=Choice(ROUTES))
     model: str | None = setting(None, help="Only features of this model.", check=OPTIONAL_NAME)
     data: str | None = setting(None, help="Only this dataset.", check=OPTIONAL_NAME)
@@ -239,12 +267,35 @@ class FitConfig:
         validate(self)
         from tlfeat.errors import TlfeatError
 
-        if self.kernel != "linear" and self.clf != "svm":
-            raise TlfeatError(f"--kernel applies to --clf svm only, not {self.clf}")
+        if self.protocol is not None:
+            wanted = classifier_specs.PROTOCOLS[self.protocol].clf
+            if self.clf not in (wanted, _default(FitConfig, "clf")):
+                raise TlfeatError(f"--protocol {self.protocol} fits --clf {wanted}, not --clf {self.clf}")
+            if self.C is not None:
+                raise TlfeatError(f"--protocol {self.protocol} chooses its own hyperparameters; drop --C")
+            object.__setattr__(self, "clf", wanted)
+        spec = classifier_specs.spec_of(self.clf, self.kernel)
+        unused = [
+            name
+            for name in classifier_specs.OPTIONS
+            if name not in spec.options and getattr(self, name) not in (None, _default(FitConfig, name))
+        ]
+        if unused:
+            from dataclasses import fields
+
+            from tlfeat.constraints import option_name
+
+            option = option_name(next(f for f in fields(self) if f.name == unused[0]))
+            raise TlfeatError(f"{option} does not apply to --clf {spec.method}")
+
+    @property
+    def spec(self) -> classifier_specs.ClassifierSpec:
+        return classifier_specs.spec_of(self.clf, self.kernel)
 
     @property
     def method(self) -> str:
-        return self.clf if self.kernel == "linear" else f"{self.clf}-{self.kernel}"
+        """The method's name in records and reports: `svm-rbf`, `knn`, `protocol:clip`."""
+        return f"protocol:{self.protocol}" if self.protocol else self.spec.method
 
     def selectors(self) -> dict[str, Any]:
         names = ("layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed")
@@ -424,6 +475,12 @@ class CompareConfig:
     @property
     def runs_dir(self) -> Path:
         return Path(self.results_dir) if self.results_dir else Path(self.out) / "results"
+
+
+def _default(cls: type, name: str) -> Any:
+    from dataclasses import fields
+
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def _split(value: str) -> tuple[str, ...]:

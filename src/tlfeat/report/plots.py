@@ -11,21 +11,20 @@ from typing import Any
 import numpy as np
 
 from tlfeat import fsio
+from tlfeat.classifier_specs import SPECS
 from tlfeat.records import Method
 from tlfeat.report.rows import Config, configs, group, mean_sd, penultimate
 
-# Colours of the methods people compare most, fixed, so a report always reads the same way.
+# Colours of the methods people compare most, fixed, so a report always reads the same way (the
+# frozen classifiers' from their specs).
 _FIXED = {
-    "logreg": "#1f77b4",
-    "svm": "#ff7f0e",
-    "svm-rbf": "#8c564b",
-    "linear": "#17becf",
+    **{method: spec.colour for method, spec in SPECS.items()},
     "finetune:head": "#2ca02c",
     "finetune:full": "#d62728",
     "finetune:discriminative": "#9467bd",
     "scratch": "#111111",
 }
-_SPARE = ["#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94"]
+_SPARE = ["#bcbd22", "#393b79", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94"]
 MARKERS = "osD^v<>Xph*"
 
 
