@@ -13,7 +13,6 @@ the previous solution (`warm_start`), so the whole path costs a few cold fits.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -66,13 +65,14 @@ def plan(y: np.ndarray, ids: list[str], seed: int, n_folds: int) -> tuple[list[F
     return folds(y, k, seed), f"{k}-fold cross-validation on {n} training images"
 
 
-def _grid_extension(grid: list[float], upward: bool) -> list[float]:
-    """One more decade past an edge, at the grid's spacing (two points per decade)."""
-    step = math.log10(grid[1] / grid[0]) if len(grid) > 1 else 0.5
-    count = max(1, round(1.0 / step))
+def grid_extension(grid: list[float], upward: bool) -> list[float]:
+    """One more decade past an edge, at the grid's own spacing: the points of the grid's last (or first)
+    decade times 10 (or divided by 10). 1e-4, 3e-4, ..., 30, 100 grows by 300, 1000."""
     if upward:
-        return [float(f"{grid[-1] * 10 ** (step * i):.3g}") for i in range(1, count + 1)]
-    return [float(f"{grid[0] / 10 ** (step * i):.3g}") for i in range(count, 0, -1)]
+        tail = [g for g in grid if g > grid[-1] / 10 * (1 + 1e-9)]
+        return [float(f"{g * 10:.3g}") for g in tail]
+    head = [g for g in grid if g < grid[0] * 10 * (1 - 1e-9)]
+    return [float(f"{g / 10:.3g}") for g in head]
 
 
 class Path:
@@ -149,7 +149,7 @@ def choose_C(
         at_top, at_bottom = C == max(path.scores), C == min(path.scores)
         if not (at_top or at_bottom):
             break
-        more = _grid_extension(sorted(path.scores), upward=at_top)
+        more = grid_extension(sorted(path.scores), upward=at_top)
         path.run(more)
     C = path.best()
     Cs = sorted(path.scores)
