@@ -293,6 +293,12 @@ def test_concatenated_layers_fit_the_parts_side_by_side(small_cache: Path, tmp_p
     Xte = np.hstack([sets["test"]["layer3"].X, sets["test"]["penultimate"].X])
     from tlfeat.classifiers import make_classifier
 
+    from tlfeat.fitting import pairs
+
+    [pair] = pairs(FitConfig(cache_dir=small_cache, layer="layer3+penultimate"))
+    (train, test), (lazy_train, _) = pair.read(lazy=False), pair.read(lazy=True)
+    assert np.array_equal(train.X, Xtr) and np.array_equal(test.X, Xte) and train.ids == sets["train"]["layer3"].ids
+    assert np.array_equal(lazy_train.X[[5, 1, 7]], Xtr[[5, 1, 7]]) and lazy_train.X.shape == Xtr.shape
     ref = make_classifier("logreg", C=0.1).fit(Xtr, sets["train"]["layer3"].y).predict(Xte)
     assert both.record.metrics["predictions"]["y_pred"] == ref.tolist()
     [streamed] = fit(
