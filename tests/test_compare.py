@@ -129,5 +129,6 @@ def test_layer_sweep_reports_accuracy_per_layer(tmp_path: Path) -> None:
     compare(cfg, echo=lambda _line: None)
     layers = sorted(r["layer"] for r in rows(tmp_path / "report"))
     assert layers == ["layer1", "layer3", "penultimate"]
-    assert (tmp_path / "report" / "plots" / "accuracy_per_layer.png").is_file()
-    assert "## Accuracy per feature layer" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "plots" / "layer_depth.png").is_file()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Accuracy per feature layer" in md and "## Layer-wise probe" in md

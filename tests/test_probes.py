@@ -204,7 +204,10 @@ def test_best_c_on_an_edge_widens_the_grid_then_warns(caplog: pytest.LogCaptureF
     assert down["grid"] == [0.001, 0.01, 0.1, 1.0, 10.0] and down["C"] == 0.001 and down["on_edge"]
     inside = selection.choose_C(SPECS["logreg"], Params(), *_blobs(300, noise=6.0), seed=0, n_folds=3)
     assert not inside["on_edge"] and min(inside["grid"]) < inside["C"] < max(inside["grid"])
-    assert inside["C"] == inside["grid"][int(np.argmax(inside["cv_accuracy"]))]
+    assert inside["cv_accuracy"][inside["grid"].index(inside["C"])] == max(inside["cv_accuracy"])
+    flat = ClassifierSpec("m", "m", "linear", "", lambda p: Monotone(1e3), ("C",), (0.1, 1.0, 10.0))  # every C ties
+    plateau = selection.choose_C(flat, Params(), X, y, ids, seed=0, n_folds=3)
+    assert plateau["grid"] == [0.1, 1.0, 10.0] and plateau["C"] == 1.0 and not plateau["on_edge"]
 
 
 # --------------------------------------------------------------------------- protocols
@@ -292,7 +295,6 @@ def test_concatenated_layers_fit_the_parts_side_by_side(small_cache: Path, tmp_p
     Xtr = np.hstack([sets["train"]["layer3"].X, sets["train"]["penultimate"].X])
     Xte = np.hstack([sets["test"]["layer3"].X, sets["test"]["penultimate"].X])
     from tlfeat.classifiers import make_classifier
-
     from tlfeat.fitting import pairs
 
     [pair] = pairs(FitConfig(cache_dir=small_cache, layer="layer3+penultimate"))

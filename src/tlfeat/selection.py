@@ -111,8 +111,17 @@ class Path:
                 self.last[i] = est if est is not None else self.last[i]
 
     def best(self) -> float:
-        """The C of the highest mean accuracy (ties: the smallest C, the most regularised)."""
-        return max(sorted(self.scores), key=lambda C: (float(np.mean(self.scores[C])), -C))
+        """The C of the highest mean accuracy; where several tie, the middle one of them (the lower of two):
+        a plateau that reaches an edge of the grid is no reason to search past that edge."""
+        means = {C: float(np.mean(v)) for C, v in self.scores.items()}
+        top = max(means.values())
+        tied = [C for C in sorted(means) if means[C] == top]
+        return tied[(len(tied) - 1) // 2]
+
+    def alone(self, C: float) -> bool:
+        """Is C strictly the best (no other C scored as well)? Only then does an edge say "search further"."""
+        means = [float(np.mean(v)) for v in self.scores.values()]
+        return means.count(float(np.mean(self.scores[C]))) == 1
 
 
 def _fold_data(spec: ClassifierSpec, X: Any, y: np.ndarray, ids: list[str], fold: Fold, seed: int) -> tuple[Any, ...]:
@@ -146,14 +155,12 @@ def choose_C(
     path.run(grid)
     for _ in range(WIDENINGS):
         C = path.best()
-        at_top, at_bottom = C == max(path.scores), C == min(path.scores)
-        if not (at_top or at_bottom):
+        if not path.alone(C) or C not in (min(path.scores), max(path.scores)):
             break
-        more = grid_extension(sorted(path.scores), upward=at_top)
-        path.run(more)
+        path.run(grid_extension(sorted(path.scores), upward=C == max(path.scores)))
     C = path.best()
     Cs = sorted(path.scores)
-    edge = C in (Cs[0], Cs[-1])
+    edge = C in (Cs[0], Cs[-1]) and path.alone(C)
     if edge:
         log.warning(
             "%s: the best C (%g) is on the edge of the searched grid (%g to %g); a C beyond it might be better: "

@@ -100,7 +100,7 @@ def gallery(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
 
 
 def _tile(ax: Any, image: np.ndarray, caption: str, frame: str, bold: bool = False) -> None:
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():

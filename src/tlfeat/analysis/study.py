@@ -326,7 +326,8 @@ def for_compare(cfg: CompareConfig, out: Path) -> dict[str, str]:
 
     folder = Path(out) / "analyses"
     failures: dict[str, str] = {}
-    layers = ["penultimate", *[layer for layer in cfg.layers if layer != "penultimate" and "+" not in layer]]
+    layers = [layer for layer in cfg.layers if "+" not in layer]  # in the order given: shallow to deep, usually
+    layers += [] if "penultimate" in layers else ["penultimate"]
     for data in cfg.datas:
         reps: dict[str, list[Rep]] = {"test": [], "train": []}
         try:
@@ -357,7 +358,9 @@ def _compare_analysis(analysis: str, cfg: CompareConfig, reps: dict[str, list[Re
         options: dict[str, Any] = (
             {"kernel": "linear", "debiased": True} if analysis == "cka" else {"distance": "correlation"}
         )
-        title = f"{analysis.upper()} between layers and models, {name} (test)"
+        models = list(dict.fromkeys(r.model for r in reps["test"]))
+        between = f"{models[0]}'s layers" if len(models) == 1 else "layers and models"
+        title = f"{analysis.upper()} between {between}, {name} (test)"
         write_similarity(reps["test"], analysis, options, n, seed, folder, title)
     elif analysis == "embed":
         for model in cfg.models:
