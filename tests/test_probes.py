@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tlfeat import ExtractConfig, cache, extract, protocols, selection
+from tlfeat import cache, protocols, selection
 from tlfeat.classifier_specs import SPECS, ClassifierSpec, Params
 from tlfeat.classifiers import LogReg
 from tlfeat.fitting import FitConfig, fit, load_classifier, shot_subset
@@ -71,17 +71,9 @@ def test_knn_equals_dinos_algorithm_written_with_loops(k: int) -> None:
     assert np.allclose(by_k[k], ref_prob, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random-weight ResNet-18 features of 300 + 450 digits at 16 px: layer3, layer4 and the penultimate layer."""
-    root = tmp_path_factory.mktemp("probes")
-    extract(
-        ExtractConfig(
-            model="resnet18", data="digits", untrained=True, image_size=16, limit=300, layer="layer3+penultimate,layer4",
-            workers=0, cache_dir=root, progress=False,
-        )
-    )  # fmt: skip
-    return root
+@pytest.fixture
+def small_cache(tiny_features: Path) -> Path:
+    return tiny_features
 
 
 def test_fit_knn_records_dinos_four_ks_and_streams_the_same(small_cache: Path, tmp_path: Path) -> None:
@@ -92,6 +84,8 @@ def test_fit_knn_records_dinos_four_ks_and_streams_the_same(small_cache: Path, t
             "fit",
             "--clf",
             "knn",
+            "--model",
+            "resnet18",
             "--layer",
             "penultimate",
             "--cache-dir",
@@ -105,10 +99,10 @@ def test_fit_knn_records_dinos_four_ks_and_streams_the_same(small_cache: Path, t
     [record] = json.loads(out.stdout)
     assert "k=20, T=0.07 (k=10:" in out.stderr
     knn = record["details"]["knn"]
-    assert sorted(knn["accuracy_by_k"], key=int) == ["10", "20", "100", "200"]
+    assert sorted(knn["accuracy_by_k"], key=int) == ["10", "20", "100", "150"]  # k = 200 is capped at 150 images
     assert knn["accuracy_by_k"]["20"] == record["metrics"]["accuracy"]
-    train = cache.read(next(small_cache.glob("*digits__train__*.h5")))
-    test = cache.read(next(small_cache.glob("*digits__test__*.h5")))
+    train = cache.read(next(small_cache.glob("resnet18__digits__train__*.h5")))
+    test = cache.read(next(small_cache.glob("resnet18__digits__test__*.h5")))
     assert train.meta["layer"] == "penultimate"
     for k in (20, 100):
         pred, _ = dino_knn_reference(train.X[:, :64], train.y, test.X[:3, :64], k, 0.07, 10)  # a slice, for speed
@@ -116,7 +110,14 @@ def test_fit_knn_records_dinos_four_ks_and_streams_the_same(small_cache: Path, t
     probe = KNNProbe(k=100).fit(train.X, train.y)
     assert float(np.mean(probe.predict(test.X) == test.y)) == knn["accuracy_by_k"]["100"]
     [streamed] = fit(
-        FitConfig(clf="knn", layer="penultimate", route="streaming", cache_dir=small_cache, results_dir=tmp_path / "s")
+        FitConfig(
+            clf="knn",
+            model="resnet18",
+            layer="penultimate",
+            route="streaming",
+            cache_dir=small_cache,
+            results_dir=tmp_path / "s",
+        )
     )
     assert streamed.record.details["route"] == "streaming"
     assert streamed.record.metrics["predictions"] == record["metrics"]["predictions"]
@@ -266,14 +267,14 @@ def test_dinov2_heads_follow_torch_sgd_with_momentum_and_a_cosine_schedule() -> 
 
 
 def test_protocols_through_fit_are_in_the_key_and_the_record(small_cache: Path, tmp_path: Path) -> None:
-    base = dict(cache_dir=small_cache, results_dir=tmp_path)
+    base = dict(cache_dir=small_cache, results_dir=tmp_path, model="resnet18")
     [plain] = fit(FitConfig(**base, C=1.0, layer="penultimate"))  # type: ignore[arg-type]
     [clip] = fit(FitConfig(**base, protocol="clip", layer="penultimate"))  # type: ignore[arg-type]
     assert clip.record.method == "protocol:clip" and clip.path != plain.path
     assert clip.record.details["protocol"]["name"] == "clip" and clip.record.config["protocol"] == "clip"
     assert "protocol-clip" in clip.path.parent.name
     assert clip.record.params["C"] == clip.record.details["protocol"]["C"]
-    train = cache.read(next(small_cache.glob("*digits__train__*.h5")))
+    train = cache.read(next(small_cache.glob("resnet18__digits__train__*.h5")))
     assert np.allclose(load_classifier(clip.path).predict_proba(train.X[:5]), LogReg(C=clip.record.params["C"], max_iter=1000).fit(train.X, train.y).predict_proba(train.X[:5]), atol=1e-6)  # fmt: skip
 
 
@@ -281,7 +282,7 @@ def test_protocols_through_fit_are_in_the_key_and_the_record(small_cache: Path, 
 
 
 def test_concatenated_layers_fit_the_parts_side_by_side(small_cache: Path, tmp_path: Path) -> None:
-    base = dict(cache_dir=small_cache, results_dir=tmp_path, C=0.1)
+    base = dict(cache_dir=small_cache, results_dir=tmp_path, C=0.1, model="resnet18")
     [both] = fit(FitConfig(**base, layer="layer3+penultimate"))  # type: ignore[arg-type]
     [part] = fit(FitConfig(**base, layer="layer3"))  # type: ignore[arg-type]
     assert both.record.layer == "layer3+penultimate" and both.record.details["n_features"] == 256 + 512
@@ -289,7 +290,7 @@ def test_concatenated_layers_fit_the_parts_side_by_side(small_cache: Path, tmp_p
     parts = both.record.provenance["features"]["train"]["parts"]
     assert [p["layer"] for p in parts] == ["layer3", "penultimate"]
     sets = {
-        s: {fs.meta["layer"]: fs for fs in map(cache.read, small_cache.glob(f"*__{s}__*.h5"))}
+        s: {fs.meta["layer"]: fs for fs in map(cache.read, small_cache.glob(f"resnet18__*__{s}__*.h5"))}
         for s in ("train", "test")
     }
     Xtr = np.hstack([sets["train"]["layer3"].X, sets["train"]["penultimate"].X])
@@ -297,7 +298,7 @@ def test_concatenated_layers_fit_the_parts_side_by_side(small_cache: Path, tmp_p
     from tlfeat.classifiers import make_classifier
     from tlfeat.fitting import pairs
 
-    [pair] = pairs(FitConfig(cache_dir=small_cache, layer="layer3+penultimate"))
+    [pair] = pairs(FitConfig(cache_dir=small_cache, model="resnet18", layer="layer3+penultimate"))
     (train, test), (lazy_train, _) = pair.read(lazy=False), pair.read(lazy=True)
     assert np.array_equal(train.X, Xtr) and np.array_equal(test.X, Xte) and train.ids == sets["train"]["layer3"].ids
     assert np.array_equal(lazy_train.X[[5, 1, 7]], Xtr[[5, 1, 7]]) and lazy_train.X.shape == Xtr.shape
@@ -307,8 +308,8 @@ def test_concatenated_layers_fit_the_parts_side_by_side(small_cache: Path, tmp_p
         FitConfig(**{**base, "results_dir": tmp_path / "s"}, layer="layer3+penultimate", route="streaming")
     )  # type: ignore[arg-type]
     assert streamed.record.details["route"] == "streaming" and streamed.record.n_train == both.record.n_train
-    out = CliRunner().invoke(cli, ["fit", "--layer", "layer2+penultimate", "--cache-dir", str(small_cache), "--results-dir", str(tmp_path)])  # fmt: skip
-    assert out.exit_code == 2 and "no cached features" in out.output and "--layer layer2" in out.output, out.output
+    out = CliRunner().invoke(cli, ["fit", "--layer", "layer1+penultimate", "--cache-dir", str(small_cache), "--results-dir", str(tmp_path)])  # fmt: skip
+    assert out.exit_code == 2 and "no cached features" in out.output and "--layer layer1" in out.output, out.output
 
 
 def test_k_shot_subsets_are_n_per_class_fixed_per_draw(small_cache: Path, tmp_path: Path) -> None:
@@ -318,9 +319,13 @@ def test_k_shot_subsets_are_n_per_class_fixed_per_draw(small_cache: Path, tmp_pa
     assert np.bincount(y[a]).tolist() == [3, 3, 2] and np.array_equal(a, again) and not np.array_equal(a, other)
     moved = shot_subset(y[::-1], 3, 0, ids[::-1])  # chosen by id, not by position
     assert sorted(ids[::-1][i] for i in moved) == sorted(ids[i] for i in a)
-    [run] = fit(FitConfig(cache_dir=small_cache, results_dir=tmp_path, shots=2, shot_draw=1, layer="penultimate"))
+    [run] = fit(
+        FitConfig(
+            cache_dir=small_cache, results_dir=tmp_path, shots=2, shot_draw=1, model="resnet18", layer="penultimate"
+        )
+    )
     assert run.record.n_train == 20 and run.record.details["shots"] == {"per_class": 2, "draw": 1, "n_train": 20}
     assert run.record.details["cv"]["chosen_by"].startswith("2-fold cross-validation on 20")  # folds <= per class
-    [one] = fit(FitConfig(cache_dir=small_cache, results_dir=tmp_path, shots=1, layer="penultimate"))
+    [one] = fit(FitConfig(cache_dir=small_cache, results_dir=tmp_path, shots=1, model="resnet18", layer="penultimate"))
     assert one.record.n_train == 10 and one.record.details["cv"]["chosen_by"].startswith("default")
     assert "-2shot-draw1" in run.path.parent.name
