@@ -81,5 +81,8 @@ def layers(**options: Any) -> None:
     """The first layer's filters as an image grid, and the activation maps of a photo at each block."""
     from tlfeat.analysis.views import layer_views
 
-    for path in layer_views(LayerViewConfig(**given(options))).values():
-        click.echo(str(path))
+    views = layer_views(LayerViewConfig(**given(options)))
+    click.echo(f"{views.filters}  (first-layer filters)")
+    click.echo(f"{views.activations}  (activation maps per block)")
+    for name, shape in views.blocks:
+        click.echo(f"  block {name}: {' x '.join(map(str, shape))}")

@@ -221,6 +221,7 @@ def test_analyze_cka_rsa_heat_maps_and_csv_hold_the_reference_values(two_models:
     assert missing.exit_code == 2 and missing.output.startswith("error: ") and "layer" in missing.output
 
 
+@pytest.mark.slow
 def test_analyze_embed_and_neighbours(two_models: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     common = [
@@ -259,6 +260,7 @@ def test_analyze_embed_and_neighbours(two_models: Path, tmp_path: Path) -> None:
     assert float(rows[0]["cosine"]) == pytest.approx(float(sims.max()), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_analyze_layers_real_mobilenet_and_untrained_vgg(tmp_path: Path) -> None:
     import torch
     from PIL import Image
@@ -295,17 +297,11 @@ def test_analyze_layers_real_mobilenet_and_untrained_vgg(tmp_path: Path) -> None
         tmp_path / "vgg",
     )
     assert vgg.returncode == 0 and (tmp_path / "vgg" / "vgg16-activations.png").is_file(), vgg.stderr
-    vgg_found = stages(
-        network(LayerViewConfig(model="vgg16", untrained=True, image=photo))[0], torch.zeros(1, 3, 64, 64)
-    )
-    assert [s.output.shape for s in vgg_found] == [
-        (64, 64, 64),
-        (128, 32, 32),
-        (256, 16, 16),
-        (512, 8, 8),
-        (512, 4, 4),
-        (512, 2, 2),
-    ]
+    blocks = [line.split("block ")[1] for line in vgg.stdout.splitlines() if "block " in line]
+    assert blocks == [
+        "features.3: 64 x 64 x 64", "features.8: 128 x 32 x 32", "features.15: 256 x 16 x 16",
+        "features.22: 512 x 8 x 8", "features.29: 512 x 4 x 4", "features.30: 512 x 2 x 2",
+    ]  # fmt: skip
     assert_one_clear_line(
         run_cli("analyze", "layers", "--model", "vgg16", "--untrained", "--image", tmp_path / "none.jpg"),
         "--image",

@@ -99,8 +99,15 @@ def first_conv(model: Any) -> tuple[str, np.ndarray]:
     raise TlfeatError("this model has no convolution to show filters of")
 
 
-def layer_views(cfg: LayerViewConfig) -> dict[str, Path]:
-    """Write the first layer's filters and the activation maps of the photo; returns the PNG paths."""
+@dataclass
+class Views:
+    filters: Path
+    activations: Path
+    blocks: list[tuple[str, tuple[int, ...]]]  # (module, (channels, h, w)) of each block shown
+
+
+def layer_views(cfg: LayerViewConfig) -> Views:
+    """Write the first layer's filters and the activation maps of the photo."""
     import torch
 
     backbones.check_model(cfg.model)
@@ -113,12 +120,10 @@ def layer_views(cfg: LayerViewConfig) -> dict[str, Path]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     conv_name, w = first_conv(model)
-    made = {
-        "filters": plots.filters(
-            w, f"{cfg.model} ({weights}): the {len(w)} filters of {conv_name}, {w.shape[2]}x{w.shape[3]}",
-            out / f"{cfg.model}-filters.png",
-        )
-    }  # fmt: skip
+    filters = plots.filters(
+        w, f"{cfg.model} ({weights}): the {len(w)} filters of {conv_name}, {w.shape[2]}x{w.shape[3]}",
+        out / f"{cfg.model}-filters.png",
+    )  # fmt: skip
     found = stages(model, x)
     rows = []
     for stage in found:
@@ -132,7 +137,5 @@ def layer_views(cfg: LayerViewConfig) -> dict[str, Path]:
             }
         )
     title = f"{cfg.model} ({weights}) on {Path(cfg.image).name}: the {cfg.channels} most active channels per block"
-    made["activations"] = plots.activations(
-        pixels.transpose(1, 2, 0), rows, title, out / f"{cfg.model}-activations.png"
-    )
-    return made
+    maps = plots.activations(pixels.transpose(1, 2, 0), rows, title, out / f"{cfg.model}-activations.png")
+    return Views(filters, maps, [(s.name, tuple(s.output.shape)) for s in found])
