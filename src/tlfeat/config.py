@@ -517,6 +517,14 @@ def _counts(option: str, value: Any) -> tuple[int, ...]:
     return tuple(sorted(set(numbers)))
 
 
+def _output_folder(path: Path) -> None:
+    """--out must be a folder (or not exist yet): one clear line instead of "File exists" later."""
+    from tlfeat.errors import TlfeatError
+
+    if path.exists() and not path.is_dir():
+        raise TlfeatError(f"--out {path} is a file; give a folder to write into")
+
+
 def _default(cls: type, name: str) -> Any:
     from dataclasses import fields
 
@@ -572,6 +580,7 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         _paths(self, "out", "cache_dir", "data_dir")
+        _output_folder(self.out)
         for name in ("models", "layers", "methods"):
             value = getattr(self, name)
             object.__setattr__(self, name, tuple(value) if not isinstance(value, str) else _split(value))
@@ -605,6 +614,7 @@ class LayerViewConfig:
 
     def __post_init__(self) -> None:
         _paths(self, "image", "weights_file", "out")
+        _output_folder(self.out)
         validate(self)
 
 
@@ -636,6 +646,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _paths(self, "out", "cache_dir")
+        _output_folder(self.out)
         if self.splits is not None:
             object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
         validate(self)
