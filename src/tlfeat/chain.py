@@ -38,7 +38,10 @@ def first_stage(cfg: CompareConfig, cell: Cell) -> FinetuneConfig:
 def second_stage(cfg: CompareConfig, cell: Cell, start: Path) -> FinetuneConfig:
     from tlfeat.compare import finetune_config
 
-    return replace(finetune_config(cfg, cell), weights_file=start, results_dir=Path(cfg.runs_dir) / STAGES)
+    # From stage 1's weights, also for MODEL:untrained (whose stage 1 started from random weights).
+    return replace(
+        finetune_config(cfg, cell), untrained=False, weights_file=start, results_dir=Path(cfg.runs_dir) / STAGES
+    )
 
 
 def record_path(cfg: CompareConfig, cell: Cell, first: Path, second: Path) -> Path:

@@ -68,35 +68,34 @@ def significance(main: list[dict[str, Any]]) -> list[Block]:
     out: list[Block] = []
     for (dataset,), runs in sorted(group(penultimate(main), "dataset").items()):
         rows = differences(configs(runs))
-        if not rows:
-            continue
-        best = rows[0]["best"]
-        survive = [r for r in rows if r["holm"] < ALPHA]
-        out.append(("h2", f"{dataset}: which differences from the best survive"))
-        out.append(
-            (
-                "p",
-                f"{best.label()} against each of the {len(rows)} other configurations on the same {best.n_test} test "
-                f"images (first seed's run): the accuracy difference with its 95% paired bootstrap interval "
-                f"({BOOTSTRAP:,} resamples of the test images), McNemar's p, and Holm's p corrected for the "
-                f"{len(rows)} comparisons. {len(survive)} of {len(rows)} survive at {ALPHA:g}"
-                + (": " + ", ".join(r["config"].label() for r in survive) + "." if survive else "."),
-            )
-        )
-        body = [
-            [
-                r["config"].label(),
-                f"{r['config'].accuracy:.4f}",
-                f"{r['diff'].diff * 100:+.2f} ({r['diff'].low * 100:+.2f} to {r['diff'].high * 100:+.2f})",
-                f"{r['p']:.2g}",
-                f"{r['holm']:.2g}",
-                "yes" if r["holm"] < ALPHA else "no",
-            ]
-            for r in sorted(rows, key=lambda r: r["holm"])
-        ]
-        header = ["configuration", "accuracy", "best − it, points (95% CI)", "McNemar p", "Holm p", "survives"]
-        out.append(("table", (header, body)))
+        if rows:
+            out += [("h2", f"{dataset}: which differences from the best survive"), *significance_blocks(rows)]
     return out
+
+
+def significance_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    best = rows[0]["best"]
+    survive = [r for r in rows if r["holm"] < ALPHA]
+    text = (
+        f"{best.label()} against each of the {len(rows)} other configurations on the same {best.n_test} test "
+        f"images (first seed's run): the accuracy difference with its 95% paired bootstrap interval "
+        f"({BOOTSTRAP:,} resamples of the test images), McNemar's p, and Holm's p corrected for the "
+        f"{len(rows)} comparisons. {len(survive)} of {len(rows)} survive at {ALPHA:g}"
+        + (": " + ", ".join(r["config"].label() for r in survive) + "." if survive else ".")
+    )
+    body = [
+        [
+            r["config"].label(),
+            f"{r['config'].accuracy:.4f}",
+            f"{r['diff'].diff * 100:+.2f} ({r['diff'].low * 100:+.2f} to {r['diff'].high * 100:+.2f})",
+            f"{r['p']:.2g}",
+            f"{r['holm']:.2g}",
+            "yes" if r["holm"] < ALPHA else "no",
+        ]
+        for r in sorted(rows, key=lambda r: r["holm"])
+    ]
+    header = ["configuration", "accuracy", "best − it, points (95% CI)", "McNemar p", "Holm p", "survives"]
+    return [("p", text), ("table", (header, body))]
 
 
 # --------------------------------------------------------------------------- probes
