@@ -99,13 +99,13 @@ def test_unknown_names_are_reported_all_at_once() -> None:
     cfg = CompareConfig(
         models=("resnet5", "mobilenet_v2:frozen"),
         datas=("digits", "nowhere"),
-        methods=("logreg", "knn", "finetune:freeze"),
+        methods=("logreg", "knnn", "finetune:freeze"),
     )
     with pytest.raises(TlfeatError) as info:
         check(cfg)
     message = str(info.value)
     assert message.startswith("5 problem(s), nothing was run")
-    for part in ("resnet5", "':untrained'", "nowhere", "'knn'", "unknown strategy 'freeze'"):
+    for part in ("resnet5", "':untrained'", "nowhere", "'knnn'", "unknown strategy 'freeze'"):
         assert part in message
 
 
