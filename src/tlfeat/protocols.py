@@ -149,6 +149,16 @@ def train_heads(
     0.9 buffer + gradient; no dampening, no weight decay), each head at its own learning rate times
     CosineAnnealingLR's factor (1 + cos(pi t / T)) / 2.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):  # products of 128 rows: BLAS threads only wait on each other
+        return _train_heads(X, y, n_classes, lrs, iterations, seed)
+
+
+def _train_heads(
+    X: np.ndarray, y: np.ndarray, n_classes: int, lrs: tuple[float, ...], iterations: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    # Measured on 2 busy cores: 3 ms per step with one BLAS thread, 20 ms with two.
     rng = np.random.default_rng(seed)
     n, d = X.shape
     h, k = len(lrs), n_classes
