@@ -94,7 +94,9 @@ def main() -> None:
             else:
                 cv = r.details.get("cv") or {}
                 how = f"C={r.params['C']:g}" + (" (on the grid's edge)" if cv.get("on_edge") else "")
-            table.append([data, name, layer, how, r.metrics["accuracy"], r.timings.search_seconds, r.timings.train_seconds])
+            table.append(
+                [data, name, layer, how, r.metrics["accuracy"], r.timings.search_seconds, r.timings.train_seconds]
+            )
             records[f"{data}/{name}/{layer}"] = json.loads(r.to_json())
         print(f"{data}: extraction (3 layers, one pass) {extract_s:.0f} s", flush=True)
     lines = [

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlfeat import datasets, finetune
+from tlfeat import datasets, finetune, fsio
 from tlfeat.records import RunRecord, load_record
 
 if TYPE_CHECKING:
@@ -78,6 +79,10 @@ def run(cfg: CompareConfig, cell: Cell) -> RunRecord:
         _stage(stage1.record, stage1.path, "intermediate", stage1.reused),
         _stage(stage2.record, stage2.path, "target", stage2.reused),
     ]
+    plot = stage2.path.parent / "history.png"
+    if plot.is_file():  # the report shows each fine-tuning run's curves: the chain's are stage 2's
+        with fsio.atomic_path(path.parent / "history.png") as tmp:
+            shutil.copyfile(plot, tmp)
     record.save(path)
     return record
 

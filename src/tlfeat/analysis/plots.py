@@ -67,7 +67,7 @@ def embeddings(
     for ax, (name, points) in zip(axes.ravel(), panels, strict=False):
         for c in range(len(class_names)):
             mask = y == c
-            ax.scatter(points[mask, 0], points[mask, 1], s=6, color=colours[c], alpha=0.75, linewidths=0)
+            ax.scatter(points[mask, 0], points[mask, 1], s=10, color=colours[c], alpha=0.75, linewidths=0)
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

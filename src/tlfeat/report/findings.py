@@ -229,7 +229,7 @@ def shots(shot_items: list[dict[str, Any]], main: list[dict[str, Any]], images: 
         ),
         ("table", (["dataset", "model", "method", *[f"k = {n}" for n in ns], "all"], body)),
     ]
-    out += [("img", (f"k-shot accuracy, {d}", p)) for d, p in images.items() if d.startswith("shots:")]
+    out += [("img", (f"k-shot accuracy, {d.split(':', 1)[1]}", p)) for d, p in images.items() if d.startswith("shots:")]
     return out
 
 
