@@ -188,6 +188,8 @@ class Protocol:
     summary: str
 
 
+PROTOCOL_PREFIX = "protocol:"  # a protocol as a method: protocol:clip
+
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
@@ -205,3 +207,8 @@ PROTOCOLS: dict[str, Protocol] = {
         ),
     )
 }
+
+
+def frozen_methods() -> list[str]:
+    """Every method on frozen features, as `--methods` takes it."""
+    return [*SPECS, *(PROTOCOL_PREFIX + p for p in PROTOCOLS)]

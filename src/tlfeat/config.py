@@ -295,7 +295,9 @@ class FitConfig:
     @property
     def method(self) -> str:
         """The method's name in records and reports: `svm-rbf`, `knn`, `protocol:clip`."""
-        return f"protocol:{self.protocol}" if self.protocol else self.spec.method
+        from tlfeat.records import Method
+
+        return str(Method.frozen(self.clf, self.kernel, self.protocol))
 
     def selectors(self) -> dict[str, Any]:
         names = ("layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed")
@@ -423,8 +425,8 @@ class CompareConfig:
     methods: tuple[str, ...] = key(
         ("logreg", "finetune:full"),
         help=(
-            "Comma-separated: logreg, svm, svm-rbf, linear, knn, protocol:clip, protocol:dinov2, finetune:STRATEGY, "
-            "scratch, chain:DATASET:STRATEGY (fine-tune on DATASET first, then on the target)."
+            f"Comma-separated: {', '.join(classifier_specs.frozen_methods())}, finetune:STRATEGY, scratch, "
+            "chain:DATASET:STRATEGY (fine-tune on DATASET first, then on the target)."
         ),
     )
     repeats: int = key(

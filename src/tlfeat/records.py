@@ -24,7 +24,7 @@ from tlfeat.errors import TlfeatError
 log = logging.getLogger(__name__)
 
 FROZEN = tuple(classifier_specs.SPECS)
-PROTOCOL_PREFIX = "protocol:"
+PROTOCOL_PREFIX = classifier_specs.PROTOCOL_PREFIX
 CHAIN_PREFIX = "chain:"
 
 
@@ -146,8 +146,7 @@ class Method:
 
 def valid_methods() -> list[str]:
     return [
-        *FROZEN,
-        *(PROTOCOL_PREFIX + p for p in classifier_specs.PROTOCOLS),
+        *classifier_specs.frozen_methods(),
         "finetune:full",
         "finetune:head",
         "finetune:freeze:K",
