@@ -12,7 +12,8 @@ from tlfeat_cli.main import user_errors
 from tlfeat_cli.options import from_config, given, json_option, quiet_option
 
 FIELDS = (
-    "models", "datas", "methods", "repeats", "resample", "layers", "epochs", "scratch_epochs", "lr", "batch_size",
+    "models", "datas", "methods", "repeats", "resample", "layers", "shots", "shot_draws", "analyses", "analysis_images",
+    "epochs", "scratch_epochs", "lr", "batch_size",
     "optimizer", "augment", "C", "image_size", "limit", "test_limit", "label_field", "seed", "on_error", "workers", "out",
     "results_dir", "cache_dir", "data_dir",
 )  # fmt: skip

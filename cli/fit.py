@@ -13,8 +13,21 @@ from tlfeat_cli.options import echo_result, from_config, given, json_option, mar
 
 FIELDS = (
     "clf", "model", "data", "layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed", "C", "kernel",
-    "epochs", "lr", "seed", "cv_folds", "route", "memory_gb", "refit", "cache_dir", "results_dir",
+    "epochs", "lr", "k", "temperature", "protocol", "shots", "shot_draw", "seed", "cv_folds", "route", "memory_gb",
+    "refit", "cache_dir", "results_dir",
 )  # fmt: skip
+
+
+def _hyper(r: Any) -> str:
+    """The hyperparameter a run was fitted with: C, the protocol's choice, or kNN's k (with DINO's ks)."""
+    if "protocol" in r.details:
+        p = r.details["protocol"]
+        return f"{p['name']} protocol, " + (f"C={p['C']:.3g}" if "C" in p else f"lr={p['lr']:g}")
+    knn = r.details.get("knn")
+    if knn:
+        by_k = ", ".join(f"k={k}: {a:.4f}" for k, a in knn["accuracy_by_k"].items())
+        return f"k={knn['k']}, T={knn['temperature']:g} ({by_k})"
+    return f"C={r.params['C']:g}"
 
 
 @click.command("fit")
@@ -57,9 +70,14 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
             f"{r.method} {r.model}/{Path(r.dataset).name} ({r.layer}, {r.image_size} px, n_train {r.n_train}, "
             f"n_test {r.n_test}){untrained}{variant}: "
             f"accuracy {m['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), balanced {m['balanced_accuracy']:.4f}, ROC AUC {auc}, "
-            f"C={r.params['C']:g}; {how}  -> {res.path.parent}"
+            f"{_hyper(r)}; {how}  -> {res.path.parent}"
         )
         echo_result(line, m, as_json)
+        cv = r.details.get("cv") or {}
+        if cv.get("on_edge"):
+            click.echo(
+                f"  warning: C = {r.params['C']:g} is on the edge of the searched grid; try --C beyond it", err=True
+            )
     if len(results) > 1 or as_json:
         rows, cols, cells = make_table([r.record for r in results], metric)
         body = [

@@ -106,6 +106,8 @@ class LazyGroup(OneLineGroup):
         "finetune": "tlfeat_cli.finetune",
         "compare": "tlfeat_cli.compare",
         "report": "tlfeat_cli.report",
+        "analyze": "tlfeat_cli.analyze",
+        "export": "tlfeat_cli.export",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -132,6 +134,8 @@ def cli(verbose: int) -> None:
     tlfeat ls                                          list cached feature sets
     tlfeat fit --clf logreg                            classifiers on cached features
     tlfeat compare --models ... --data ... --methods   which transfer method wins, at what cost
+    tlfeat analyze cka|rsa|embed|neighbours|layers     what the features and layers hold
+    tlfeat export --model ... --data ... --format npy  cached features for other tools
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -19,7 +19,7 @@ import click
 from tlfeat.constraints import Choice, option_name
 
 # Fields given as comma-separated lists on the command line.
-LISTS = {"models", "datas", "methods", "layers"}
+LISTS = {"models", "datas", "methods", "layers", "shots", "analyses"}
 # Fields that may be given several times (--split train --split test).
 MULTIPLE = {"splits"}
 

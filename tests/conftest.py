@@ -77,3 +77,25 @@ def make_tree(
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "bugs")
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random-weight features of 150 + 150 digits at 16 px, shared by the probe and analysis tests:
+    ResNet-18 at layer2, layer3, layer4 and the penultimate layer (one pass), MobileNetV2 at the penultimate."""
+    from tlfeat import ExtractConfig, extract
+
+    root = tmp_path_factory.mktemp("tiny_features")
+    base = dict(
+        data="digits",
+        untrained=True,
+        image_size=16,
+        limit=150,
+        test_limit=150,
+        workers=0,
+        cache_dir=root,
+        progress=False,
+    )
+    extract(ExtractConfig(model="resnet18", layer="layer2,layer3,layer4,penultimate", **base))  # type: ignore[arg-type]
+    extract(ExtractConfig(model="mobilenet_v2", **base))  # type: ignore[arg-type]
+    return root

@@ -100,13 +100,13 @@ def test_unknown_names_are_reported_all_at_once() -> None:
     cfg = CompareConfig(
         models=("resnet5", "mobilenet_v2:frozen"),
         datas=("digits", "nowhere"),
-        methods=("logreg", "knn", "finetune:freeze"),
+        methods=("logreg", "knnn", "finetune:freeze"),
     )
     with pytest.raises(TlfeatError) as info:
         check(cfg)
     message = str(info.value)
     assert message.startswith("5 problem(s), nothing was run")
-    for part in ("resnet5", "':untrained'", "nowhere", "'knn'", "unknown strategy 'freeze'"):
+    for part in ("resnet5", "':untrained'", "nowhere", "'knnn'", "unknown strategy 'freeze'"):
         assert part in message
 
 
@@ -130,5 +130,6 @@ def test_layer_sweep_reports_accuracy_per_layer(tmp_path: Path) -> None:
     compare(cfg, echo=lambda _line: None)
     layers = sorted(r["layer"] for r in rows(tmp_path / "report"))
     assert layers == ["layer1", "layer3", "penultimate"]
-    assert (tmp_path / "report" / "plots" / "accuracy_per_layer.png").is_file()
-    assert "## Accuracy per feature layer" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "plots" / "layer_depth.png").is_file()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Accuracy per feature layer" in md and "## Layer-wise probe" in md

@@ -318,3 +318,30 @@ def test_compare_fit_and_results_share_one_result_store(tmp_path: Path) -> None:
     )
     assert fitted.exit_code == 0 and "reused" in fitted.output and str(made.parent) in fitted.output, fitted.output
     assert list((tmp_path / "results" / "fits").glob("*/record.json")) == [made]
+
+
+def test_holm_adjusted_p_values_by_hand() -> None:
+    # Sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to 0.06 (monotone).
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == [1.0, 1.0] and stats.holm([]) == []
+
+
+def test_paired_bootstrap_matches_resampling_images_and_the_normal_approximation() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.random(400) < 0.85
+    b = np.where(rng.random(400) < 0.2, ~a, a)  # disagrees on about 20% of the images
+    d = stats.paired_bootstrap(a, b, n_boot=20_000, seed=0)
+    assert d.diff == pytest.approx(a.mean() - b.mean())
+    # The same bootstrap done the slow way: resample 400 image indices per replicate.
+    per_image = a.astype(float) - b.astype(float)
+    slow = np.array([per_image[rng.integers(0, 400, 400)].mean() for _ in range(4000)])
+    assert d.low == pytest.approx(np.quantile(slow, 0.025), abs=0.006)
+    assert d.high == pytest.approx(np.quantile(slow, 0.975), abs=0.006)
+    se = np.sqrt(((per_image - per_image.mean()) ** 2).mean() / 400)
+    assert d.low == pytest.approx(d.diff - 1.96 * se, abs=0.008) and d.high == pytest.approx(
+        d.diff + 1.96 * se, abs=0.008
+    )
+    same = stats.paired_bootstrap(a, a)
+    assert (same.diff, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        stats.paired_bootstrap(a, a[:10])

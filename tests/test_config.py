@@ -9,12 +9,22 @@ from typing import Any
 import pytest
 
 from tlfeat import constraints
-from tlfeat.config import CompareConfig, ExtractConfig, FinetuneConfig, FitConfig
+from tlfeat.config import (
+    AnalyzeConfig,
+    CompareConfig,
+    ExportConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    FitConfig,
+    LayerViewConfig,
+)
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction import KEY_RESOLVERS, plan
 
 
-@pytest.mark.parametrize("config", [ExtractConfig, FitConfig, FinetuneConfig, CompareConfig])
+@pytest.mark.parametrize(
+    "config", [ExtractConfig, FitConfig, FinetuneConfig, CompareConfig, AnalyzeConfig, LayerViewConfig, ExportConfig]
+)
 def test_every_field_says_whether_it_changes_the_numbers(config: type) -> None:
     assert constraints.unclassified(config) == [], "declare each new field with key(...) or setting(...)"
 

@@ -76,7 +76,7 @@ def test_pretrained_features_clear_an_accuracy_floor(digits_cache: Path, tmp_pat
     low, high = m["accuracy_ci95"]
     assert low < m["accuracy"] < high and high - low < 0.1
     if "C" not in kw:
-        assert res.record.details["cv"]["chosen_by"] == "3-fold cross-validation"
+        assert res.record.details["cv"]["chosen_by"].startswith("5-fold cross-validation on 500 training images")
         assert res.record.params["C"] in res.record.details["cv"]["grid"]
 
 
@@ -194,13 +194,19 @@ def test_fit_errors(tmp_path: Path, digits_cache: Path) -> None:
     runner = CliRunner()
     cases = [
         (
-            ["fit", "--clf", "knn", "--cache-dir", str(digits_cache)],
-            "--clf must be one of logreg, svm, linear, got 'knn'",
+            ["fit", "--clf", "knnn", "--cache-dir", str(digits_cache)],
+            "--clf must be one of logreg, svm, linear, knn, got 'knnn'",
+        ),
+        (["fit", "--clf", "knn", "--C", "1", "--cache-dir", str(digits_cache)], "--C does not apply to --clf knn"),
+        (["fit", "--k", "5", "--cache-dir", str(digits_cache)], "--k does not apply to --clf logreg"),
+        (
+            ["fit", "--protocol", "clip", "--clf", "svm", "--cache-dir", str(digits_cache)],
+            "--protocol clip fits --clf logreg, not --clf svm",
         ),
         (["fit", "--model", "vgg16", "--cache-dir", str(digits_cache)], "no cached features for --model vgg16"),
         (
             ["fit", "--clf", "logreg", "--kernel", "rbf", "--cache-dir", str(digits_cache)],
-            "--kernel applies to --clf svm only",
+            "--kernel rbf does not apply to --clf logreg",
         ),
         (["fit", "--C", "-1", "--cache-dir", str(digits_cache)], "--C must be a finite number in (0, 1e+06], got -1"),
         (

@@ -22,10 +22,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tlfeat import config
-from tlfeat.errors import TlfeatError, did_you_mean
-
-CLASSIFIERS = ("logreg", "svm", "linear")
-KERNELS = ("linear", "rbf")
+from tlfeat.classifier_specs import Params, spec_of
+from tlfeat.errors import TlfeatError
 
 
 class _LinearScores:
@@ -82,6 +80,8 @@ class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
         max_iter: L-BFGS iterations at most (a ConvergenceWarning says when they run out).
         n_threads: threads for the loss and gradient; None: the CPUs this process may use.
         block_rows: rows per block.
+        warm_start: start from the previous fit's solution (same classes and features), as in
+            LogisticRegression: along a path of growing C each fit then needs few iterations.
     """
 
     def __init__(
@@ -91,21 +91,31 @@ class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
         max_iter: int = 2000,
         n_threads: int | None = None,
         block_rows: int = 2048,
+        warm_start: bool = False,
     ) -> None:
         self.C = C
         self.tol = tol
         self.max_iter = max_iter
         self.n_threads = n_threads
         self.block_rows = block_rows
+        self.warm_start = warm_start
 
     def fit(self, X: Any, y: Any) -> LogReg:
         from threadpoolctl import threadpool_limits
 
+        previous = self._previous()
         X, y = validate_data(self, X, y, dtype=np.float32, order="C")
         check_classification_targets(y)
         if self.C <= 0 or self.tol <= 0 or self.max_iter < 1 or self.block_rows < 1:
             raise ValueError("C and tol must be positive, max_iter and block_rows at least 1")
+        old_classes = getattr(self, "classes_", None)
         y_idx = self._encode_classes(y)
+        if previous is not None and (
+            old_classes is None
+            or not np.array_equal(old_classes, self.classes_)
+            or previous.shape != ((X.shape[1] + 1) * len(self.classes_),)
+        ):
+            previous = None
         n, d = X.shape
         k = len(self.classes_)
         threads = max(1, int(self.n_threads or config.cores()))
@@ -123,10 +133,16 @@ class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
             def parts(W: np.ndarray, b: np.ndarray) -> list[tuple[float, np.ndarray, np.ndarray]]:
                 return list(pool.map(lambda c: part(c, W, b), chunks)) if len(chunks) > 1 else [part(chunks[0], W, b)]
 
-            self._minimize(parts, n, d, k)
+            self._minimize(parts, n, d, k, previous)
         return self
 
-    def _minimize(self, parts: Any, n: int, d: int, k: int) -> None:
+    def _previous(self) -> np.ndarray | None:
+        """The last fit's weights and intercepts as L-BFGS's start, where warm_start asks for them."""
+        if not self.warm_start or not hasattr(self, "coef_"):
+            return None
+        return np.vstack([np.asarray(self.coef_).T, np.asarray(self.intercept_)[None, :]]).ravel()
+
+    def _minimize(self, parts: Any, n: int, d: int, k: int, start: np.ndarray | None = None) -> None:
         """Minimise the penalised mean cross-entropy, given a function summing its terms over row blocks."""
         from scipy.optimize import minimize
         from sklearn.exceptions import ConvergenceWarning
@@ -143,7 +159,8 @@ class LogReg(_LinearScores, ClassifierMixin, BaseEstimator):
             return loss, grad.ravel()
 
         options = {"maxiter": int(self.max_iter), "maxls": 50, "gtol": self.tol, "ftol": 64 * np.finfo(float).eps}
-        res = minimize(loss_grad, np.zeros((d + 1) * k), jac=True, method="L-BFGS-B", options=options)
+        x0 = np.zeros((d + 1) * k) if start is None else start
+        res = minimize(loss_grad, x0, jac=True, method="L-BFGS-B", options=options)
         if res.status == 1:
             warnings.warn(f"LogReg stopped after max_iter={self.max_iter} iterations", ConvergenceWarning, stacklevel=3)
         Wb = res.x.reshape(d + 1, k)
@@ -243,35 +260,24 @@ class LinearHead(_LinearScores, ClassifierMixin, BaseEstimator):
 
 
 def make_classifier(
-    name: str, C: float = 1.0, kernel: str = "linear", epochs: int = 50, lr: float = 1e-2, seed: int = 0
+    name: str,
+    C: float = 1.0,
+    kernel: str = "linear",
+    epochs: int = 50,
+    lr: float = 1e-2,
+    seed: int = 0,
+    k: int = 20,
+    temperature: float = 0.07,
 ) -> Pipeline:
-    """Standardise features, then classify. `C` is the inverse regularisation strength for all three."""
-    from sklearn.svm import SVC, LinearSVC
-
-    check_classifier(name, kernel)
-    est: BaseEstimator
-    if name == "logreg":
-        est = LogReg(C=C)
-    elif name == "svm" and kernel == "linear":
-        # The dual solver: on n > d standardised CNN features it converges far faster (measured: 2-5 s
-        # vs 6-62 s on 2000 x 1280 MNIST features).
-        est = LinearSVC(C=C, dual=True, max_iter=5000, random_state=seed)
-    elif name == "svm":
-        est = SVC(C=C, kernel="rbf", gamma="scale", random_state=seed)
-    else:
-        est = LinearHead(C=C, epochs=epochs, lr=lr, random_state=seed)
-    return Pipeline([("scale", StandardScaler()), ("clf", est)])
+    """The estimator of `--clf name --kernel kernel` (see `classifier_specs.SPECS`), after a
+    standardisation where its spec asks for one. `C` is the inverse regularisation strength."""
+    spec = spec_of(name, kernel)
+    est = spec.build(Params(C=C, epochs=epochs, lr=lr, seed=seed, k=k, temperature=temperature))
+    return Pipeline([("scale", StandardScaler()), ("clf", est)] if spec.standardise else [("clf", est)])
 
 
 def check_classifier(name: str, kernel: str = "linear") -> None:
-    if name not in CLASSIFIERS:
-        raise TlfeatError(
-            f"unknown classifier {name!r}; valid: {', '.join(CLASSIFIERS)}.{did_you_mean(name, list(CLASSIFIERS))}"
-        )
-    if kernel not in KERNELS:
-        raise TlfeatError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
-    if kernel != "linear" and name != "svm":
-        raise TlfeatError(f"--kernel applies to --clf svm only, not {name}")
+    spec_of(name, kernel)
 
 
 ABSENT_SCORE = -1e30  # the score of a class the classifier never saw: below any real one
@@ -296,18 +302,20 @@ def scores(pipeline: Any, X: Any, n_classes: int) -> np.ndarray:
 # --------------------------------------------------------------------------- saving without pickles
 
 LINEAR_FORMAT = "tlfeat-linear-v1"
+KNN_FORMAT = "tlfeat-knn-v1"
 
 
 def _linear_parts(pipeline: Pipeline) -> dict[str, np.ndarray] | None:
     """A standardise + linear pipeline as plain arrays, or None for other models (an RBF SVM)."""
-    scale, est = pipeline.named_steps["scale"], pipeline[-1]
+    scale, est = pipeline.named_steps.get("scale"), pipeline[-1]
     est_: Any = est
     if not hasattr(est, "coef_") or not isinstance(est, (LogReg, LinearHead, *_sklearn_linear())):
         return None
-    return {
+    d = np.asarray(est_.coef_).shape[-1]
+    return {  # a pipeline without standardisation (--protocol clip) is stored as mean 0, scale 1
         "kind": np.asarray(type(est).__name__),
-        "mean": np.asarray(scale.mean_, dtype=np.float64),
-        "scale": np.asarray(scale.scale_, dtype=np.float64),
+        "mean": np.zeros(d) if scale is None else np.asarray(scale.mean_, dtype=np.float64),
+        "scale": np.ones(d) if scale is None else np.asarray(scale.scale_, dtype=np.float64),
         "coef": np.asarray(est_.coef_, dtype=np.float64),
         "intercept": np.atleast_1d(np.asarray(est_.intercept_, dtype=np.float64)),
         "classes": np.asarray(est_.classes_),
@@ -321,20 +329,35 @@ def _sklearn_linear() -> tuple[type, ...]:
     return LinearSVC, SGDClassifier
 
 
-def save(pipeline: Pipeline, folder: Path) -> dict[str, Any]:
+def save(pipeline: Pipeline, folder: Path, train: dict[str, str] | None = None) -> dict[str, Any]:
     """Write a fitted pipeline; returns what the record keeps: file name, format, sha256 (and HMAC).
 
-    Linear models are written as arrays (`.npz`, loaded without unpickling anything). Other models
-    are pickled with joblib; those are loaded only when their sha256 matches the record's, and, if
-    `TLFEAT_RESULTS_KEY` is set, their HMAC under that key (kept outside the results folder).
+    Linear models are written as arrays (`.npz`, loaded without unpickling anything). A kNN probe
+    is its training set: it is written as its settings and the training features' cache file and
+    sha256 (`train`), not a second copy of them. Other models are pickled with joblib; those are
+    loaded only when their sha256 matches the record's, and, if `TLFEAT_RESULTS_KEY` is set, their
+    HMAC under that key (kept outside the results folder).
     """
     import hashlib
     import hmac
 
     from tlfeat import config, fsio, offline
+    from tlfeat.knn import KNNProbe
 
     parts = _linear_parts(pipeline)
-    if parts is not None:
+    if isinstance(pipeline[-1], KNNProbe):
+        if train is None:
+            raise ValueError("a kNN probe is saved with the cache file of its training features")
+        path = Path(folder) / "classifier.npz"
+        est: Any = pipeline[-1]
+        with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh, format=np.asarray(KNN_FORMAT), k=np.asarray(est.k), temperature=np.asarray(est.temperature),
+                classes=np.asarray(est.classes_), train_path=np.asarray(train["path"]),
+                train_sha256=np.asarray(train["sha256"]),
+            )  # fmt: skip
+        fmt = KNN_FORMAT
+    elif parts is not None:
         path = Path(folder) / "classifier.npz"
         with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
             arrays: dict[str, Any] = {"format": np.asarray(LINEAR_FORMAT), **parts}
@@ -374,7 +397,24 @@ def load(folder: Path, saved: dict[str, Any]) -> Any:
         return joblib.load(path)
     with np.load(path, allow_pickle=False) as f:
         parts = {k: f[k] for k in f.files}
+    if str(parts.get("format")) == KNN_FORMAT:
+        return _rebuild_knn(parts)
     return _rebuild(parts)
+
+
+def _rebuild_knn(parts: dict[str, np.ndarray]) -> Pipeline:
+    """A kNN probe on the training features it was fitted on, read from the cache and checked."""
+    from tlfeat import cache
+    from tlfeat.knn import KNNProbe
+
+    source = Path(str(parts["train_path"]))
+    if not source.is_file():
+        raise TlfeatError(f"the kNN probe's training features {source} are gone (it keeps no copy); extract them again")
+    train = cache.read(source, lazy=True)
+    if train.sha256 != str(parts["train_sha256"]):
+        raise TlfeatError(f"{source} is not the file this kNN probe was fitted on (sha256 differs); fit it again")
+    est = KNNProbe(k=int(parts["k"]), temperature=float(parts["temperature"])).fit_rows(np.asarray(train.X), train.y)
+    return Pipeline([("clf", est)])
 
 
 def _rebuild(parts: dict[str, np.ndarray]) -> Pipeline:

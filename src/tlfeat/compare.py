@@ -3,7 +3,9 @@
 `compare` plans the matrix (what runs, what is reused), runs what is missing (a failed cell is
 recorded and the rest go on), and writes the report. `report` rebuilds the report from the saved
 records alone: no feature, fit or fine-tune is recomputed. A repeat varies the seed, and with
-`--resample` also the `--limit` subset of training images.
+`--resample` also the `--limit` subset of training images. `--shots` adds k-shot cells (frozen
+methods on N images per class, several draws), `chain:DATASET:STRATEGY` two-stage fine-tunes
+(`chain`), `--analyses` representation analyses of the cached features (`analysis.study`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tlfeat import backbones, cache, catalog, datasets, fsio
+from tlfeat import backbones, cache, catalog, concat, datasets, fsio
 from tlfeat.config import CompareConfig, ExtractConfig, FinetuneConfig, FitConfig
 from tlfeat.errors import TlfeatError, first_line
 from tlfeat.records import Method, RunRecord
@@ -38,6 +40,8 @@ class Cell:
     seed: int
     subset_seed: int = 0
     layer: str | None = None
+    shots: int | None = None  # k-shot: training images per class
+    draw: int = 0  # which draw of the k-shot images
 
     @property
     def backbone(self) -> str:
@@ -54,7 +58,8 @@ class Cell:
     def label(self) -> str:
         layer = f" [{self.layer}]" if self.layer else ""
         subset = f", subset {self.subset_seed}" if self.subset_seed else ""
-        return f"{self.method} {self.model}/{datasets.short_name(self.data)}{layer} seed {self.seed}{subset}"
+        shots = f", {self.shots}-shot draw {self.draw}" if self.shots is not None else ""
+        return f"{self.method} {self.model}/{datasets.short_name(self.data)}{layer} seed {self.seed}{subset}{shots}"
 
 
 def check(cfg: CompareConfig) -> None:
@@ -73,14 +78,17 @@ def check(cfg: CompareConfig) -> None:
             problems.append(str(exc))
     for method in cfg.methods:
         try:
-            Method.parse(method)
+            parsed = Method.parse(method)
+            if parsed.chain is not None:
+                datasets.canonical(parsed.chain)
         except TlfeatError as exc:
             problems.append(str(exc))
     for layer in cfg.layers:
         for model in cfg.models:
             try:
-                if layer != backbones.PENULTIMATE:
-                    backbones.check_layers(backbones.split_variant(model)[0], [layer])
+                parts = [p for p in layer.split("+") if p != backbones.PENULTIMATE]
+                if parts:
+                    backbones.check_layers(backbones.split_variant(model)[0], parts)
             except TlfeatError as exc:
                 problems.append(str(exc).split(" Run ")[0])
     if not problems:
@@ -139,7 +147,20 @@ def cells(cfg: CompareConfig) -> list[Cell]:
                     continue
                 for r in range(cfg.repeats):
                     out.append(Cell(model, data, str(Method.parse(frozen[0])), cfg.seed + r, _subset(cfg, r), layer))
+            out += shot_cells(cfg, model, data)
     return out
+
+
+def shot_cells(cfg: CompareConfig, model: str, data: str) -> list[Cell]:
+    """k-shot cells: each frozen classifier (protocols aside: they carve a validation split) on N images
+    per class, `--shot-draws` draws each; the whole training set is the method's ordinary cell."""
+    methods = [m for m in dict.fromkeys(map(Method.parse, cfg.methods)) if m.is_frozen and m.protocol is None]
+    return [
+        Cell(model, data, str(m), cfg.seed, _subset(cfg, 0), shots=n, draw=d)
+        for n in cfg.shots
+        for m in methods
+        for d in range(cfg.shot_draws)
+    ]
 
 
 def _subset(cfg: CompareConfig, repeat: int) -> int:
@@ -171,10 +192,14 @@ def extract_config(cfg: CompareConfig, cell: Cell) -> ExtractConfig:
 
 def fit_config(cfg: CompareConfig, cell: Cell) -> FitConfig:
     method = cell.parsed
+    spec = method.spec
     return FitConfig(
         clf=method.clf,
         kernel=method.kernel,
-        C=cfg.C,
+        protocol=method.protocol,
+        C=cfg.C if spec is not None and spec.has_C and method.protocol is None else None,
+        shots=cell.shots,
+        shot_draw=cell.draw,
         model=cell.backbone,
         data=cell.data,
         layer=backbones.layer_name(cell.layer),
@@ -210,27 +235,39 @@ def finetune_config(cfg: CompareConfig, cell: Cell) -> FinetuneConfig:
 
 
 def _cell_targets(cfg: CompareConfig, cell: Cell) -> list[Any]:
+    """The cache files a frozen cell fits on: its layer's, or each part's of a concatenation a+b."""
     from tlfeat import extraction
 
-    layer = backbones.layer_name(cell.layer)
-    return [t for t in extraction.plan(extract_config(cfg, cell)) if backbones.layer_name(t.layer) == layer]
+    parts = backbones.layer_name(cell.layer).split("+")
+    return [t for t in extraction.plan(extract_config(cfg, cell)) if backbones.layer_name(t.layer) in parts]
 
 
 def planned(cfg: CompareConfig, cell: Cell) -> str:
     """'reuse' when this cell's result is saved, else what will run (nothing is loaded to find out)."""
-    from tlfeat import finetune, fitting
+    from tlfeat import chain, finetune, fitting
 
+    if cell.parsed.is_chain:
+        return chain.planned(cfg, cell)
     if cell.parsed.is_finetune:
         folder, _ = finetune.run_dir(finetune_config(cfg, cell))
         return "reuse" if (folder / "record.json").is_file() else "fine-tune"
-    attrs = {}
+    found: dict[str, dict[str, dict[str, Any]]] = {}
     for target in _cell_targets(cfg, cell):
         try:
-            attrs[target.split] = cache.check(target.path, verify=False)
+            found.setdefault(target.split, {})[backbones.layer_name(target.layer)] = cache.check(
+                target.path, verify=False
+            )
         except (TlfeatError, OSError):
             return "extract + fit"
         if _stale(target.path, target.path.stat().st_mtime_ns, cfg.data_dir):
             return "update + fit"
+    layer = backbones.layer_name(cell.layer)
+    attrs = {
+        split: by_layer[layer]
+        if layer in by_layer
+        else concat.combined_attrs(layer, [by_layer[p] for p in layer.split("+")])
+        for split, by_layer in found.items()
+    }
     path = fitting.record_path(
         fit_config(cfg, cell), attrs["train"], str(attrs["train"].get("sha256")), str(attrs["test"].get("sha256"))
     )
@@ -247,15 +284,23 @@ def _stale(path: Path, mtime_ns: int, data_dir: Path | None) -> bool:
 
 
 def run_cell(cfg: CompareConfig, cell: Cell) -> RunRecord:
-    from tlfeat import extraction, finetune, fitting
+    from tlfeat import chain, extraction, finetune, fitting
 
+    if cell.parsed.is_chain:
+        return chain.run(cfg, cell)
     if cell.parsed.is_finetune:
         return finetune.finetune_one(finetune_config(cfg, cell)).record
     layer = backbones.layer_name(cell.layer)
-    found = [fs for fs in extraction.extract(extract_config(cfg, cell)) if str(fs.meta.get("layer")) == layer]
-    train, test = (next(fs for fs in found if fs.split == s) for s in ("train", "test"))
-    assert train.path is not None and test.path is not None
-    pair = fitting.Pair(catalog.Entry(train.path, train.meta, "ok"), catalog.Entry(test.path, test.meta, "ok"))
+    extracted = extraction.extract(extract_config(cfg, cell))
+    pairs = []
+    for part in layer.split("+"):
+        found = [fs for fs in extracted if str(fs.meta.get("layer")) == part]
+        train, test = (next(fs for fs in found if fs.split == s) for s in ("train", "test"))
+        assert train.path is not None and test.path is not None
+        pairs.append(
+            fitting.Pair(catalog.Entry(train.path, train.meta, "ok"), catalog.Entry(test.path, test.meta, "ok"))
+        )
+    pair = pairs[0] if len(pairs) == 1 else fitting.concatenated(layer, pairs)
     return fitting.fit_pair(fit_config(cfg, cell), pair).record
 
 
@@ -304,6 +349,8 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         log.info("%s (%s) in %.1fs", cell.label(), what, time.perf_counter() - t0)
         bar.update(1)
     bar.close()
+    if cfg.analyses:
+        failures.update(_analyses(cfg, out, echo))
     fsio.atomic_write(
         out / "failures.json", json.dumps({"failures": failures, "cells": [asdict(c) for c, _ in plan]}, indent=2)
     )
@@ -317,6 +364,19 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         for label, error in failures.items():
             echo(f"  FAILED {label}: {error}")
     return out
+
+
+def _analyses(cfg: CompareConfig, out: Path, echo: Any) -> dict[str, str]:
+    """Run the representation analyses the report shows; a failed one is listed, never fatal."""
+    from tlfeat.analysis import study
+
+    failures: dict[str, str] = {}
+    for name, error in study.for_compare(cfg, out).items():
+        failures[f"analysis {name}"] = error
+        log.warning("analysis %s failed: %s", name, error)
+    if failures:
+        echo(f"{len(failures)} analysis/analyses failed (listed in the report)")
+    return failures
 
 
 def environment() -> dict[str, Any]:

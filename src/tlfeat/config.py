@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tlfeat import classifier_specs
 from tlfeat.backbones.base import POOLS, parse_layers
 from tlfeat.constraints import Choice, Interval, NameList, Pattern, Positive, Text, key, setting, validate
 
@@ -132,8 +133,9 @@ ENGINES = ("local", "ray")
 AUGMENTS = ("auto", "none", "flip", "crop", "standard")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("step", "cosine")
-CLASSIFIERS = ("logreg", "svm", "linear")
-KERNELS = ("linear", "rbf")
+CLASSIFIERS = classifier_specs.classifiers()
+KERNELS = classifier_specs.kernels()
+PROTOCOLS = tuple(classifier_specs.PROTOCOLS)
 ROUTES = ("auto", "memory", "streaming")
 TABLE_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")  # what `fit --metric` can show
 
@@ -160,7 +162,9 @@ class ExtractConfig:
     data: str = key(help="Dataset name (see `tlfeat datasets`), an image folder, or shards.", check=NAME)
     splits: tuple[str, ...] | None = setting(None, help="Split(s) to extract; default: every split.", cli="--split")
     layer: str | None = key(
-        None, help="Layer(s) to pool instead of the penultimate one, comma-separated.", check=NameList(nullable=True)
+        None,
+        help="Layer(s) to pool instead of the penultimate one, comma-separated; a+b+c extracts each part (fit then concatenates them).",
+        check=NameList(nullable=True),
     )
     pool: str | None = key(
         None,
@@ -283,18 +287,41 @@ class ExtractConfig:
 class FitConfig:
     """A classifier on cached features; selectors pick the feature sets, `key` fields the classifier."""
 
-    clf: str = key("logreg", help="logreg, svm or linear.", check=Choice(CLASSIFIERS))
+    clf: str = key("logreg", help=classifier_specs.clf_help(), check=Choice(CLASSIFIERS))
     kernel: str = key("linear", help="SVM kernel: linear or rbf (rbf for small data).", check=Choice(KERNELS))
     C: float | None = key(
         None,
-        help="Inverse regularisation strength (default: chosen by 3-fold CV).",
+        help=(
+            "Inverse regularisation strength on standardised features (larger: less regularisation; logreg and "
+            "linear add ||W||^2 / (2 C n) to the mean cross-entropy, the SVM is liblinear's C). Default: chosen on "
+            "a validation split of train (CV on small sets) along a warm-started path."
+        ),
         check=Positive(nullable=True),
         cli="--C",
     )
     epochs: int = key(50, help="Epochs of the linear head.", check=EPOCHS)
     lr: float = key(1e-2, help="Learning rate of the linear head.", check=Positive())
-    seed: int = key(0, help="Seed of the CV folds and the linear head.", check=SEED)
-    cv_folds: int = key(3, help="Folds of the C search.", check=Interval(int, 2, 20))
+    k: int = key(
+        20,
+        help="knn: neighbours that vote (DINO's 10, 20, 100 and 200 are all recorded).",
+        check=Interval(int, 1, 10_000),
+    )
+    temperature: float = key(
+        0.07, help="knn: T of the vote weights exp(cosine / T).", check=Positive(high=100.0), cli="--knn-temperature"
+    )
+    protocol: str | None = key(
+        None,
+        help="A paper's evaluation protocol (sets the classifier): clip (CLIP's logistic-regression probe), dinov2 (DINOv2's linear layer over a grid of learning rates).",
+        check=Choice(PROTOCOLS, nullable=True),
+    )
+    shots: int | None = key(
+        None,
+        help="Fit on N training images per class (k-shot), drawn by a hash of the image ids.",
+        check=Interval(int, 1, 1_000_000, nullable=True),
+    )
+    shot_draw: int = key(0, help="Which draw of the --shots images (another seed of the hash).", check=SEED)
+    seed: int = key(0, help="Seed of the C search's split or folds and of the linear head.", check=SEED)
+    cv_folds: int = key(5, help="Folds of the C search on small training sets.", check=Interval(int, 2, 20))
     route: str = key("auto", help="memory, streaming (features larger than RAM), or auto.", check=Choice(ROUTES))
     model: str | None = setting(None, help="Only features of this model.", check=OPTIONAL_NAME)
     data: str | None = setting(None, help="Only this dataset.", check=OPTIONAL_NAME)
@@ -322,12 +349,37 @@ class FitConfig:
         validate(self)
         from tlfeat.errors import TlfeatError
 
-        if self.kernel != "linear" and self.clf != "svm":
-            raise TlfeatError(f"--kernel applies to --clf svm only, not {self.clf}")
+        if self.protocol is not None:
+            wanted = classifier_specs.PROTOCOLS[self.protocol].clf
+            if self.clf not in (wanted, _default(FitConfig, "clf")):
+                raise TlfeatError(f"--protocol {self.protocol} fits --clf {wanted}, not --clf {self.clf}")
+            if self.C is not None:
+                raise TlfeatError(f"--protocol {self.protocol} chooses its own hyperparameters; drop --C")
+            object.__setattr__(self, "clf", wanted)
+        spec = classifier_specs.spec_of(self.clf, self.kernel)
+        unused = [
+            name
+            for name in classifier_specs.OPTIONS
+            if name not in spec.options and getattr(self, name) not in (None, _default(FitConfig, name))
+        ]
+        if unused:
+            from dataclasses import fields
+
+            from tlfeat.constraints import option_name
+
+            option = option_name(next(f for f in fields(self) if f.name == unused[0]))
+            raise TlfeatError(f"{option} does not apply to --clf {spec.method}")
+
+    @property
+    def spec(self) -> classifier_specs.ClassifierSpec:
+        return classifier_specs.spec_of(self.clf, self.kernel)
 
     @property
     def method(self) -> str:
-        return self.clf if self.kernel == "linear" else f"{self.clf}-{self.kernel}"
+        """The method's name in records and reports: `svm-rbf`, `knn`, `protocol:clip`."""
+        from tlfeat.records import Method
+
+        return str(Method.frozen(self.clf, self.kernel, self.protocol))
 
     def selectors(self) -> dict[str, Any]:
         names = ("layer", "weights_id", "image_size", "limit", "test_limit", "subset_seed")
@@ -478,15 +530,25 @@ class CompareConfig:
     models: tuple[str, ...] = key(help="Comma-separated model names, e.g. mobilenet_v2,resnet50.", cli="--models")
     datas: tuple[str, ...] = key(help="Comma-separated dataset names or folders.", cli="--data")
     methods: tuple[str, ...] = key(
-        ("logreg", "finetune:full"), help="Comma-separated: logreg, svm, svm-rbf, linear, finetune:STRATEGY, scratch."
+        ("logreg", "finetune:full"),
+        help=(
+            f"Comma-separated: {', '.join(classifier_specs.frozen_methods())}, finetune:STRATEGY, scratch, "
+            "chain:DATASET:STRATEGY (fine-tune on DATASET first, then on the target)."
+        ),
     )
     repeats: int = key(
         1, help="Runs per configuration (seeds seed..seed+N-1); mean, spread and intervals.", check=REPEATS
     )
     resample: bool = key(False, help="Each repeat also draws its own --limit subset of training images.")
     layers: tuple[str, ...] = key(
-        (), help="Feature layers to sweep with the first frozen method (one pass over the images)."
+        (),
+        help="Feature layers to sweep with the first frozen method (one pass over the images); a+b is their concatenation.",
     )
+    shots: tuple[int, ...] = key(
+        (),
+        help="k-shot curves: each frozen method also on N training images per class, for each N (e.g. 1,2,4,8,16).",
+    )
+    shot_draws: int = key(5, help="Draws of the --shots images per N (by a hash of the ids).", check=REPEATS)
     epochs: int | None = key(
         None, help="Fine-tuning epochs (default: the recipe's).", check=Interval(int, 1, 10_000, nullable=True)
     )
@@ -515,6 +577,13 @@ class CompareConfig:
     seed: int = key(0, help="First seed.", check=SEED)
     on_error: str = setting("fail", help="Unreadable images while extracting: fail or skip.", check=Choice(ON_ERROR))
     workers: int | None = setting(None, help="Decoding processes.", check=WORKERS)
+    analyses: tuple[str, ...] = setting(
+        (),
+        help="Representation analyses for the report, on the test images: cka, rsa (between the swept layers and models), embed, neighbours.",
+    )
+    analysis_images: int = setting(
+        1000, help="Test images the --analyses use at most (stratified).", check=Interval(int, 10, 20_000)
+    )
     out: Path = setting(Path("reports/run"), help="Report folder (its report points to the runs in --results-dir).")
     results_dir: Path = setting(
         help="Where runs are saved, beside every fit and fine-tune (env TLFEAT_RESULTS_DIR).",
@@ -527,10 +596,16 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         _paths(self, "out", "results_dir", "cache_dir", "data_dir")
-        for name in ("models", "datas", "methods", "layers"):
+        for name in ("models", "datas", "methods", "layers", "analyses"):
             value = getattr(self, name)
             object.__setattr__(self, name, tuple(value) if not isinstance(value, str) else _split(value))
+        object.__setattr__(self, "shots", _counts("--shots", self.shots))
         validate(self)
+        from tlfeat.errors import TlfeatError
+
+        unknown = [a for a in self.analyses if a not in ANALYSES]
+        if unknown:
+            raise TlfeatError(f"--analyses: unknown {', '.join(unknown)}; valid: {', '.join(ANALYSES)}")
 
     @property
     def runs_dir(self) -> Path:
@@ -538,8 +613,156 @@ class CompareConfig:
         return Path(self.results_dir)
 
 
+ANALYSES = ("cka", "rsa", "embed", "neighbours")  # what `compare --analyses` can add to a report
+
+
+def _counts(option: str, value: Any) -> tuple[int, ...]:
+    """Comma-separated whole numbers of at least 1, sorted, once each."""
+    from tlfeat.errors import TlfeatError
+
+    parts = _split(value) if isinstance(value, str) else tuple(value)
+    try:
+        numbers = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise TlfeatError(f"{option} must be comma-separated whole numbers, e.g. 1,2,4,8,16; got {value!r}") from None
+    if any(n < 1 for n in numbers):
+        raise TlfeatError(f"{option} must be whole numbers of at least 1; got {value!r}")
+    return tuple(sorted(set(numbers)))
+
+
+def _output_folder(path: Path) -> None:
+    """--out must be a folder (or not exist yet): one clear line instead of "File exists" later."""
+    from tlfeat.errors import TlfeatError
+
+    if path.exists() and not path.is_dir():
+        raise TlfeatError(f"--out {path} is a file; give a folder to write into")
+
+
+def _default(cls: type, name: str) -> Any:
+    from dataclasses import fields
+
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """`tlfeat analyze cka|rsa|embed|neighbours`: analyses of cached features (nothing is extracted)."""
+
+    models: tuple[str, ...] = setting(
+        help="Model(s) whose cached features to analyse, comma-separated; MODEL:untrained for random weights.",
+        cli="--model",
+    )
+    data: str = setting(help="Dataset the features were extracted from (as given to extract).", check=NAME)
+    layers: tuple[str, ...] = setting(("penultimate",), help="Cached layers to analyse.")
+    split: str = setting("test", help="Split whose images are analysed.", check=NAME)
+    images: int = setting(
+        1000,
+        help="Images analysed at most (stratified by class, by a hash of the ids).",
+        check=Interval(int, 10, 20_000),
+    )
+    kernel: str = setting("linear", help="CKA kernel: linear or rbf.", check=Choice(("linear", "rbf")))
+    debiased: bool = setting(True, help="CKA with the plain (biased) HSIC estimator.", flag="--biased")
+    threshold: float = setting(
+        1.0, help="RBF CKA: bandwidth as a multiple of the median distance.", check=Positive(), cli="--rbf-threshold"
+    )
+    distance: str = setting(
+        "correlation",
+        help="RSA dissimilarity: correlation or cosine distance.",
+        check=Choice(("correlation", "cosine")),
+    )
+    methods: tuple[str, ...] = setting(("pca", "tsne"), help="Embeddings: pca, tsne, umap (umap-learn installed).")
+    queries: int = setting(6, help="Neighbours: query images (test split).", check=Interval(int, 1, 100))
+    k: int = setting(5, help="Neighbours: closest training images shown per query.", check=Interval(int, 1, 50))
+    seed: int = setting(0, help="Seed of the image sample and of t-SNE.", check=SEED)
+    weights_id: str | None = setting(
+        None, help="Only features of these weights (e.g. untrained:seed0).", check=OPTIONAL_NAME
+    )
+    image_size: int | None = setting(None, help="Only features at this crop size.", check=IMAGE_SIZE)
+    limit: int | None = setting(None, help="Only training features of this --limit.", check=LIMIT)
+    test_limit: int | None = setting(None, help="Only evaluation features of this --test-limit.", check=LIMIT)
+    subset_seed: int | None = setting(
+        None, help="Only features of this --subset-seed.", check=Interval(int, 0, 2**32 - 1, nullable=True)
+    )
+    out: Path = setting(Path("analyses"), help="Folder for the PNG and CSV files.")
+    cache_dir: Path = setting(help="Where feature files live (env TLFEAT_CACHE_DIR).", factory=default_cache_dir)
+    data_dir: Path = setting(help="Where named datasets are read from (env TLFEAT_DATA_DIR).", factory=default_data_dir)
+
+    def __post_init__(self) -> None:
+        _paths(self, "out", "cache_dir", "data_dir")
+        _output_folder(self.out)
+        for name in ("models", "layers", "methods"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, tuple(value) if not isinstance(value, str) else _split(value))
+        validate(self)
+        from tlfeat.errors import TlfeatError
+
+        if not self.models or not self.layers:
+            raise TlfeatError("--model and --layers each need at least one name")
+        unknown = [m for m in self.methods if m not in EMBEDDINGS]
+        if unknown:
+            raise TlfeatError(f"--methods: unknown embedding {unknown[0]!r}; valid: {', '.join(EMBEDDINGS)}")
+
+
+EMBEDDINGS = ("pca", "tsne", "umap")
+
+
+@dataclass(frozen=True)
+class LayerViewConfig:
+    """`tlfeat analyze layers`: a network's first-layer filters and its activation maps of one photo."""
+
+    model: str = setting(help="torchvision model name.", check=NAME, cli="--model")
+    image: Path = setting(help="The photo to show the network.")
+    weights_id: str | None = setting(
+        None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME
+    )
+    weights_file: Path | None = setting(None, help="Explicit weights file.", cli="--weights")
+    untrained: bool = setting(False, help="Random weights (seeded).")
+    image_size: int | None = setting(None, help="Crop size in pixels (default: the weights' own).", check=IMAGE_SIZE)
+    channels: int = setting(8, help="Channels shown per block (the most active).", check=Interval(int, 1, 64))
+    out: Path = setting(Path("analyses"), help="Folder for the PNG files.")
+
+    def __post_init__(self) -> None:
+        _paths(self, "image", "weights_file", "out")
+        _output_folder(self.out)
+        validate(self)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`tlfeat export`: a cached feature set with ids and labels, for tools that don't read HDF5."""
+
+    model: str = setting(help="Model whose cached features to export.", check=NAME, cli="--model")
+    data: str = setting(help="Dataset the features were extracted from (as given to extract).", check=NAME)
+    out: Path = setting(help="Folder to write into.")
+    format: str = setting(
+        "npy", help="npy (features.npy + labels), parquet, or csv.", check=Choice(("npy", "parquet", "csv"))
+    )
+    splits: tuple[str, ...] | None = setting(
+        None, help="Split(s) to export; default: every cached split.", cli="--split"
+    )
+    layer: str | None = setting(None, help="Only features of this layer.", check=OPTIONAL_NAME)
+    weights_id: str | None = setting(
+        None, help="Only features of these weights (e.g. untrained:seed0).", check=OPTIONAL_NAME
+    )
+    image_size: int | None = setting(None, help="Only features at this crop size.", check=IMAGE_SIZE)
+    limit: int | None = setting(None, help="Only training features of this --limit.", check=LIMIT)
+    test_limit: int | None = setting(None, help="Only evaluation features of this --test-limit.", check=LIMIT)
+    subset_seed: int | None = setting(
+        None, help="Only features of this --subset-seed.", check=Interval(int, 0, 2**32 - 1, nullable=True)
+    )
+    block_rows: int = setting(16384, help="Rows read and written at a time (memory stays flat).", check=BATCH)
+    cache_dir: Path = setting(help="Where feature files live (env TLFEAT_CACHE_DIR).", factory=default_cache_dir)
+
+    def __post_init__(self) -> None:
+        _paths(self, "out", "cache_dir")
+        _output_folder(self.out)
+        if self.splits is not None:
+            object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
+        validate(self)
 
 
 def with_changes(config: Any, **changes: Any) -> Any:

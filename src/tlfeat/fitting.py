@@ -1,8 +1,9 @@
 """Stage 2: classifiers on cached features. No image and no CNN is touched here.
 
-For each (train, test) pair of cached feature sets the config selects: choose C by
-cross-validation on the training split (unless given), fit, evaluate on the test split, and save
-the classifier beside a `RunRecord`. A result is keyed by the classifier's config and the
+For each (train, test) pair of cached feature sets the config selects: choose C (unless given) on a
+validation split of the training images along a warm-started path (`selection`), or follow a paper's
+protocol (`protocols`), fit, evaluate on the test split, and save the classifier beside a `RunRecord`.
+`--layer a+b` fits concatenated layers (`concat`), `--shots N` a k-shot subset of the training images. A result is keyed by the classifier's config and the
 checksums of both feature sets (features, labels and ids), so features that were updated or
 edited are never matched with an old result.
 """
@@ -20,23 +21,29 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics, progress
+from tlfeat import (
+    __version__,
+    cache,
+    catalog,
+    classifier_specs,
+    classifiers,
+    concat,
+    constraints,
+    datasets,
+    freshness,
+    fsio,
+    metrics,
+    progress,
+    selection,
+)
 from tlfeat.backbones.base import slug
-from tlfeat.config import FitConfig
+from tlfeat.config import FitConfig, with_changes
 from tlfeat.errors import CacheDamaged, TlfeatError
 from tlfeat.records import Method, RunRecord, Timings, load_now, load_record, variants
 
 log = logging.getLogger(__name__)
 
-# C grids per classifier. A linear SVM on standardised CNN features wants small C; larger C only
-# slows liblinear's convergence (measured: minutes per fit on 3000 x 1280 at C=10).
-C_GRIDS = {
-    "logreg": (0.001, 0.01, 0.1, 1.0, 10.0),
-    "linear": (0.001, 0.01, 0.1, 1.0, 10.0),
-    "svm": (0.0001, 0.001, 0.01, 0.1),
-    "svm-rbf": (0.1, 1.0, 10.0, 100.0),
-}
-CV_MAX_SAMPLES = 3000  # the C search runs on a stratified subset of this size; the final fit on all
+SHOT_SEED = 2**31  # k-shot draw d hashes the ids with seed SHOT_SEED + d: unrelated to --limit subsets
 
 # Provenance fields that must agree between the train and test features of one pair.
 PAIR_FIELDS = (
@@ -54,12 +61,53 @@ PAIR_FIELDS = (
 
 @dataclass(frozen=True)
 class Pair:
+    """A train and a test feature set; for concatenated layers, `parts` holds one pair per layer and
+    `train`/`test` show the concatenation's attributes."""
+
     train: catalog.Entry
     test: catalog.Entry
+    parts: tuple[Pair, ...] = ()
 
     @property
     def attrs(self) -> dict[str, Any]:
         return self.train.attrs
+
+    def entries(self) -> list[catalog.Entry]:
+        """The cache files behind the pair."""
+        return [e for p in self.parts for e in (p.train, p.test)] if self.parts else [self.train, self.test]
+
+    def read(self, lazy: bool) -> tuple[cache.FeatureSet, cache.FeatureSet]:
+        if not self.parts:
+            return cache.read(self.train.path, lazy=lazy), cache.read(self.test.path, lazy=lazy)
+        layer = str(self.attrs["layer"])
+        sets = [p.read(lazy) for p in self.parts]
+        return concat.join(layer, [s[0] for s in sets]), concat.join(layer, [s[1] for s in sets])
+
+
+def concatenated(layer: str, parts: list[Pair]) -> Pair:
+    """The pair of `layer` (a+b+c) made of one pair per part."""
+    train = catalog.Entry(parts[0].train.path, concat.combined_attrs(layer, [p.train.attrs for p in parts]), "ok")
+    test = catalog.Entry(parts[0].test.path, concat.combined_attrs(layer, [p.test.attrs for p in parts]), "ok")
+    return Pair(train, test, tuple(parts))
+
+
+def _concat_pairs(cfg: FitConfig) -> list[Pair]:
+    """Pairs of a concatenation: for each variant cached for every part, one pair of their pairs."""
+    layer = str(cfg.layer)
+    found = [pairs(with_changes(cfg, layer=part)) for part in concat.parts(layer)]
+
+    def variant(p: Pair) -> str:
+        fields = {k: p.train.attrs.get(k) for k in PAIR_FIELDS if k != "layer"}
+        fields.update(limit=p.train.attrs.get("limit"), subset=p.train.attrs.get("subset_seed"))
+        return json.dumps({**fields, "test_limit": p.test.attrs.get("limit")}, sort_keys=True, default=str)
+
+    common = set.intersection(*({variant(p) for p in group} for group in found))
+    if not common:
+        raise TlfeatError(
+            f"no extraction holds every layer of --layer {layer}; extract them in one pass with "
+            f"`tlfeat extract ... --layer {layer}`"
+        )
+    return [concatenated(layer, [next(p for p in group if variant(p) == v) for group in found]) for v in sorted(common)]
 
 
 @dataclass
@@ -75,6 +123,8 @@ def _group(attrs: dict[str, Any]) -> str:
 
 def pairs(cfg: FitConfig) -> list[Pair]:
     """(train, test) feature sets in the cache that the config selects: every variant, none dropped."""
+    if concat.is_concat(cfg.layer):
+        return _concat_pairs(cfg)
     dataset_id = datasets.canonical(cfg.data) if cfg.data else None
     per_split = ("limit", "test_limit", "subset_seed")  # selectors of the train or the test file only
     wanted = {k: v for k, v in cfg.selectors().items() if k not in per_split}
@@ -161,12 +211,18 @@ def check_pair(train: cache.FeatureSet, test: cache.FeatureSet) -> None:
 def config_key(cfg: FitConfig, train_sha: str, test_sha: str, route: str) -> str:
     """The result key: the classifier's `key` fields (the route as it resolved: memory and streaming
     solve with different solvers) and the checksums of both feature sets."""
-    fields: dict[str, Any] = {name: getattr(cfg, name) for name in constraints.key_fields(cfg)}
-    if cfg.clf != "linear":
-        fields.pop("epochs"), fields.pop("lr")
+    spec = cfg.spec
+    unused = set(classifier_specs.OPTIONS) - set(spec.options)
+    if cfg.protocol:  # the protocol sets these itself
+        unused |= {"C", "cv_folds", "epochs", "lr"}
+    fields: dict[str, Any] = {n: getattr(cfg, n) for n in constraints.key_fields(cfg) if n not in unused}
+    if cfg.shots is None:
+        fields.pop("shot_draw")
     fields.update(
         route=route, train=train_sha, test=test_sha, solver="tlfeat.LogReg" if cfg.clf == "logreg" else cfg.clf
     )
+    if spec.has_C and cfg.C is None and not cfg.protocol:
+        fields["search"] = selection.SEARCH
     return cache.cache_key(fields)
 
 
@@ -177,43 +233,36 @@ def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha:
     return (
         Path(cfg.results_dir)
         / "fits"
-        / f"{slug(str(attrs['model']))}__{data_slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
+        / f"{slug(str(attrs['model']))}__{data_slug}__{Method.frozen(cfg.clf, cfg.kernel, cfg.protocol).slug}{_shots_tag(cfg)}__{key}"
         / "record.json"
     )
 
 
-def choose_C(cfg: FitConfig, X: Any, y: np.ndarray, ids: list[str]) -> dict[str, Any]:
-    """Cross-validated choice of C on (a stratified subset of) the training split."""
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+def _shots_tag(cfg: FitConfig) -> str:
+    return "" if cfg.shots is None else f"-{cfg.shots}shot-draw{cfg.shot_draw}"
 
+
+def choose_C(cfg: FitConfig, X: Any, y: np.ndarray, ids: list[str]) -> dict[str, Any]:
+    """C as given, or chosen on the training split (see `selection`); nothing for a classifier without C."""
+    spec = cfg.spec
+    if not spec.has_C:
+        return {"C": None, "chosen_by": f"{spec.method} has no C"}
     if cfg.C is not None:
         return {"C": float(cfg.C), "chosen_by": "user"}
-    grid = C_GRIDS[cfg.method]
-    idx = datasets.stratified_subset(y, CV_MAX_SAMPLES, seed=cfg.seed, ids=ids)
-    counts = np.unique(y[idx], return_counts=True)[1]
-    folds = min(cfg.cv_folds, int(counts.min()))
-    if folds < 2:
-        return {"C": 1.0, "chosen_by": "default (too few samples per class for cross-validation)"}
-    progress.status(
-        f"{cfg.method}: choosing C among {len(grid)} values by {folds}-fold cross-validation on {len(idx)} training images"
-    )
-    search = GridSearchCV(
-        classifiers.make_classifier(cfg.clf, kernel=cfg.kernel, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed),
-        {"clf__C": list(grid)},
-        cv=StratifiedKFold(folds, shuffle=True, random_state=cfg.seed),
-        scoring="accuracy",
-        n_jobs=1,
-    )
-    t0 = time.perf_counter()
-    search.fit(np.asarray(X[idx]), y[idx])  # a subset: in memory also when X streams from disk
-    return {
-        "C": float(search.best_params_["clf__C"]),
-        "chosen_by": f"{folds}-fold cross-validation",
-        "grid": list(grid),
-        "cv_accuracy": [float(s) for s in search.cv_results_["mean_test_score"]],
-        "cv_samples": len(idx),
-        "cv_seconds": time.perf_counter() - t0,
-    }
+    params = classifier_specs.Params(epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, k=cfg.k, temperature=cfg.temperature)
+    progress.status(f"{spec.method}: choosing C on {len(y)} training images")
+    return selection.choose_C(spec, params, X, y, ids, cfg.seed, cfg.cv_folds)
+
+
+def shot_subset(y: np.ndarray, shots: int, draw: int, ids: list[str]) -> np.ndarray:
+    """`shots` training images per class (all of a class that has fewer), chosen by a hash of their ids:
+    draw d always picks the same images, another draw others."""
+    chosen = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        picked = datasets.stratified_subset(y[members], shots, seed=SHOT_SEED + draw, ids=[ids[i] for i in members])
+        chosen.append(members[picked])
+    return np.sort(np.concatenate(chosen))
 
 
 def resolve_route(cfg: FitConfig, attrs: dict[str, Any]) -> str:
@@ -222,15 +271,21 @@ def resolve_route(cfg: FitConfig, attrs: dict[str, Any]) -> str:
 
     if cfg.route != "auto":
         route = "memory" if cfg.route == "memory" else "streaming"
+    elif cfg.shots is not None:  # a few images per class: always in memory
+        route = "memory"
     else:
         budget = int(cfg.memory_gb * 1e9) if cfg.memory_gb else None
         dim = int(attrs.get("n_features") or 0)
         route = "streaming" if outofcore.needs_streaming(int(attrs.get("n_images", 0)), dim, budget) else "memory"
-    if route == "streaming" and cfg.clf == "svm" and cfg.kernel != "linear":
-        why = "--route streaming" if cfg.route == "streaming" else "these features do not fit --memory-gb"
+    why = "--route streaming" if cfg.route == "streaming" else "these features do not fit --memory-gb"
+    if route == "streaming" and not cfg.spec.streams:
         raise TlfeatError(
-            f"--kernel {cfg.kernel} has no streamed fit ({why}): an RBF SVM needs every training row in memory; "
-            "use --route memory (with enough --memory-gb) or the linear kernel"
+            f"{cfg.spec.method} has no streamed fit ({why}): it needs every training row in memory; "
+            "use --route memory (with enough --memory-gb) or another classifier"
+        )
+    if route == "streaming" and cfg.protocol:
+        raise TlfeatError(
+            f"--protocol {cfg.protocol} fits in memory only ({why}); use --route memory with enough --memory-gb"
         )
     return route
 
@@ -245,9 +300,10 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
         stamp = datetime.now(timezone.utc).strftime("-%Y%m%dT%H%M%S%f")
         path = path.parent.with_name(path.parent.name + stamp) / "record.json"
     route = resolve_route(cfg, pair.train.attrs)
-    lazy = route == "streaming"
-    train, test = cache.read(pair.train.path, lazy=lazy), cache.read(pair.test.path, lazy=lazy)
+    train, test = pair.read(lazy=route == "streaming")
     check_pair(train, test)
+    if cfg.shots is not None:
+        train = _shots(train, cfg.shots, cfg.shot_draw)
     with fsio.lock(path.parent):  # a second process fitting the same config waits, then reuses
         if not cfg.refit and (record := load_record(path)) is not None:
             return FitResult(record, path, reused=True)
@@ -255,13 +311,28 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
         return FitResult(_fit_and_save(cfg, train, test, path, route), path)
 
 
-def _train(cfg: FitConfig, train: cache.FeatureSet, route: str) -> tuple[Any, dict[str, Any], float]:
-    """The fitted pipeline, how C was chosen, and the fit's seconds."""
-    from tlfeat import outofcore
+def _shots(train: cache.FeatureSet, shots: int, draw: int) -> cache.FeatureSet:
+    from dataclasses import replace
 
+    idx = shot_subset(train.y, shots, draw, train.ids)
+    meta = {**train.meta, "shots": shots, "shot_draw": draw}
+    return replace(train, X=np.asarray(train.X[idx]), y=train.y[idx], ids=[train.ids[i] for i in idx], meta=meta)
+
+
+def _train(cfg: FitConfig, train: cache.FeatureSet, route: str) -> tuple[Any, dict[str, Any], float]:
+    """The fitted pipeline, how C was chosen (or the protocol's account), and the fit's seconds."""
+    from tlfeat import outofcore, protocols
+
+    if cfg.protocol:
+        pipeline, details = protocols.run(cfg.protocol, train.X, train.y, train.ids, cfg.seed)
+        cv = {"C": details.get("C"), "chosen_by": f"--protocol {cfg.protocol}", "protocol": details}
+        return pipeline, cv, float(details["seconds"])
     cv = choose_C(cfg, train.X, train.y, train.ids)
     t0 = time.perf_counter()
-    if route == "streaming":
+    if not cfg.spec.has_C:  # kNN: the training rows are the model, where they are (streamed: on disk)
+        pipeline = classifiers.make_classifier(cfg.clf, k=cfg.k, temperature=cfg.temperature, seed=cfg.seed)
+        pipeline[-1].fit_rows(train.X, train.y) if route == "streaming" else pipeline.fit(train.X, train.y)
+    elif route == "streaming":
         if cfg.clf == "svm":
             log.warning(
                 "svm on the streamed route is SGD on the hinge loss: it can fall short of LinearSVC's solution, "
@@ -280,22 +351,35 @@ def _evaluate(
     pipeline: Any, train: cache.FeatureSet, test: cache.FeatureSet, route: str
 ) -> tuple[dict[str, Any], float]:
     from tlfeat import outofcore
+    from tlfeat.knn import KS, KNNProbe
 
     t0 = time.perf_counter()
     n_classes = len(train.class_names)
-    if route == "streaming":
+    by_k: dict[str, float] = {}
+    est = pipeline[-1]
+    if isinstance(est, KNNProbe):  # one neighbour search gives DINO's k = 10, 20, 100, 200 and --k
+        probas = est.proba_by_k(np.asarray(test.X), [*KS, est.k_])
+        for k, proba in probas.items():
+            by_k[str(k)] = float(np.mean(est.classes_[np.argmax(proba, axis=1)] == test.y))
+        scores = np.full((len(test), n_classes), classifiers.ABSENT_SCORE)
+        scores[:, np.asarray(est.classes_, dtype=np.int64)] = probas[est.k_]
+        y_pred = est.classes_[np.argmax(probas[est.k_], axis=1)]
+    elif route == "streaming":
         y_pred, scores = outofcore.predict(pipeline, test, n_classes)
     else:
         y_pred, scores = pipeline.predict(test.X), classifiers.scores(pipeline, test.X, n_classes)
     seconds = time.perf_counter() - t0
-    return metrics.evaluate(test.y, y_pred, scores, list(train.class_names), test.ids), seconds
+    out = metrics.evaluate(test.y, y_pred, scores, list(train.class_names), test.ids)
+    if by_k:
+        out["knn_accuracy_by_k"] = by_k
+    return out, seconds
 
 
 def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, path: Path, route: str) -> RunRecord:
     load_start, cpus = load_now()
     pipeline, cv, fit_seconds = _train(cfg, train, route)
     result_metrics, predict_seconds = _evaluate(pipeline, train, test, route)
-    saved = classifiers.save(pipeline, path.parent)
+    saved = classifiers.save(pipeline, path.parent, train={"path": str(train.path), "sha256": train.sha256})
     timings = Timings(
         train_seconds=fit_seconds,
         search_seconds=float(cv.get("cv_seconds", 0.0)),
@@ -318,6 +402,16 @@ def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSe
         classes_without_training_images=[train.class_names[i] for i in absent],
         n_features=int(train.X.shape[1]),
     )
+    if cfg.protocol:
+        record.details["protocol"] = cv.pop("protocol")
+    if cfg.shots is not None:
+        record.details["shots"] = {"per_class": cfg.shots, "draw": cfg.shot_draw, "n_train": len(train)}
+    if "knn_accuracy_by_k" in result_metrics:
+        record.details["knn"] = {
+            "k": cfg.k,
+            "temperature": cfg.temperature,
+            "accuracy_by_k": result_metrics.pop("knn_accuracy_by_k"),
+        }
     record.save(path)
     log.info("%s on %s/%s: accuracy %.4f", cfg.method, train.model, train.meta["dataset"], result_metrics["accuracy"])
     return record
@@ -356,6 +450,7 @@ def _record(
         params={
             "C": None,
             "kernel": cfg.kernel if cfg.clf == "svm" else None,
+            **({"k": cfg.k, "temperature": cfg.temperature} if "k" in cfg.spec.options else {}),
             **({"epochs": cfg.epochs, "lr": cfg.lr} if cfg.clf == "linear" else {}),
         },
         metrics=result_metrics,
@@ -366,6 +461,7 @@ def _record(
                     "path": str(fs.path),
                     "sha256": fs.sha256,
                     "key_fields": json.loads(str(fs.meta.get("key_fields", "{}"))),
+                    **({"parts": fs.meta["parts"]} if fs.meta.get("parts") else {}),
                 }
                 for fs in (train, test)
             },
@@ -383,7 +479,7 @@ def fit(cfg: FitConfig, allow_stale: bool = False, data_dir: Path | None = None)
     """Fit `cfg.clf` on every selected (train, test) pair in the cache."""
     selected = pairs(cfg)
     if not allow_stale:
-        freshness.require_fresh([e for p in selected for e in (p.train, p.test)], data_dir)
+        freshness.require_fresh([e for p in selected for e in p.entries()], data_dir)
     return [fit_pair(cfg, p) for p in selected]
 
 

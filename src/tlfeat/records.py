@@ -2,9 +2,11 @@
 spelled) and `RunRecord` (the one record format fit and fine-tune write, and compare, report and
 the CLI read).
 
-A method is written `logreg`, `svm`, `svm-rbf`, `linear` (classifiers on frozen features),
-`finetune:full`, `finetune:head`, `finetune:freeze:K`, `finetune:discriminative[:RATIO]` or
-`scratch`; its folder name (`slug`) never contains a colon.
+A method is written as a classifier on frozen features (`logreg`, `svm`, `svm-rbf`, `linear`,
+`knn`: the names of `classifier_specs.SPECS`), a paper's protocol on them (`protocol:clip`,
+`protocol:dinov2`), a fine-tuning strategy (`finetune:full`, `finetune:head`, `finetune:freeze:K`,
+`finetune:discriminative[:RATIO]`), `scratch`, or multi-stage transfer `chain:DATASET:STRATEGY`
+(fine-tuned on DATASET first, then on the target); its folder name (`slug`) never contains a colon.
 """
 
 from __future__ import annotations
@@ -16,29 +18,43 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tlfeat import fsio, strategies
+from tlfeat import classifier_specs, fsio, strategies
 from tlfeat.backbones.base import PENULTIMATE
 from tlfeat.errors import TlfeatError
 
 log = logging.getLogger(__name__)
 
-FROZEN = ("logreg", "svm", "svm-rbf", "linear")
+FROZEN = tuple(classifier_specs.SPECS)
+PROTOCOL_PREFIX = classifier_specs.PROTOCOL_PREFIX
+CHAIN_PREFIX = "chain:"
 
 
 @dataclass(frozen=True)
 class Method:
     """One way of using a backbone: a classifier on its frozen features, or a fine-tuning strategy."""
 
-    clf: str = ""  # logreg, svm, linear (frozen methods)
+    clf: str = ""  # logreg, svm, linear, knn (frozen methods)
     kernel: str = "linear"
     strategy: strategies.Strategy | None = None  # fine-tuning methods
+    protocol: str | None = None  # a paper's protocol on frozen features (clip, dinov2)
+    chain: str | None = None  # multi-stage transfer: the intermediate dataset, as written
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        value = str(text).strip().lower()
+        raw = str(text).strip()
+        if raw.lower().startswith(CHAIN_PREFIX):  # the dataset keeps its case: it may be a folder
+            return cls._chain(raw[len(CHAIN_PREFIX) :], text)
+        value = raw.lower()
         if value in FROZEN:
-            clf, _, kernel = value.partition("-")
-            return cls(clf=clf, kernel=kernel or "linear")
+            spec = classifier_specs.SPECS[value]
+            return cls(clf=spec.clf, kernel=spec.kernel)
+        if value.startswith(PROTOCOL_PREFIX):
+            name = value[len(PROTOCOL_PREFIX) :]
+            protocol = classifier_specs.PROTOCOLS.get(name)
+            if protocol is None:
+                valid = ", ".join(PROTOCOL_PREFIX + p for p in classifier_specs.PROTOCOLS)
+                raise TlfeatError(f"unknown protocol {name!r} in {text!r}; valid: {valid}")
+            return cls(clf=protocol.clf, protocol=name)
         if value == "scratch":
             return cls(strategy=strategies.Strategy("scratch"))
         if value.startswith("finetune:"):
@@ -46,8 +62,27 @@ class Method:
         raise TlfeatError(f"unknown method {text!r}; valid: {', '.join(valid_methods())}")
 
     @classmethod
-    def frozen(cls, clf: str, kernel: str = "linear") -> Method:
-        return cls.parse(clf if kernel == "linear" else f"{clf}-{kernel}")
+    def _chain(cls, rest: str, text: str) -> Method:
+        """DATASET:STRATEGY, the dataset possibly holding colons itself: the first split whose right
+        side is a strategy (`mnist:freeze:2` is mnist with freeze:2)."""
+        parts = rest.split(":")
+        for i in range(1, len(parts)):
+            dataset, strategy = ":".join(parts[:i]).strip(), ":".join(parts[i:])
+            try:
+                parsed = strategies.parse(strategy)
+            except TlfeatError:
+                continue
+            if dataset and parsed.kind != "scratch":
+                return cls(strategy=parsed, chain=dataset)
+        raise TlfeatError(
+            f"method {text!r} is not chain:DATASET:STRATEGY (e.g. chain:fashion-mnist:full, chain:mnist:freeze:2)"
+        )
+
+    @classmethod
+    def frozen(cls, clf: str, kernel: str = "linear", protocol: str | None = None) -> Method:
+        if protocol:
+            return cls.parse(PROTOCOL_PREFIX + protocol)
+        return cls.parse(classifier_specs.method_name(clf, kernel))
 
     @classmethod
     def finetune(cls, strategy: str) -> Method:
@@ -55,14 +90,26 @@ class Method:
         return cls.parse("scratch" if parsed.kind == "scratch" else f"finetune:{parsed}")
 
     def __str__(self) -> str:
+        if self.chain is not None:
+            return f"{CHAIN_PREFIX}{self.chain}:{self.strategy}"
+        if self.protocol is not None:
+            return PROTOCOL_PREFIX + self.protocol
         if self.strategy is None:
-            return self.clf if self.kernel == "linear" else f"{self.clf}-{self.kernel}"
+            return classifier_specs.method_name(self.clf, self.kernel)
         return "scratch" if self.strategy.kind == "scratch" else f"finetune:{self.strategy}"
 
     @property
     def slug(self) -> str:
         """The method in a folder name."""
-        return str(self).replace("finetune:", "finetune-").replace(":", "")
+        if self.chain is not None:
+            dataset = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.chain.strip("/"))[-40:]
+            return f"chain-{dataset}-{str(self.strategy).replace(':', '')}"
+        return str(self).replace("finetune:", "finetune-").replace(PROTOCOL_PREFIX, "protocol-").replace(":", "")
+
+    @property
+    def spec(self) -> classifier_specs.ClassifierSpec | None:
+        """The classifier spec of a frozen method (None for fine-tuning)."""
+        return classifier_specs.spec_of(self.clf, self.kernel) if self.is_frozen else None
 
     @property
     def is_frozen(self) -> bool:
@@ -77,6 +124,10 @@ class Method:
         return self.strategy is not None and self.strategy.kind == "scratch"
 
     @property
+    def is_chain(self) -> bool:
+        return self.chain is not None
+
+    @property
     def rank(self) -> int:
         """Table order: frozen routes, fine-tuning, then the no-transfer baseline."""
         return 2 if self.is_scratch else 1 if self.is_finetune else 0
@@ -85,19 +136,24 @@ class Method:
         """The method in a sentence: "frozen resnet50 + logreg", "resnet50 fine-tuned (head)"."""
         if self.is_scratch:
             return f"{model} trained from scratch"
+        if self.chain is not None:
+            return f"{model} fine-tuned on {self.chain}, then here ({self.strategy})"
         if self.strategy is not None:
             return f"{model} fine-tuned ({self.strategy})"
+        if self.protocol is not None:
+            return f"frozen {model}, {self.protocol} protocol"
         return f"frozen {model} + {self}"
 
 
 def valid_methods() -> list[str]:
     return [
-        *FROZEN,
+        *classifier_specs.frozen_methods(),
         "finetune:full",
         "finetune:head",
         "finetune:freeze:K",
         "finetune:discriminative[:RATIO]",
         "scratch",
+        "chain:DATASET:STRATEGY",
     ]
 
 

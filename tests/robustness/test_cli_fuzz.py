@@ -85,13 +85,17 @@ def invocations(draw: st.DrawFn, places: dict[str, str]) -> list[str]:
     ctx = click.Context(cli)
     name = draw(st.sampled_from(sorted(cli.list_commands(ctx))))  # type: ignore[attr-defined]
     command = cli.get_command(ctx, name)  # type: ignore[attr-defined]
+    args = [name]
+    if isinstance(command, click.Group):  # `analyze cka|rsa|...`: a subcommand and its options
+        sub = draw(st.sampled_from(sorted(command.list_commands(ctx))))
+        command = command.get_command(ctx, sub)
+        args.append(sub)
     values = st.one_of(
         st.sampled_from(HOSTILE),
         st.sampled_from(list(places.values())),
         st.text(min_size=0, max_size=12).filter(lambda s: "\x00" not in s),
         st.integers(min_value=-(10**12), max_value=10**12).map(str),
     )
-    args = [name]
     for option in draw(st.lists(st.sampled_from(_options(command)), max_size=6)):
         flag = option.opts[-1]
         if option.is_flag:

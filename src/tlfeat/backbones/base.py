@@ -52,8 +52,9 @@ def layer_name(layer: str | None) -> str:
 
 
 def parse_layers(text: str | None) -> list[str | None]:
-    """`--layer a,b,penultimate` -> ["a", "b", None]; nothing -> [None]."""
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    """`--layer a,b,penultimate` -> ["a", "b", None]; nothing -> [None]. A concatenation `a+b` (one
+    feature set for `fit`) is made of its parts' files: it asks for `a` and `b`."""
+    names = [part.strip() for n in (text or "").split(",") for part in n.split("+") if part.strip()]
     return [None if n == PENULTIMATE else n for n in dict.fromkeys(names)] or [None]
 
 

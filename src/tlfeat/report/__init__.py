@@ -14,7 +14,7 @@ from typing import Any
 
 from tlfeat import fsio
 from tlfeat.errors import TlfeatError
-from tlfeat.report import export, plots, render
+from tlfeat.report import curves, export, findings, plots, render
 from tlfeat.report.rows import best_of, configs, penultimate, rows
 from tlfeat.report.sections import recommendation, sections
 
@@ -48,10 +48,21 @@ def make_plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
         best = best_of(cfgs)
         slug = "".join(ch if ch.isalnum() else "-" for ch in dataset)
         made[f"Confusion matrix, {dataset}: {best.label()}"] = plots.confusion(best, folder / f"confusion_{slug}.png")
-    if (p := plots.accuracy_per_layer(items, folder / "accuracy_per_layer.png")) is not None:
-        made["Accuracy per feature layer"] = p
     for title, path in plots.run_histories(items, folder).items():
         made[f"Loss and accuracy per epoch, {title}"] = path
+    return made
+
+
+def probe_plots(
+    out: Path, items: list[dict[str, Any]], shot_items: list[dict[str, Any]], meta: dict[str, Any]
+) -> dict[str, Path]:
+    """k-shot curves (one per dataset) and the layer-wise probe, for the findings' sections."""
+    everything = items + shot_items
+    palette = plots.Palette(sorted({r["method"] for r in everything}), sorted({r["model"] for r in everything}))
+    made = {f"shots:{d}": p for d, p in curves.shot_curves(shot_items, items, palette, out / "plots").items()}
+    asked = [str(layer) for layer in (meta.get("config") or {}).get("layers") or []]
+    if (p := curves.layer_depth(items, asked, palette, out / "plots" / "layer_depth.png")) is not None:
+        made["layers"] = p
     return made
 
 
@@ -70,7 +81,12 @@ def build(out: Path) -> Path:
     if not isinstance(failures, dict):
         failures = {}
     failures = {str(k): str(v) for k, v in failures.items()}
-    blocks = sections(items, failures, meta, make_plots(out, items), left_out)
+    items, shot_items = [r for r in items if r["shots"] is None], [r for r in items if r["shots"] is not None]
+    made = make_plots(out, items)
+    extra = findings.blocks(
+        items, shot_items, probe_plots(out, items, shot_items, meta), findings.copy_analyses(out, out / "plots")
+    )
+    blocks = sections(items, failures, meta, made, left_out, extra)
     fsio.atomic_write(out / "report.md", render.markdown(blocks))
     fsio.atomic_write(out / "report.html", render.page(blocks, out.name))
     fsio.atomic_write(out / "rows.csv", render.csv_text(items))

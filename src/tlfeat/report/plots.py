@@ -11,21 +11,20 @@ from typing import Any
 import numpy as np
 
 from tlfeat import fsio
+from tlfeat.classifier_specs import SPECS
 from tlfeat.records import Method
-from tlfeat.report.rows import Config, configs, group, mean_sd, penultimate
+from tlfeat.report.rows import Config, configs, group, penultimate
 
-# Colours of the methods people compare most, fixed, so a report always reads the same way.
+# Colours of the methods people compare most, fixed, so a report always reads the same way (the
+# frozen classifiers' from their specs).
 _FIXED = {
-    "logreg": "#1f77b4",
-    "svm": "#ff7f0e",
-    "svm-rbf": "#8c564b",
-    "linear": "#17becf",
+    **{method: spec.colour for method, spec in SPECS.items()},
     "finetune:head": "#2ca02c",
     "finetune:full": "#d62728",
     "finetune:discriminative": "#9467bd",
     "scratch": "#111111",
 }
-_SPARE = ["#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94"]
+_SPARE = ["#bcbd22", "#393b79", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94"]
 MARKERS = "osD^v<>Xph*"
 
 
@@ -212,31 +211,6 @@ def confusion(config: Config, path: Path) -> Path:
         ylabel="true",
         title=f"{config.dataset}: {config.label()}\naccuracy {run.metrics['accuracy']:.4f}",
     )
-    return _save(fig, path)
-
-
-def accuracy_per_layer(items: list[dict[str, Any]], path: Path) -> Path | None:
-    layer_rows = [r for r in items if r["layer"] != "-"]
-    if len({r["layer"] for r in layer_rows}) < 2:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
-    for (dataset, model, method), runs in sorted(group(layer_rows, "dataset", "model", "method").items()):
-        by_layer = group(runs, "layer")
-        order = sorted(by_layer, key=lambda k: (k[0] == "penultimate", k[0]))
-        stats_ = [mean_sd([r["accuracy"] for r in by_layer[k]]) for k in order]
-        ax.errorbar(
-            [k[0] for k in order],
-            [s[0] for s in stats_],
-            yerr=[s[1] for s in stats_],
-            marker="o",
-            capsize=3,
-            label=f"{model} + {method} on {dataset}",
-        )
-    ax.set(xlabel="feature layer (early → penultimate)", ylabel="test accuracy", title="Accuracy per layer")
-    ax.grid(alpha=0.3)
-    handles, _ = ax.get_legend_handles_labels()
-    _legend(fig, handles)
     return _save(fig, path)
 
 

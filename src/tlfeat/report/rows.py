@@ -134,9 +134,10 @@ def rows(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
     read are listed in `problems`, when given."""
     records = run_records(out, problems)
     labels: dict[int, str] = {}
-    groups: dict[tuple[str, str, str, str, str], list[RunRecord]] = defaultdict(list)
+    groups: dict[tuple[str, ...], list[RunRecord]] = defaultdict(list)
     for r in records:  # pretrained and UNTRAINED backbones are told apart by the model column already
-        groups[(r.dataset, r.model, r.method, r.layer, r.weights_id)].append(r)
+        shots = str((r.details.get("shots") or {}).get("per_class", ""))  # k-shot runs are their own rows
+        groups[(r.dataset, r.model, r.method, r.layer, r.weights_id, shots)].append(r)
     for group in groups.values():  # runs that differ in more than their seeds are separate configurations
         labels.update(variants(group))
     out_rows = [_row(r, Path(out), labels.get(id(r), "")) for r in records]
@@ -202,6 +203,8 @@ def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
         "image_size": r.image_size,
         "limit": r.limit,
         "test_limit": r.test_limit,
+        "shots": (r.details.get("shots") or {}).get("per_class"),  # k-shot runs: images per class
+        "shot_draw": (r.details.get("shots") or {}).get("draw"),
         "record": os.path.relpath(Path(r.path).resolve(), out.resolve()) if r.path else "",
         "_record": r,
         "_method": method,

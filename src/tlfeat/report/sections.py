@@ -30,7 +30,9 @@ def sections(
     meta: dict[str, Any],
     plots: dict[str, Path],
     left_out: list[str] | None = None,
+    extra: list[Block] | None = None,
 ) -> list[Block]:
+    """The report in order; `extra` (the probes', statistics' and analyses' sections) after the tables."""
     out: list[Block] = [("h1", "tlfeat comparison report")]
     for part in (
         recommendation_section(items),
@@ -43,6 +45,7 @@ def sections(
         amortised(items),
         per_class(items),
         layers(items),
+        extra or [],
         figures(plots),
         every_run(items),
         provenance(meta),

@@ -1,0 +1,140 @@
+"""`tlfeat export`: a cached feature set as files any tool reads (R, Julia, a spreadsheet).
+
+`npy`: `{split}_features.npy` (float32, n x d), `{split}_labels.npy` (int64) and `{split}_ids.csv` (id,
+label, class). `parquet`: `{split}.parquet` with columns id, label, class, f0000... (one row group per
+block). `csv`: `{split}.csv` with the same columns. Rows are read from the HDF5 file a block at a time
+(`FeatureSet.iter_batches` on a lazy set) and written as they come, so a set larger than memory
+exports in flat memory. Each file is written under a temporary name and renamed when whole; `meta.json`
+records where the features came from (model, layer, weights, dataset, checksums, class names).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tlfeat import cache, catalog, datasets, fsio
+from tlfeat.errors import TlfeatError
+
+if TYPE_CHECKING:
+    from tlfeat.config import ExportConfig
+
+log = logging.getLogger(__name__)
+
+
+def export(cfg: ExportConfig) -> list[Path]:
+    """Write the selected feature set's splits in `cfg.format` under `cfg.out`; returns the files written."""
+    from tlfeat.extraction import load_features
+
+    dataset = datasets.canonical(cfg.data)
+    cached = sorted(
+        {str(e.attrs.get("split")) for e in catalog.scan(cfg.cache_dir) if e.status == "ok" and e.attrs.get("model") == cfg.model and e.attrs.get("dataset") == dataset}
+    )  # fmt: skip
+    splits = list(cfg.splits or cached)
+    if not splits:
+        raise TlfeatError(
+            f"no cached features of {cfg.model} on {datasets.short_name(dataset)} in {cfg.cache_dir}; "
+            f"run `tlfeat extract --model {cfg.model} --data {cfg.data}` first"
+        )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    meta: dict[str, Any] = {"format": cfg.format, "splits": {}}
+    for split in splits:
+        fs = load_features(
+            cfg.model, cfg.data, split, cfg.cache_dir, layer=cfg.layer, weights_id=cfg.weights_id,
+            image_size=cfg.image_size, limit=cfg.limit, test_limit=cfg.test_limit, subset_seed=cfg.subset_seed,
+            lazy=True,
+        )  # fmt: skip
+        written += WRITERS[cfg.format](fs, out, split, cfg.block_rows)
+        meta["splits"][split] = {
+            "rows": len(fs),
+            "features": int(fs.X.shape[1]),
+            "source": str(fs.path),
+            "sha256": fs.sha256,
+            **{k: fs.meta.get(k) for k in ("model", "layer", "weights_id", "dataset", "image_size", "limit")},
+        }
+        meta["class_names"] = list(fs.class_names)
+    fsio.atomic_write(out / "meta.json", json.dumps(meta, indent=2, default=str))
+    return [*written, out / "meta.json"]
+
+
+def _names(d: int) -> list[str]:
+    width = max(4, len(str(d - 1)))
+    return [f"f{i:0{width}d}" for i in range(d)]
+
+
+def _npy(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
+    n, d = len(fs), int(fs.X.shape[1])
+    features, labels, ids = out / f"{split}_features.npy", out / f"{split}_labels.npy", out / f"{split}_ids.csv"
+    with fsio.atomic_path(features) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d))
+        start = 0
+        for X, _ in fs.iter_batches(block):
+            array[start : start + len(X)] = X
+            start += len(X)
+        array.flush()
+        del array
+    with fsio.atomic_path(labels) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(fs.y, dtype=np.int64))
+    _ids_csv(fs, ids)
+    return [features, labels, ids]
+
+
+def _ids_csv(fs: cache.FeatureSet, path: Path) -> None:
+    with fsio.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label", "class"])
+        for i, label in zip(fs.ids, fs.y.tolist(), strict=True):
+            writer.writerow([i, label, fs.class_names[label]])
+
+
+def _csv(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
+    path = out / f"{split}.csv"
+    d = int(fs.X.shape[1])
+    with fsio.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label", "class", *_names(d)])
+        start = 0
+        for X, y in fs.iter_batches(block):
+            text = np.char.mod("%.9g", X)  # 9 significant digits give back the same float32
+            for i, row in enumerate(text):
+                label = int(y[i])
+                writer.writerow([fs.ids[start + i], label, fs.class_names[label], *row])
+            start += len(X)
+    return [path]
+
+
+def _parquet(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TlfeatError("--format parquet needs pyarrow: pip install 'tlfeat[parquet]' (or use npy or csv)") from None
+    path = out / f"{split}.parquet"
+    names = _names(int(fs.X.shape[1]))
+    schema = pa.schema(
+        [("id", pa.string()), ("label", pa.int64()), ("class", pa.string())] + [(n, pa.float32()) for n in names]
+    )
+    with fsio.atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            start = 0
+            for X, y in fs.iter_batches(block):
+                ids = fs.ids[start : start + len(X)]
+                columns = [
+                    pa.array(ids, pa.string()),
+                    pa.array(y, pa.int64()),
+                    pa.array([fs.class_names[v] for v in y.tolist()], pa.string()),
+                ]
+                columns += [pa.array(X[:, j]) for j in range(X.shape[1])]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+                start += len(X)
+    return [path]
+
+
+WRITERS = {"npy": _npy, "csv": _csv, "parquet": _parquet}
