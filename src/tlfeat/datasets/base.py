@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlfeat import images
-from tlfeat.errors import TlfeatError
+from tlfeat.datasets.readers import parquet_bytes, read_range
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -54,8 +54,6 @@ class ImageSplit:
         if self.kind == "members":
             tar, offset, size = self.refs[i]
             return ("bytes", (read_range(tar, offset, size), f"{tar}:{self.ids[i]}"))
-        from tlfeat.datasets.shards import parquet_bytes
-
         return ("bytes", (parquet_bytes(self.refs[i]), f"{self.refs[i][0]}:{self.ids[i]}"))
 
     def items(self, indices: Any) -> list[images.Item]:
@@ -104,18 +102,6 @@ class ImageSplit:
             arrays=None if self.arrays is None else self.arrays[idx],
             stats=None if self.stats is None else self.stats[idx],
         )
-
-
-def read_range(path: str, offset: int, size: int) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(size)
-    except OSError as exc:
-        raise TlfeatError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) != size:
-        raise TlfeatError(f"cannot read a sample of {path}: the file is shorter than its index says")
-    return data
 
 
 def from_arrays(
