@@ -37,8 +37,12 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
     from tlfeat.fitting import fit
     from tlfeat.fitting import table as make_table
 
+    from tlfeat.datasets import display_names
+
     cfg = FitConfig(**given(options))
-    results = fit(cfg, allow_stale=allow_stale, data_dir=data_dir)
+    skipped: list[str] = []
+    results = fit(cfg, allow_stale=allow_stale, data_dir=data_dir, skipped=skipped)
+    names = display_names(res.record.dataset for res in results)
     for res in results:
         r = res.record
         m, t = r.metrics, r.timings
@@ -51,11 +55,13 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
         )
         untrained = "" if r.pretrained else " [UNTRAINED backbone]"
         line = (
-            f"{r.method} {r.model}/{Path(r.dataset).name} ({r.layer}, n_train {r.n_train}, n_test {r.n_test}){untrained}: "
+            f"{r.method} {r.model}/{names[r.dataset]} ({r.layer}, n_train {r.n_train}, n_test {r.n_test}){untrained}: "
             f"accuracy {m['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), balanced {m['balanced_accuracy']:.4f}, ROC AUC {auc}, "
             f"C={r.params['C']:g}; {how}  -> {res.path.parent}"
         )
         echo_result(line, m, as_json)
+    for line in skipped:
+        click.echo(f"skipped: {line}", err=True)
     if len(results) > 1 or as_json:
         rows, cols, cells = make_table([r.record for r in results], metric)
         body = [

@@ -78,6 +78,8 @@ def command(as_json: bool, quick: bool, show_skipped: bool, **options: Any) -> N
     for e in entries:
         if e.status == "damaged":
             click.echo(f"DAMAGED: {e.problem}")
+        elif e.status == "partial" and e.problem != catalog.RESUME:
+            click.echo(f"partial: {e.path.name}: {e.problem}")
     for path, state in states.items():
         if state.state == "stale" and state.changes is not None:
             click.echo(f"STALE: {path.name}: {state.changes.summary()}; run the same `tlfeat extract` to update it")
@@ -128,6 +130,10 @@ def _skipped(path: Path) -> list[dict[str, str]]:
 
 
 def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return path.stat().st_size
+    """Bytes on disk of a file or a `.partial` folder (0 where it cannot be read)."""
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0

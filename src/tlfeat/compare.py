@@ -38,6 +38,7 @@ class Cell:
     seed: int
     subset_seed: int = 0
     layer: str | None = None
+    shown: str = ""  # the dataset as tables show it (distinct for distinct datasets)
 
     @property
     def backbone(self) -> str:
@@ -54,11 +55,14 @@ class Cell:
     def label(self) -> str:
         layer = f" [{self.layer}]" if self.layer else ""
         subset = f", subset {self.subset_seed}" if self.subset_seed else ""
-        return f"{self.method} {self.model}/{datasets.short_name(self.data)}{layer} seed {self.seed}{subset}"
+        shown = self.shown or datasets.short_name(self.data)
+        return f"{self.method} {self.model}/{shown}{layer} seed {self.seed}{subset}"
 
 
 def check(cfg: CompareConfig) -> None:
     """Every unknown name in every list, reported at once, before anything runs."""
+    from tlfeat import extraction
+
     problems: list[str] = []
     for model in cfg.models:
         name, _, suffix = model.partition(":")
@@ -70,9 +74,15 @@ def check(cfg: CompareConfig) -> None:
             problems.append(str(exc).split(" Run ")[0])
     for data in cfg.datas:
         try:
-            datasets.canonical(data)
+            dataset = datasets.canonical(data)
         except TlfeatError as exc:
             problems.append(str(exc))
+            continue
+        for option, folder in (("--out", cfg.out), ("--results-dir", cfg.runs_dir), ("--cache-dir", cfg.cache_dir)):
+            try:
+                extraction.refuse_inside(dataset, Path(folder), option)
+            except TlfeatError as exc:
+                problems.append(str(exc))
     for method in cfg.methods:
         try:
             Method.parse(method)
@@ -111,8 +121,10 @@ def _too_many_frozen_blocks(cfg: CompareConfig) -> list[str]:
 
 
 def cells(cfg: CompareConfig) -> list[Cell]:
+    shown = datasets.display_names(datasets.canonical(d) for d in cfg.datas)
     out = []
     for data in cfg.datas:
+        shown_as = shown[datasets.canonical(data)]
         scratch_done: set[str] = set()
         for model in cfg.models:
             for method in dict.fromkeys(map(Method.parse, cfg.methods)):  # logreg,logreg is one method
@@ -122,13 +134,17 @@ def cells(cfg: CompareConfig) -> list[Cell]:
                     if name in scratch_done:
                         continue
                     scratch_done.add(name)
-                out += [Cell(name, data, str(method), cfg.seed + r, _subset(cfg, r)) for r in range(cfg.repeats)]
+                out += [
+                    Cell(name, data, str(method), cfg.seed + r, _subset(cfg, r), shown=shown_as)
+                    for r in range(cfg.repeats)
+                ]
             frozen = [m for m in cfg.methods if Method.parse(m).is_frozen]
             for layer in cfg.layers:
                 if layer == "penultimate" or not frozen:
                     continue
                 for r in range(cfg.repeats):
-                    out.append(Cell(model, data, str(Method.parse(frozen[0])), cfg.seed + r, _subset(cfg, r), layer))
+                    first = str(Method.parse(frozen[0]))
+                    out.append(Cell(model, data, first, cfg.seed + r, _subset(cfg, r), layer, shown=shown_as))
     return out
 
 
@@ -253,9 +269,12 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     """Run the comparison (only what is missing), then write the report; returns the report folder."""
     from tqdm.auto import tqdm
 
+    from tlfeat.report import build, claim
+
     check(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out)
+    runs_dir = Path(os.path.realpath(cfg.runs_dir))
     plan = [(cell, planned(cfg, cell)) for cell in cells(cfg)]
     counts: dict[str, int] = {}
     for _, what in plan:
@@ -268,6 +287,7 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         "command": cfg.command,
         "environment": environment(),
         "started": _now(),
+        "results_dir": str(runs_dir),  # the records below (relative to this folder) lie in it or in this folder
     }
     fsio.atomic_write(out / "compare.json", json.dumps(meta, indent=2))
     failures: dict[str, str] = {}
@@ -287,7 +307,7 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         try:
             record = run_cell(cfg, cell)
             if record.path is not None:
-                done.append(os.path.relpath(record.path.resolve(), out.resolve()))
+                done.append(os.path.relpath(os.path.realpath(record.path), os.path.realpath(out)))
         except Exception as exc:  # one failed cell (a missing weights file, a bug) never stops the others
             failures[cell.label()] = f"{type(exc).__name__}: {first_line(exc)}"
             log.warning("cell failed: %s: %s", cell.label(), exc)
@@ -299,11 +319,12 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     )
     meta["records"], meta["finished"] = done, _now()
     fsio.atomic_write(out / "compare.json", json.dumps(meta, indent=2))
-    from tlfeat.report import build
-
     build(out)
     if failures:
-        echo(f"{len(failures)} cell(s) failed (shown in the report; run the same command again to fill them in):")
+        echo(
+            f"{len(failures)} cell(s) failed (shown in the report): fix what each error says, then run the same "
+            "command again to fill them in:"
+        )
         for label, error in failures.items():
             echo(f"  FAILED {label}: {error}")
     return out

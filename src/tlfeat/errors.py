@@ -34,6 +34,10 @@ class StaleFeatures(TlfeatError):
     """The images a cache file was made from have changed since; `extract` updates it."""
 
 
+class TooFewClasses(TlfeatError):
+    """Training features with fewer than two classes: no classifier can be fitted on them."""
+
+
 class WriteFailed(TlfeatError):
     """The disk is full or the destination is not writable; nothing complete was touched."""
 

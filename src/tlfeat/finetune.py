@@ -111,7 +111,9 @@ def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
 def validate(cfg: FinetuneConfig) -> None:
     backbones.check_model(cfg.model)
     strategies.check_blocks(cfg.model, strategies.parse(cfg.strategy))
-    datasets.canonical(cfg.data)
+    from tlfeat.extraction import refuse_inside
+
+    refuse_inside(datasets.canonical(cfg.data), Path(cfg.results_dir), "--results-dir")  # its plots are PNGs
 
 
 def finetune(cfg: FinetuneConfig, repeats: int = 1) -> list[FinetuneResult]:

@@ -85,7 +85,9 @@ def resolve(
     if weights_file is not None:
         path = Path(weights_file).expanduser()
         if not path.is_file():
-            raise WeightsNotFound(f"weights file {path} does not exist")
+            exists = path.exists()
+            what = "is not a regular file (a device, a directory or a pipe)" if exists else "does not exist"
+            raise WeightsNotFound(f"weights file {path} {what}; give a state dict or a tlfeat checkpoint (.pt)")
         digest = offline.sha256_file(path)
         if prefix and digest.startswith(prefix):
             return ResolvedWeights(entry.name, "file", path, digest)

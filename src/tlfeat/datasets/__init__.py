@@ -136,6 +136,13 @@ def load_split(
     return out
 
 
+def folder_of(dataset_id: str) -> Path | None:
+    """The real folder of an image folder dataset (where an output folder must not go), else None."""
+    if dataset_id in named_datasets() or dataset_id.startswith("shards:"):
+        return None
+    return Path(os.path.realpath(dataset_id))
+
+
 def _where(dataset_id: str) -> str:
     """The folder a dataset id lives in: a folder's path, the folder its shards share, or ""."""
     if dataset_id in named_datasets():
@@ -214,6 +221,7 @@ __all__ = [
     "dataset_slug",
     "default_data_dir",
     "display_names",
+    "folder_of",
     "load_split",
     "named_datasets",
     "short_name",
