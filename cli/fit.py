@@ -34,10 +34,9 @@ FIELDS = (
 @user_errors()
 def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool, **options: Any) -> None:
     """Train a classifier on every selected pair of cached train/test features and report test metrics."""
+    from tlfeat.datasets import display_names
     from tlfeat.fitting import fit
     from tlfeat.fitting import table as make_table
-
-    from tlfeat.datasets import display_names
 
     cfg = FitConfig(**given(options))
     skipped: list[str] = []

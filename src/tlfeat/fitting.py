@@ -135,7 +135,7 @@ def _no_pair(cfg: FitConfig, groups: dict[str, dict[str, list[catalog.Entry]]], 
     """Why no train+test pair was found, and the exact `tlfeat extract` command that makes one."""
     from tlfeat.extraction import extract_command
 
-    for group in groups.values():
+    for group in sorted(groups.values(), key=lambda g: "train" not in g):  # a missing test split is the cheaper one
         split, other = ("train", "test") if "train" in group else ("test", "train")
         if other in group:
             continue

@@ -50,6 +50,10 @@ def read(item: Item) -> tuple[bytes | np.ndarray, str]:
     raise TlfeatError(f"internal: unknown image item kind {kind!r}")
 
 
+def megabytes(n: int) -> str:
+    return f"{n / 2**20:.3g} MB"
+
+
 def file_kind(mode: int) -> str:
     """What a file that is not a regular file is, for a message: "a FIFO", "a directory"..."""
     for test, name in (
@@ -85,8 +89,8 @@ def read_file(path: str, limit: int | None = None) -> bytes:
             raise TlfeatError(f"cannot read image {name}: it is {file_kind(st.st_mode)}, not a regular file")
         if st.st_size > limit:
             raise TlfeatError(
-                f"cannot read image {name}: {st.st_size / 2**20:.0f} MB, above the limit of {limit / 2**20:.0f} MB "
-                "per image (raise it with TLFEAT_MAX_IMAGE_MB)"
+                f"cannot read image {name}: {megabytes(st.st_size)}, above the limit of {megabytes(limit)} per image "
+                "(raise it with TLFEAT_MAX_IMAGE_MB)"
             )
         chunks, total = [], 0
         while total <= limit:
@@ -100,7 +104,7 @@ def read_file(path: str, limit: int | None = None) -> bytes:
     finally:
         os.close(fd)
     if total > limit:  # it grew while being read
-        raise TlfeatError(f"cannot read image {name}: it grew beyond the limit of {limit / 2**20:.0f} MB while read")
+        raise TlfeatError(f"cannot read image {name}: it grew beyond the limit of {megabytes(limit)} while read")
     return b"".join(chunks)
 
 

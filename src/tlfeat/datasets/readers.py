@@ -14,7 +14,7 @@ from typing import Any
 
 from tlfeat import config
 from tlfeat.errors import TlfeatError, printable
-from tlfeat.images import file_kind
+from tlfeat.images import file_kind, megabytes
 
 
 def read_range(path: str, offset: int, size: int) -> bytes:
@@ -22,8 +22,8 @@ def read_range(path: str, offset: int, size: int) -> bytes:
     limit = config.max_image_bytes()
     if size > limit:
         raise TlfeatError(
-            f"cannot read a sample of {printable(path)}: {size / 2**20:.0f} MB, above the limit of "
-            f"{limit / 2**20:.0f} MB per image (raise it with TLFEAT_MAX_IMAGE_MB)"
+            f"cannot read a sample of {printable(path)}: {megabytes(size)}, above the limit of {megabytes(limit)} "
+            "per image (raise it with TLFEAT_MAX_IMAGE_MB)"
         )
     try:
         with open(path, "rb", opener=_nonblocking) as fh:
@@ -64,7 +64,7 @@ def parquet_bytes(ref: tuple[str, int, int, str]) -> bytes:
     limit = config.max_image_bytes()
     if len(value) > limit:
         raise TlfeatError(
-            f"row {row} of {printable(path)}: {len(value) / 2**20:.0f} MB of image bytes, above the limit of "
-            f"{limit / 2**20:.0f} MB per image (raise it with TLFEAT_MAX_IMAGE_MB)"
+            f"row {row} of {printable(path)}: {megabytes(len(value))} of image bytes, above the limit of "
+            f"{megabytes(limit)} per image (raise it with TLFEAT_MAX_IMAGE_MB)"
         )
     return bytes(value)

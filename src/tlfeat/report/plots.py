@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,11 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _short(text: str, limit: int = 24) -> str:
+    """A label short enough to leave room for the plot (the tables give names in full)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class Names:
@@ -156,7 +162,7 @@ def accuracy_vs_time(items: list[dict[str, Any]], palette: Palette, path: Path) 
         plain = matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}" if _round_tick(v) else "")
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
-        ax.set(xlabel="time per run, s (log scale)", ylabel="test accuracy", title=dataset)
+        ax.set(xlabel="time per run, s (log scale)", ylabel="test accuracy", title=_short(dataset, 60))
         ax.grid(alpha=0.3, which="both")
     methods = sorted({c.method for c in cfgs}, key=lambda m: (Method.parse(m).rank, m))
     handles = [
@@ -201,7 +207,7 @@ def learning_curves(items: list[dict[str, Any]], palette: Palette, path: Path) -
             )
             if len(runs) > 1:
                 ax.fill_between(epochs, arr.min(0), arr.max(0), color=color, alpha=0.15)
-        ax.set(xlabel="epoch", ylabel="validation accuracy", title=dataset, ylim=(0, 1.02))
+        ax.set(xlabel="epoch", ylabel="validation accuracy", title=_short(dataset, 60), ylim=(0, 1.02))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
         longest = max(
             (len(r["_record"].details.get("history", [])) for r in tuned if r["dataset"] == dataset), default=1
@@ -226,7 +232,7 @@ def confusion(config: Config, path: Path) -> Path:
     plt = _plt()
     run = min(config.runs, key=lambda r: r["seed"])["_record"]
     cm = np.asarray(run.metrics["confusion_matrix"])
-    names = [printable(str(n)) for n in run.class_names]
+    names = [_short(printable(str(n))) for n in run.class_names]
     size = max(4.5, 0.45 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size), layout="constrained")
     ax.imshow(cm, cmap="Blues")
@@ -237,7 +243,12 @@ def confusion(config: Config, path: Path) -> Path:
     ax.set(
         xlabel="predicted",
         ylabel="true",
-        title=f"{config.dataset}: {config.label()}\naccuracy {run.metrics['accuracy']:.4f}",
+        title="\n".join(
+            [
+                *textwrap.wrap(f"{_short(config.dataset, 60)}: {config.label()}", int(size * 6)),
+                f"accuracy {run.metrics['accuracy']:.4f}",
+            ]
+        ),
     )
     return _save(fig, path)
 
