@@ -32,6 +32,8 @@ SHOWN = ("model", "dataset", "split", "layer", "weights_id", "pretrained", "imag
 
 def read_manifest(partial: Path) -> dict[str, Any] | None:
     """A `.partial` folder's manifest, or None when it is missing, unreadable or not a JSON object."""
+    if not (partial / MANIFEST).is_file():  # missing, or a FIFO that would be waited on
+        return None
     try:
         value = json.loads((partial / MANIFEST).read_text())
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):

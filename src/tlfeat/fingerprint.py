@@ -156,6 +156,8 @@ def _touched_path(path: Path) -> Path:
 
 def _load_touched(path: Path, sha256: str) -> tuple[dict[int, tuple[int, int]], str]:
     """(stored row -> verified size and time, the listing signature they make) kept beside a cache file."""
+    if not _touched_path(path).is_file():
+        return {}, ""
     try:
         with np.load(_touched_path(path), allow_pickle=False) as f:
             if str(f["sha256"]) != sha256:  # written for an earlier version of the file

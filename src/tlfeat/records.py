@@ -269,10 +269,12 @@ class RunRecord:
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
+        if not Path(path).is_file():  # a FIFO named record.json would be waited on forever
+            raise ValueError("unreadable (not a regular file)")
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"unreadable ({exc})") from exc
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested beyond any record
+            raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from exc
         return cls.from_dict(data, Path(path))
 
 

@@ -89,6 +89,8 @@ def load_block(path: Path) -> Block | None:
     """A saved block, or None when it is unreadable (cut short, edited): it is computed again."""
     try:
         start, _ = (int(x) for x in path.stem.split("-"))
+        if not path.is_file():  # a FIFO or a folder of that name: nothing to read (and never to wait on)
+            return None
         with np.load(path) as f:
             feats, errors, digests = f["features"], f["errors"], f["digests"]
             ids, stats = f["ids"], f["stats"]

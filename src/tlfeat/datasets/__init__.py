@@ -55,7 +55,7 @@ def canonical(data: str) -> str:
     if data.startswith("shards:"):
         return _shards.canonical(data.removeprefix("shards:"))
     path = Path(data).expanduser()
-    if path.exists():
+    if _exists(path):
         if path.is_dir():
             spec = _shard_folder(path)
             return _shards.canonical(spec) if spec else str(path.resolve())
@@ -73,6 +73,13 @@ def canonical(data: str) -> str:
         f"unknown dataset {printable(data)!r}: not a named dataset ({', '.join(named)}), no folder at "
         f"{printable(str(path.resolve()))}, and not shards (*.tar, *.parquet).{did_you_mean(key, list(named))}"
     )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, or one it cannot hold: no path
+        return False
 
 
 def _name_key(text: str) -> str:

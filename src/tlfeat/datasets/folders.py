@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,37 +56,42 @@ class _Walk:
     refused: list[str] = field(default_factory=list)  # links not followed
 
     def folder(self, group: str, path: str, via_link: bool = False) -> None:
-        """List the images under `path` as members of `group`."""
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            log.warning("cannot list %s: %s", printable(path), exc.strerror or exc)
-            return
-        if (st.st_dev, st.st_ino) in self.dirs:
-            return
-        self.dirs.add((st.st_dev, st.st_ino))
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            log.warning("cannot list %s: %s", printable(path), exc.strerror or exc)
-            return
-        for entry in entries:
+        """List the images under `path` as members of `group` (depth first, sorted; no recursion, so
+        a tree thousands of folders deep is listed like any other)."""
+        stack: list[tuple[Iterator[os.DirEntry[str]], bool]] = []
+        self._enter(stack, path, via_link)
+        while stack:
+            entries, linked = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
             if entry.name.startswith("."):
                 continue
             try:
                 link = entry.is_symlink()
                 if entry.is_dir():
-                    if link and not self._may_follow(entry.path):
-                        continue
-                    self.folder(group, entry.path, via_link or link)
+                    if not link or self._may_follow(entry.path):
+                        self._enter(stack, entry.path, linked or link)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     st = entry.stat()
-                    self._file(
-                        group, (entry.path, st.st_size, st.st_mtime_ns), (st.st_dev, st.st_ino), via_link or link
-                    )
+                    self._file(group, (entry.path, st.st_size, st.st_mtime_ns), (st.st_dev, st.st_ino), linked or link)
             except OSError:
                 continue  # vanished, unreadable or a link loop while listing: not an image of this listing
+
+    def _enter(self, stack: list[tuple[Iterator[os.DirEntry[str]], bool]], path: str, via_link: bool) -> None:
+        """Push the sorted entries of the folder `path`, unless this real folder was listed already."""
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in self.dirs:
+                return
+            self.dirs.add((st.st_dev, st.st_ino))
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", printable(path), exc.strerror or exc)
+            return
+        stack.append((iter(entries), via_link))
 
     def _may_follow(self, link: str) -> bool:
         """A linked folder is followed unless it lies in the tree or holds the tree."""

@@ -40,7 +40,13 @@ def is_shard_spec(data: str) -> bool:
 
 def canonical(data: str) -> str:
     """The dataset id of a shard spec: the same spec with absolute paths (wherever it is run from)."""
-    absolute = {k: os.path.abspath(os.path.expanduser(v)) for k, v in parts(data).items()}
+    found = parts(data)
+    empty = [f"split {k!r}" if k else "the pattern" for k, v in found.items() if not v] if found else ["the pattern"]
+    if empty:
+        raise TlfeatError(
+            f"shards {printable(data[:200])!r}: {empty[0]} is empty; give a pattern such as sh/{{0..9}}.tar"
+        )
+    absolute = {k: os.path.abspath(os.path.expanduser(v)) for k, v in found.items()}
     if "val" in absolute and "test" not in absolute:  # as in folder trees: val is the evaluation split
         absolute["test"] = absolute.pop("val")
     if "" in absolute:
@@ -55,7 +61,8 @@ def patterns(dataset_id: str) -> dict[str, str]:
 
 def _files(pattern: str) -> list[str]:
     files: list[str] = []
-    for expanded in braceexpand(pattern):
+    literal = [pattern] if os.path.isfile(pattern) else []  # `a[1].tar` or `{x}.tar` that exists: that file
+    for expanded in literal or braceexpand(pattern):
         found = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
         files.extend(found)
     missing = [f for f in files if not os.path.exists(f)]

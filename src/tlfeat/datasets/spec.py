@@ -9,6 +9,7 @@ expanded. Commas inside braces belong to the pattern, so `'sh/{a,b}.tar'` is one
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,7 +198,7 @@ def split_list(value: str) -> tuple[str, ...]:
     for piece in (p.strip() for p in split_top(value)):
         if not piece:
             continue
-        mapped = _MAPPED.match(piece)
+        mapped = None if _is_path(piece) else _MAPPED.match(piece)  # a folder named `a=b` is a folder
         if mapped and (not current or mapped.group(1) not in names):
             current.append(piece)
             names.add(mapped.group(1))
@@ -212,3 +213,10 @@ def split_list(value: str) -> tuple[str, ...]:
     if current:
         out.append(",".join(current))
     return tuple(out)
+
+
+def _is_path(text: str) -> bool:
+    try:
+        return os.path.exists(os.path.expanduser(text))
+    except (OSError, ValueError):
+        return False

@@ -33,7 +33,7 @@ def _json(path: Path, default: dict[str, Any]) -> dict[str, Any]:
     """A JSON object from `path`; `default` when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text()) if path.is_file() else default
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return default
     return data if isinstance(data, dict) else default
 

@@ -95,7 +95,7 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
         try:
             meta = json.loads(index.read_text())
             listed = meta.get("records")
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
             listed = exc
         if listed is None and isinstance(meta, dict) and "finished" not in meta:
             log.warning(
