@@ -154,8 +154,8 @@ def _no_pair(cfg: FitConfig, groups: dict[str, dict[str, list[catalog.Entry]]], 
                 f"{lone.get('backend')} and the {other} features from {near[0].get('backend')}, so they do not pair; "
                 f"run `{command}`"
             )
-        broken = f" ({damaged[0].path.name} is damaged; extract rebuilds it)" if damaged else ""
-        return f"cached features{' for ' + what if what else ''} have no {other} split{broken}; run `{command}`"
+        broken = f"; damaged: {damaged[0].path.name} (extract rebuilds it)" if damaged else ""
+        return f"cached features{' for ' + what if what else ''} have no train+test pair (only: {split}{broken}); run `{command}`"
     return f"cached features{' for ' + what if what else ''} have no train+test pair"
 
 

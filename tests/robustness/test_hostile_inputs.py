@@ -309,3 +309,39 @@ def test_the_datasets_modules_import_each_other_without_a_cycle() -> None:
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges[start])
 
     assert not [m for m in modules if reaches(m, m, set())]
+
+
+# --------------------------------------------------------------------------- item 13: our own hostile search
+
+
+def test_item13_a_tree_thousands_of_folders_deep_is_listed(tmp_path: Path) -> None:
+    deep = tmp_path / "ds" / "c0"
+    deep.mkdir(parents=True)
+    for _ in range(1500):  # deeper than Python's recursion limit (made level by level: mkdir recurses too)
+        deep = deep / "d"
+        deep.mkdir()
+    _png(deep / "x.png", 10)
+    _png(tmp_path / "ds" / "c1" / "y.png", 200)
+    _png(tmp_path / "ds" / "c1" / "z.png", 100)
+    _png(tmp_path / "ds" / "c0" / "w.png", 50)
+    ids = [i for split in ("train", "test") for i in datasets.load_split(str(tmp_path / "ds"), split).ids]
+    assert sorted(ids) == sorted(["c0/w.png", "c0" + "/d" * 1500 + "/x.png", "c1/y.png", "c1/z.png"])
+
+
+def test_item13_names_that_break_lines_or_look_like_patterns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlfeat.config import CompareConfig
+
+    (tmp_path / "bad\nname" / "c0").mkdir(parents=True)
+    proc = run("extract", "--data", tmp_path / "bad\nname", *FAST, "--cache-dir", tmp_path / "cache")
+    assert_one_clear_line(proc, "bad\\nname", "no class folders with images")
+    png = _png_bytes(20)
+    literal = _tar(tmp_path / "a[1]{x}.tar", [(str(i), png, str(i % 2).encode()) for i in range(6)])
+    assert len(datasets.load_split(str(literal), "train")) + len(datasets.load_split(str(literal), "test")) == 6
+    for spec, needle in (("shards:", "the pattern is empty"), ("shards:train=a.tar,test=", "split 'test' is empty")):
+        with pytest.raises(TlfeatError, match=needle):
+            datasets.canonical(spec)
+    monkeypatch.chdir(tmp_path)
+    make_tree(tmp_path / "x=1", per_class=2, splits=("",))
+    make_tree(tmp_path / "y=2", per_class=2, splits=("",))
+    cfg = CompareConfig(models="resnet18", datas="x=1,y=2,train=a.tar,test=b.tar", methods="logreg")
+    assert cfg.datas == ("x=1", "y=2", "train=a.tar,test=b.tar")

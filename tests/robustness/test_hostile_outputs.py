@@ -104,12 +104,16 @@ def test_item16_hostile_names_are_escaped_for_each_format(twins: tuple[Path, lis
         with open(out / name) as fh:
             for row in csv.DictReader(fh):
                 assert row["dataset"].startswith("'=HYPERLINK") and row["dataset_id"].startswith("/"), row
-    md = re.sub(r"(?ms)^```.*?^```", "", (out / "report.md").read_text())  # a fenced block shows text as it is
+    raw = (out / "report.md").read_text()
+    assert '\n  "models": [\n' in raw  # the config block keeps its lines
+    md = re.sub(r"(?ms)^```.*?^```", "", raw)  # a fenced block shows text as it is
     assert "<script>" not in md and "<b>x" not in md and "\\<script\\>" in md
+    assert "- **=HYPERLINK" in md and "\\x02" not in md  # the report's own emphasis, and only its own
     assert "| \\=1+2 |" in md or "| =1+2 |" in md  # a class name in a table cell
     assert "a\\|b" in md and "| a|b |" not in md
     html = (out / "report.html").read_text()
     assert "<script>" not in html and "<b>x" not in html and "&lt;script&gt;" in html
+    assert "<li><b>=HYPERLINK" in html and "\\x02" not in html
 
 
 # --------------------------------------------------------------------------- item 5: only folders tlfeat made
@@ -144,6 +148,17 @@ def test_item5_report_writes_only_into_folders_it_made(twins: tuple[Path, list[s
     (copy / ".tlfeat-report").write_text(json.dumps({**marker, "plots": [*marker["plots"], "confusion_gone.png"]}))
     build(copy)
     assert (copy / "plots" / "holiday.png").exists() and not (copy / "plots" / "confusion_gone.png").exists()
+
+
+def test_item5_the_example_report_rebuilds_as_committed(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "docs" / "example-report"
+    copy = tmp_path / "example-report"
+    shutil.copytree(example, copy)
+    proc = run("report", copy)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("report.md", "rows.csv", "summary.csv", "tables.tex"):
+        assert (copy / name).read_text() == (example / name).read_text(), name
+    assert sorted(p.name for p in (copy / "plots").iterdir()) == sorted(p.name for p in (example / "plots").iterdir())
 
 
 # --------------------------------------------------------------------------- item 6: paths read back are confined
@@ -242,6 +257,10 @@ def test_item10_one_bad_entry_in_the_cache_is_listed_and_the_rest_served(tmp_pat
     other.mkdir()
     (other / "manifest.json").write_text("not json")
     (cache_dir / "loop.h5").symlink_to("loop.h5")
+    piped = cache_dir / "resnet18__w__train__0000000000000000.h5.partial"
+    piped.mkdir()
+    os.mkfifo(piped / "manifest.json")  # read, it would be waited on forever
+    os.mkfifo(piped / "0000000000-0000000004.npz")
     os.mkfifo(cache_dir / "pipe__z__train__0000000000000000.h5")
     (cache_dir / "dir__z__test__0000000000000000.h5").mkdir()
     (cache_dir / "cut__z__test__0000000000000000.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
@@ -387,3 +406,20 @@ def test_item13_class_names_at_their_limits_make_a_whole_report(tmp_path: Path) 
     assert (out / "plots" / "confusion_d.png").stat().st_size > 5000
     proc = run("report", out)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_item13_report_reads_no_fifo_and_survives_nested_json(twins: tuple[Path, list[str]], tmp_path: Path) -> None:
+    out, _ = twins
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "compare.json").unlink()  # every record under results/ is read then
+    (copy / "results" / "fits" / "zz").mkdir()
+    os.mkfifo(copy / "results" / "fits" / "zz" / "record.json")
+    proc = run("report", copy, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = (copy / "report.md").read_text()
+    assert "Runs left out (1)" in md and "not a regular file" in md
+    (copy / "compare.json").write_text("[" * 100_000 + "]" * 100_000)
+    proc = run("report", copy, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "compare.json is unreadable or malformed" in (copy / "report.md").read_text()

@@ -245,7 +245,7 @@ def confusion(config: Config, path: Path) -> Path:
         ylabel="true",
         title="\n".join(
             [
-                *textwrap.wrap(f"{_short(config.dataset, 60)}: {config.label()}", int(size * 6)),
+                *textwrap.wrap(f"{_short(config.dataset, 60)}: {config.label()}", int(size * 10) - 15),
                 f"accuracy {run.metrics['accuracy']:.4f}",
             ]
         ),

@@ -42,17 +42,22 @@ def _data(text: Any) -> str:
 
 
 def _spans(text: Any) -> list[tuple[str, str]]:
-    """(mark or "", text) pieces of a block's text; a mark left open ends with its piece."""
+    """(mark or "", printable text) pieces of a block's text; a mark left open ends with its piece."""
     out: list[tuple[str, str]] = []
     mark, current = "", list[str]()
-    for ch in _CONTROL.sub(" ", printable(str(text))):
+    for ch in str(text):
         if ch in _MARKS:
             out.append((mark, "".join(current)))
             mark, current = ("" if mark == ch else ch if not mark else mark), list[str]()
             continue
         current.append(ch)
     out.append((mark, "".join(current)))
-    return [(m, t) for m, t in out if t]
+    return [(m, _data(t)) for m, t in out if t]
+
+
+def _lines(text: Any) -> str:
+    """A code block's text: each line printable, the lines kept."""
+    return "\n".join(printable(line) for line in str(text).splitlines())
 
 
 def plain(text: Any) -> str:
@@ -122,7 +127,7 @@ def markdown(sections: list[tuple[str, Any]]) -> str:
         elif kind == "li":
             lines.append(f"- {md(payload)}")
         elif kind == "code":
-            body = printable(str(payload))
+            body = _lines(payload)
             fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", body)), default=0) + 1)
             lines += [fence, body, fence, ""]
         elif kind == "img":
@@ -174,7 +179,7 @@ def page(sections: list[tuple[str, Any]], title: str) -> str:
                 in_list = True
             body.append(f"<li>{_inline(payload)}</li>")
         elif kind == "code":
-            body.append(f"<pre>{html.escape(printable(str(payload)))}</pre>")
+            body.append(f"<pre>{html.escape(_lines(payload))}</pre>")
         elif kind == "img":
             caption, path = payload
             data = base64.b64encode(Path(path).read_bytes()).decode()
