@@ -324,16 +324,23 @@ def test_item13_a_tree_thousands_of_folders_deep_is_listed(tmp_path: Path) -> No
     _png(tmp_path / "ds" / "c1" / "y.png", 200)
     _png(tmp_path / "ds" / "c1" / "z.png", 100)
     _png(tmp_path / "ds" / "c0" / "w.png", 50)
-    ids = [i for split in ("train", "test") for i in datasets.load_split(str(tmp_path / "ds"), split).ids]
-    assert sorted(ids) == sorted(["c0/w.png", "c0" + "/d" * 1500 + "/x.png", "c1/y.png", "c1/z.png"])
+    try:
+        ids = [i for split in ("train", "test") for i in datasets.load_split(str(tmp_path / "ds"), split).ids]
+        assert sorted(ids) == sorted(["c0/w.png", "c0" + "/d" * 1500 + "/x.png", "c1/y.png", "c1/z.png"])
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses per level: take the chain down first
+        (deep / "x.png").unlink()
+        while deep.name == "d":
+            deep.rmdir()
+            deep = deep.parent
 
 
 def test_item13_names_that_break_lines_or_look_like_patterns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tlfeat.config import CompareConfig
 
-    (tmp_path / "bad\nname" / "c0").mkdir(parents=True)
-    proc = run("extract", "--data", tmp_path / "bad\nname", *FAST, "--cache-dir", tmp_path / "cache")
-    assert_one_clear_line(proc, "bad\\nname", "no class folders with images")
+    tree = make_tree(tmp_path / "tree", per_class=2, classes=("a", "b"))
+    _png(tree / "val" / "new\nclass" / "x.png", 10)  # a class train lacks, named across two lines
+    proc = run("extract", "--data", tree, *FAST, "--cache-dir", tmp_path / "cache")
+    assert_one_clear_line(proc, "class(es) new\\nclass that", "has none of")
     png = _png_bytes(20)
     literal = _tar(tmp_path / "a[1]{x}.tar", [(str(i), png, str(i % 2).encode()) for i in range(6)])
     assert len(datasets.load_split(str(literal), "train")) + len(datasets.load_split(str(literal), "test")) == 6
@@ -345,3 +352,16 @@ def test_item13_names_that_break_lines_or_look_like_patterns(tmp_path: Path, mon
     make_tree(tmp_path / "y=2", per_class=2, splits=("",))
     cfg = CompareConfig(models="resnet18", datas="x=1,y=2,train=a.tar,test=b.tar", methods="logreg")
     assert cfg.datas == ("x=1", "y=2", "train=a.tar,test=b.tar")
+
+
+def test_item13_a_named_dataset_whose_label_file_names_no_class(tmp_path: Path) -> None:
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.zeros((4, 28, 28), np.uint8)
+    (raw / "train-images-idx3-ubyte").write_bytes(
+        bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in images.shape) + images.tobytes()
+    )
+    labels = bytes([0, 1, 200, 3])  # 200: no MNIST class
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + labels)
+    with pytest.raises(TlfeatError, match="gives sample 2 the label 200, but mnist has 10 classes"):
+        datasets.load_split("mnist", "train", tmp_path / "data")

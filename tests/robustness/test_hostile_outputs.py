@@ -148,6 +148,15 @@ def test_item5_report_writes_only_into_folders_it_made(twins: tuple[Path, list[s
     (copy / ".tlfeat-report").write_text(json.dumps({**marker, "plots": [*marker["plots"], "confusion_gone.png"]}))
     build(copy)
     assert (copy / "plots" / "holiday.png").exists() and not (copy / "plots" / "confusion_gone.png").exists()
+    pictures = tmp_path / "pictures"  # plots/ a link to a folder of the user's: written into, it would lose files
+    pictures.mkdir()
+    (pictures / "accuracy_vs_time.png").write_bytes(b"my chart")
+    shutil.rmtree(copy / "plots")
+    (copy / "plots").symlink_to(pictures)
+    with pytest.raises(TlfeatError, match="is a link"):
+        build(copy)
+    assert [p.name for p in pictures.iterdir()] == ["accuracy_vs_time.png"]
+    assert (pictures / "accuracy_vs_time.png").read_bytes() == b"my chart"
 
 
 def test_item5_the_example_report_rebuilds_as_committed(tmp_path: Path) -> None:
@@ -402,7 +411,7 @@ def test_item13_class_names_at_their_limits_make_a_whole_report(tmp_path: Path) 
     compare(_cfg(tmp_path, (str(tree),), ("logreg",)), echo=lambda _line: None)
     out = tmp_path / "report"
     md = (out / "report.md").read_text()
-    assert "caf\\\\udce9" in md and "\\$\\\\alpha^\\$" in md and "x" * 200 in md
+    assert "caf\\\\xe9" in md and "\\$\\\\alpha^\\$" in md and "x" * 200 in md
     assert (out / "plots" / "confusion_d.png").stat().st_size > 5000
     proc = run("report", out)
     assert proc.returncode == 0, proc.stderr

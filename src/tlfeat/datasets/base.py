@@ -17,6 +17,7 @@ import numpy as np
 
 from tlfeat import images
 from tlfeat.datasets.readers import parquet_bytes, read_range
+from tlfeat.errors import TlfeatError, printable
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -115,6 +116,13 @@ def from_arrays(
     ids: tuple[str, ...] | None = None,
 ) -> ImageSplit:
     labels = np.asarray(labels, dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(bad):  # a damaged or edited label file: one line, never an index error further on
+        where = source_files[-1] if source_files else source
+        raise TlfeatError(
+            f"{printable(where)} gives sample {int(bad[0])} the label {int(labels[bad[0]])}, but {name} has "
+            f"{len(classes)} classes (0-{len(classes) - 1}); replace the file with a good copy"
+        )
     return ImageSplit(
         dataset=name,
         split=split,

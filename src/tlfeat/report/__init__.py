@@ -72,6 +72,8 @@ def _made_plots(out: Path) -> list[str]:
 
 def make_plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
     folder = out / "plots"
+    if folder.is_symlink():  # its plots would land (and old ones be removed) in a folder of someone else's
+        raise TlfeatError(f"{printable(str(folder))} is a link; remove it, and tlfeat makes a plots folder of its own")
     folder.mkdir(exist_ok=True)
     palette = plots.Palette(sorted({r["method"] for r in items}), sorted({r["model"] for r in items}))
     made: dict[str, Path] = {}
