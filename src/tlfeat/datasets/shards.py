@@ -61,8 +61,9 @@ def patterns(dataset_id: str) -> dict[str, str]:
 
 def _files(pattern: str) -> list[str]:
     files: list[str] = []
-    literal = [pattern] if os.path.isfile(pattern) else []  # `a[1].tar` or `{x}.tar` that exists: that file
-    for expanded in literal or braceexpand(pattern):
+    if os.path.isfile(pattern):  # `a[1].tar` or `{x}.tar` that exists is that file, not a pattern
+        return [pattern]
+    for expanded in braceexpand(pattern):
         found = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
         files.extend(found)
     missing = [f for f in files if not os.path.exists(f)]
