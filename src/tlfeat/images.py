@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
-# What an image is read from: ("path", str), ("bytes", bytes) or ("array", uint8 ndarray).
+# What an image is read from: ("path", str), ("bytes", bytes), ("array", uint8 ndarray), or ("error", why not).
 Item = tuple[str, Any]
 
 
@@ -47,6 +47,8 @@ def read(item: Item) -> tuple[bytes | np.ndarray, str]:
     if kind == "array":
         array, name = value
         return array, str(name)
+    if kind == "error":  # an image its source could not even hand over (a shard member over the size limit)
+        raise TlfeatError(str(value))
     raise TlfeatError(f"internal: unknown image item kind {kind!r}")
 
 

@@ -339,7 +339,7 @@ def test_item13_names_that_break_lines_or_look_like_patterns(tmp_path: Path, mon
 
     tree = make_tree(tmp_path / "tree", per_class=2, classes=("a", "b"))
     _png(tree / "val" / "new\nclass" / "x.png", 10)  # a class train lacks, named across two lines
-    proc = run("extract", "--data", tree, *FAST, "--cache-dir", tmp_path / "cache")
+    proc = run("extract", "--data", tree, *FAST, "--split", "test", "--cache-dir", tmp_path / "cache")
     assert_one_clear_line(proc, "class(es) new\\nclass that", "has none of")
     png = _png_bytes(20)
     literal = _tar(tmp_path / "a[1]{x}.tar", [(str(i), png, str(i % 2).encode()) for i in range(6)])
@@ -365,3 +365,17 @@ def test_item13_a_named_dataset_whose_label_file_names_no_class(tmp_path: Path) 
     (raw / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + labels)
     with pytest.raises(TlfeatError, match="gives sample 2 the label 200, but mnist has 10 classes"):
         datasets.load_split("mnist", "train", tmp_path / "data")
+
+
+def test_item13_a_shard_member_over_the_size_limit_is_skipped_like_any_unreadable_image(tmp_path: Path) -> None:
+    big = np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")  # 88 kB
+    shard = _tar(
+        tmp_path / "s.tar",
+        [*[(f"k{i}", _png_bytes(20 * i), str(i % 2).encode()) for i in range(8)], ("zz", buf.getvalue(), b"1")],
+    )
+    common = ["--data", shard, *FAST, "--split", "train", "--cache-dir", tmp_path / "cache"]
+    proc = run("extract", *common, "--on-error", "skip", TLFEAT_MAX_IMAGE_MB="0.05")
+    assert proc.returncode == 0 and "skipped 1 unreadable" in proc.stdout, proc.stderr
+    assert "above the limit of 0.05 MB per image" in proc.stdout

@@ -52,10 +52,13 @@ class ImageSplit:
         if self.kind == "arrays":
             assert self.arrays is not None
             return ("array", (self.arrays[i], self.ids[i]))
-        if self.kind == "members":
-            tar, offset, size = self.refs[i]
-            return ("bytes", (read_range(tar, offset, size), f"{tar}:{self.ids[i]}"))
-        return ("bytes", (parquet_bytes(self.refs[i]), f"{self.refs[i][0]}:{self.ids[i]}"))
+        try:  # read here, in the main process; what cannot be read fails where decoding errors are handled
+            if self.kind == "members":
+                tar, offset, size = self.refs[i]
+                return ("bytes", (read_range(tar, offset, size), f"{tar}:{self.ids[i]}"))
+            return ("bytes", (parquet_bytes(self.refs[i]), f"{self.refs[i][0]}:{self.ids[i]}"))
+        except TlfeatError as exc:  # so `--on-error skip` records it like any unreadable image
+            return ("error", str(exc))
 
     def items(self, indices: Any) -> list[images.Item]:
         return [self.item(int(i)) for i in indices]
