@@ -6,12 +6,13 @@ from typing import Any
 
 import click
 
+from tlfeat.backbones.base import PENULTIMATE
 from tlfeat.config import ExtractConfig
 from tlfeat_cli.main import user_errors
 from tlfeat_cli.options import from_config, given, quiet_option
 
 FIELDS = (
-    "model", "data", "splits", "layer", "weights_id", "weights_file", "untrained", "seed", "image_size", "limit",
+    "model", "data", "splits", "layer", "pool", "weights_id", "weights_file", "untrained", "seed", "image_size", "limit",
     "test_limit", "subset_seed", "label_field", "fast_decode", "precision", "backend", "device", "batch_size", "workers",
     "on_error", "update", "verify_content", "engine", "address", "num_workers", "gpus_per_worker", "cache_dir", "data_dir",
 )  # fmt: skip
@@ -40,7 +41,7 @@ def command(quiet: bool, **options: Any) -> None:
             how = f"updated ({fs.changes.summary()}): {m['computed_rows']} computed, {m['carried_rows']} carried over"
         else:
             how = f"computed in {m['extract_seconds']:.1f}s, {m['images_per_second']:.0f} img/s"
-        layer = "" if m.get("layer") == "penultimate" else f" [{m.get('layer')}]"
+        layer = "" if m.get("layer") == PENULTIMATE else f" [{m.get('layer')}]"
         click.echo(
             f"{m['split']:>5}{layer}: {fs.X.shape[0]} x {fs.X.shape[1]}  {how} [{m.get('backend')}]  -> {fs.path}"
         )

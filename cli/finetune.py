@@ -29,11 +29,12 @@ FIELDS = (
 def command(repeats: int, quiet: bool, as_json: bool, **options: Any) -> None:
     """Train the backbone end to end with a new head, for comparison with frozen features."""
     from tlfeat.errors import TlfeatError
-    from tlfeat.finetune import finetune, summarize
 
     if not REPEATS.ok(repeats):
         raise TlfeatError(f"--repeats must be {REPEATS.describe()}, got {repeats}")
-    cfg = FinetuneConfig(**given(options), progress=not quiet)
+    cfg = FinetuneConfig(**given(options), progress=not quiet)  # refused here before torch is imported
+    from tlfeat.finetune import finetune, summarize
+
     results = finetune(cfg, repeats=repeats)
     for res in results:
         r = res.record

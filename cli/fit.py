@@ -34,14 +34,16 @@ FIELDS = (
 @user_errors()
 def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool, **options: Any) -> None:
     """Train a classifier on every selected pair of cached train/test features and report test metrics."""
+    cfg = FitConfig(**given(options))  # bad arguments are refused before scikit-learn is imported
     from tlfeat.datasets import display_names
     from tlfeat.fitting import fit
     from tlfeat.fitting import table as make_table
+    from tlfeat.records import variants
 
-    cfg = FitConfig(**given(options))
     skipped: list[str] = []
     results = fit(cfg, allow_stale=allow_stale, data_dir=data_dir, skipped=skipped)
-    names = display_names(res.record.dataset for res in results)
+    labels = variants([res.record for res in results])  # what sets a line apart from the others
+    names = display_names(res.record.dataset for res in results)  # two folders named "data" are two
     for res in results:
         r = res.record
         m, t = r.metrics, r.timings
@@ -53,8 +55,10 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
             else f"fit {t.train_seconds:.2f}s (+C search {t.search_seconds:.1f}s), predict {t.predict_seconds:.2f}s"
         )
         untrained = "" if r.pretrained else " [UNTRAINED backbone]"
+        variant = f" [{labels[id(r)]}]" if labels[id(r)] else ""
         line = (
-            f"{r.method} {r.model}/{names[r.dataset]} ({r.layer}, n_train {r.n_train}, n_test {r.n_test}){untrained}: "
+            f"{r.method} {r.model}/{names[r.dataset]} ({r.layer}, {r.image_size} px, n_train {r.n_train}, "
+            f"n_test {r.n_test}){untrained}{variant}: "
             f"accuracy {m['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), balanced {m['balanced_accuracy']:.4f}, ROC AUC {auc}, "
             f"C={r.params['C']:g}; {how}  -> {res.path.parent}"
         )

@@ -135,6 +135,23 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    status = logging.getLogger("tlfeat.status")  # what a wait is doing; a command's -q turns it off
+    if not any(isinstance(h, StatusHandler) for h in status.handlers):
+        status.addHandler(StatusHandler())
+    status.propagate = False
+    status.setLevel(logging.INFO)
+
+
+class StatusHandler(logging.Handler):
+    """Status lines on stderr as `tlfeat: ...`, above any progress bar (tqdm redraws it below)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"tlfeat: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - a status line must never stop the work
+            self.handleError(record)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ Bounds are checked by the config, never here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,17 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (messages go to stderr).")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:  # status lines ("exporting ...", "fetching ...") are hidden with the bars
+        logging.getLogger("tlfeat.status").setLevel(logging.WARNING)
+    return value
+
+
+quiet_option = click.option(
+    "--quiet", "-q", is_flag=True, callback=_quiet, expose_value=True, help="No progress bars, no status lines."
+)
 
 
 def table(rows: list[list[Any]] | list[tuple[Any, ...]], header: list[str]) -> str:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,15 @@ from PIL import Image
 def pytest_configure(config: pytest.Config) -> None:
     # Also for module-scoped fixtures, which run before the per-test environment below.
     os.environ["TLFEAT_BACKEND"] = "torch"
+    # ONNX exports: one model cache for the session, as on a user's machine (never the user's own);
+    # a test that inspects or damages exports sets its own with monkeypatch.
+    os.environ["TLFEAT_MODEL_CACHE"] = tempfile.mkdtemp(prefix="tlfeat-models-")
+    os.environ["TLFEAT_RESULTS_DIR"] = tempfile.mkdtemp(prefix="tlfeat-results-")  # never ./results
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name in ("TLFEAT_MODEL_CACHE", "TLFEAT_RESULTS_DIR"):
+        shutil.rmtree(os.environ.get(name, ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +31,7 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TLFEAT_BACKEND", "torch")  # tests of the ONNX Runtime backend ask for it by name
     monkeypatch.setenv("TLFEAT_CACHE_DIR", str(tmp_path / "features_cache"))
     monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TLFEAT_RESULTS_DIR", str(tmp_path / "results"))
 
 
 def _pattern(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:

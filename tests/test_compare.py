@@ -30,6 +30,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[CompareConfig, 
         workers=0,
         out=root / "report",
         cache_dir=root / "cache",
+        results_dir=root / "results",
     )
     compare(cfg, echo=lambda _line: None)
     return cfg, root / "report"
@@ -88,11 +89,11 @@ def test_report_rebuilds_identical_output(small_run: tuple[CompareConfig, Path])
 def test_second_compare_reuses_everything(small_run: tuple[CompareConfig, Path]) -> None:
     cfg, out = small_run
     lines: list[str] = []
-    records_before = sorted(p.stat().st_mtime_ns for p in (out / "results").glob("*/*/record.json"))
+    records_before = sorted(p.stat().st_mtime_ns for p in cfg.runs_dir.glob("*/*/record.json"))
     compare(cfg, echo=lines.append)
     # The 4 failed cells are tried again (and fail again); the 4 completed ones are reused.
     assert lines[0] == "plan: 8 cells: 2 extract + fit, 2 fine-tune, 4 reuse"
-    assert sorted(p.stat().st_mtime_ns for p in (out / "results").glob("*/*/record.json")) == records_before
+    assert sorted(p.stat().st_mtime_ns for p in cfg.runs_dir.glob("*/*/record.json")) == records_before
 
 
 def test_unknown_names_are_reported_all_at_once() -> None:

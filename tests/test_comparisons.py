@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tlfeat import ExtractConfig, extract, metrics, stats
+from tlfeat import ExtractConfig, config, extract, metrics, stats
 from tlfeat.compare import compare
 from tlfeat.config import CompareConfig, FinetuneConfig
 from tlfeat.finetune import finetune_one
@@ -215,7 +215,7 @@ def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
     # A field of the wrong type: the record is skipped with a warning, no crash.
     data["metrics"]["accuracy"] = "high"
     perfect.write_text(json.dumps(data))
-    for args in (["report", str(out)], ["results", "--results-dir", str(out / "results")]):
+    for args in (["report", str(out)], ["results", "--results-dir", str(cfg.runs_dir)]):
         caplog.clear()
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0 and "not a number" in caplog.text, result.output
@@ -230,13 +230,14 @@ def test_runs_on_earlier_versions_of_the_data_are_not_pooled(tmp_path: Path) -> 
     from tlfeat.report.rows import rows
 
     tree = make_tree(tmp_path / "tree", per_class=6)
-    cfg = _small(tmp_path, (str(tree),), ("logreg",))
+    # Runs inside the report folder, as tlfeat 0.2 kept them: such folders stay readable without compare.json.
+    cfg = _small(tmp_path, (str(tree),), ("logreg",), results_dir=tmp_path / "report" / "results")
     compare(cfg, echo=lambda _line: None)
     (tree / "train" / "ants" / "1.png").unlink()
     lines: list[str] = []
     compare(cfg, echo=lines.append)
     assert any("update + fit" in line for line in lines), lines  # the plan says the cell is computed again
-    assert len(list((tmp_path / "report" / "results" / "fits").glob("*/record.json"))) == 2
+    assert len(list((cfg.runs_dir / "fits").glob("*/record.json"))) == 2
     assert len(rows(tmp_path / "report")) == 1  # compare.json lists the current run only
     (tmp_path / "report" / "compare.json").unlink()
     [row] = rows(tmp_path / "report")  # without it, the newer of the two runs of one configuration
@@ -296,3 +297,24 @@ def test_a_binary_test_split_with_one_class_still_gets_a_report(tmp_path: Path) 
     md = (tmp_path / "r" / "report.md").read_text()
     assert "the most accurate is" in md and "—" in md  # no ROC AUC with one class in the test split
     assert len(json.loads((tmp_path / "r" / "compare.json").read_text())["records"]) == 1  # logreg once
+
+
+def test_compare_fit_and_results_share_one_result_store(tmp_path: Path) -> None:
+    """compare saves its runs in the project's results/ (TLFEAT_RESULTS_DIR): `tlfeat results` lists them,
+    `tlfeat fit` with the same key reuses compare's fit, and the report points into the store."""
+    cfg = _small(tmp_path, ("digits",), ("logreg",), limit=60, test_limit=20)
+    assert cfg.runs_dir == config.default_results_dir() == tmp_path / "results"
+    compare(cfg, echo=lambda _line: None)
+    [made] = list((tmp_path / "results" / "fits").glob("*/record.json"))
+    assert not (tmp_path / "report" / "results").exists()
+    [listed] = json.loads((tmp_path / "report" / "compare.json").read_text())["records"]
+    assert (tmp_path / "report" / listed).resolve() == made.resolve()
+
+    shown = CliRunner().invoke(cli, ["results"])
+    assert shown.exit_code == 0 and "resnet18" in shown.output and "logreg" in shown.output, shown.output
+    fitted = CliRunner().invoke(
+        cli,
+        ["fit", "--clf", "logreg", "--model", "resnet18", "--data", "digits", "--cache-dir", str(tmp_path / "cache")],
+    )
+    assert fitted.exit_code == 0 and "reused" in fitted.output and str(made.parent) in fitted.output, fitted.output
+    assert list((tmp_path / "results" / "fits").glob("*/record.json")) == [made]

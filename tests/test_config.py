@@ -24,6 +24,7 @@ CHANGED: dict[str, Any] = {
     "model": "resnet18",
     "data": "PLACEHOLDER",  # another folder, filled in below
     "layer": "layer3",
+    "pool": "cls",
     "weights_id": "IMAGENET1K_V2",
     "weights_file": "PLACEHOLDER",
     "untrained": True,
@@ -70,6 +71,7 @@ def test_every_key_field_reaches_the_cache_key(tree: Path, tmp_path: Path, monke
         "subset_seed": {"limit": 5},
         "device": {"backend": "torch"},
         "precision": {"backend": "torch"},
+        "pool": {"model": "timm:test_vit"},  # token pooling: a transformer's
     }
     for name, value in values.items():
         if name == "label_field":

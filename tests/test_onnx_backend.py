@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlfeat import ExtractConfig, extract, onnx_backend
+from tlfeat import ExtractConfig, config, extract, onnx_backend
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction import choose_backend
 
@@ -41,9 +41,10 @@ def test_features_match_the_torch_backend(tree: Path, tmp_path: Path, model_kw: 
 def test_export_is_made_once_and_auto_reuses_other_backends(
     tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))
     cache_dir = tmp_path / "c"
     extract(_cfg(tree, cache_dir, "onnxruntime", model="resnet18", untrained=True))
-    [export] = list((cache_dir / "onnx").glob("*.onnx"))
+    [export] = list((config.model_cache_dir() / "onnx").glob("*.onnx"))
     mtime = export.stat().st_mtime_ns
 
     calls = []

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tlfeat import ExtractConfig, cache, catalog, extract, freshness
+from tlfeat import ExtractConfig, cache, catalog, config, extract, freshness
 from tlfeat.errors import CacheDamaged, StaleFeatures
 from tlfeat.fitting import FitConfig, fit
 from tlfeat_cli.main import cli
@@ -209,10 +209,11 @@ def test_resume_over_a_changed_image_list_never_misplaces_rows(tmp_path: Path, m
     assert resumed.ids == fresh.ids and np.array_equal(resumed.X, fresh.X)
 
 
-def test_a_damaged_onnx_export_is_detected_and_made_again(tmp_path: Path) -> None:
+def test_a_damaged_onnx_export_is_detected_and_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))  # this test damages its export
     tree = make_tree(tmp_path / "tree", per_class=4)
     [good, _] = extract(_cfg(tree, tmp_path / "c1", backend="onnxruntime"))
-    [export] = list((tmp_path / "c1" / "onnx").glob("*.onnx"))
+    [export] = list((config.model_cache_dir() / "onnx").glob("*.onnx"))
     data = bytearray(export.read_bytes())
     rng = np.random.default_rng(0)
     for i in rng.integers(len(data) // 2, len(data) - 1, 64):
@@ -222,7 +223,7 @@ def test_a_damaged_onnx_export_is_detected_and_made_again(tmp_path: Path) -> Non
         path.unlink()  # the features must be computed again, through the export
     [again, _] = extract(_cfg(tree, tmp_path / "c1", backend="onnxruntime"))
     assert np.array_equal(again.X, good.X)
-    assert list((tmp_path / "c1" / "onnx").glob("*.onnx.damaged"))
+    assert list((config.model_cache_dir() / "onnx").glob("*.onnx.damaged"))
     meta = json.loads(export.with_name(export.name + ".json").read_text())
     assert meta["weights_id"] == "untrained:seed0" and len(meta["sha256"]) == 64
 

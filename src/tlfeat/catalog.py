@@ -41,7 +41,7 @@ def read_manifest(partial: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _shown(manifest: dict[str, Any]) -> dict[str, Any] | None:
+def _in_progress(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """What `ls` shows of a run in progress, from its manifest; None when the manifest is malformed."""
     attrs = manifest.get("attrs", {})
     if not isinstance(attrs, dict) or not isinstance(manifest.get("key", ""), str):
@@ -115,7 +115,7 @@ def _entry(path: Path, verify: bool) -> Entry | None:
 def _partial(path: Path) -> Entry | None:
     name = path.name
     manifest = read_manifest(path)
-    shown = _shown(manifest) if manifest is not None else None
+    shown = _in_progress(manifest) if manifest is not None else None
     final = path.with_name(name[: -len(PARTIAL)])
     if shown is not None and final.is_file() and _finished(final, shown):
         return None
@@ -160,8 +160,14 @@ def matches(attrs: dict[str, Any], **selectors: Any) -> bool:
     return all(_same(attrs.get(k), v) for k, v in selectors.items() if v is not None)
 
 
-def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: Any) -> Path:
-    """The one complete cache file matching (model, dataset, split) and any given selectors."""
+def find(
+    cache_dir: Path, model: str, dataset_id: str, split: str, prefer: dict[str, Any] | None = None, **selectors: Any
+) -> Path:
+    """The one complete cache file matching (model, dataset, split) and any given selectors.
+
+    Where several match, `prefer` (the defaults of the selectors not given: the weights' own image
+    size, no limit...) picks the one `tlfeat extract` makes without options, if it is among them.
+    """
     entries = scan(cache_dir)
     candidates = [
         e
@@ -171,9 +177,10 @@ def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: 
         and e.attrs.get("dataset") == dataset_id
         and e.attrs.get("split") == split
     ]
+    from tlfeat.backbones.base import slug
     from tlfeat.datasets import dataset_slug
 
-    prefix = f"{model}__{dataset_slug(dataset_id)}__{split}__"
+    prefix = f"{slug(model)}__{dataset_slug(dataset_id)}__{split}__"
     damaged = [e for e in entries if e.status == "damaged" and e.path.name.startswith(prefix)]
     if not candidates and damaged:
         raise CacheDamaged(damaged[0].problem)
@@ -184,25 +191,37 @@ def find(cache_dir: Path, model: str, dataset_id: str, split: str, **selectors: 
         )
     wanted = {k: v for k, v in selectors.items() if v is not None}
     matching = [e for e in candidates if matches(e.attrs, **wanted)]
-    if len(matching) > 1 and "limit" not in wanted:  # no limit asked: the whole split, where cached
-        whole = [e for e in matching if e.attrs.get("limit") in (None, "", 0)]
-        matching = whole if len(whole) == 1 else matching
+    defaults = {"limit": None, **(prefer or {})}  # no limit asked: the whole split, where cached
+    for key, value in defaults.items():  # each default not asked for narrows, where some variant has it
+        usual = [e for e in matching if _shown(e.attrs, key) == _shown({key: value}, key)]
+        if key not in wanted and len(matching) > 1 and usual:
+            matching = usual
     if len(matching) == 1:
         return matching[0].path
-    describe = "; ".join(describe_variant(e.attrs) for e in (matching or candidates))
     if not matching:
+        describe = "; ".join(describe_variant(e.attrs) for e in candidates)
         raise CacheMismatch(
             f"cached features for {model}/{dataset_id}/{split} exist but none has "
-            f"{', '.join(f'{k}={v}' for k, v in wanted.items())}; stored: {describe}"
+            f"{', '.join(f'{k}={_shown({k: v}, k)}' for k, v in wanted.items())}; stored: {describe}"
         )
+    differ = {k: sorted({_shown(e.attrs, k) for e in matching}) for k in SELECTORS}
+    choices = ", and ".join(" or ".join(f"{k}={v}" for v in values) for k, values in differ.items() if len(values) > 1)
     raise CacheMismatch(
-        f"{len(matching)} cached feature sets match {model}/{dataset_id}/{split}; pick one with "
-        f"layer=, weights_id=, image_size=, limit= or subset_seed=. Stored: {describe}"
+        f"{len(matching)} cached feature sets match {model}/{dataset_id}/{split}; add "
+        f"{choices or 'a selector'} to pick one (stored: {'; '.join(describe_variant(e.attrs) for e in matching)})"
     )
 
 
+def _shown(attrs: dict[str, Any], key: str) -> str:
+    """A selector's value as a user writes it: no limit (stored as 0) is `None`."""
+    value = attrs.get(key)
+    if value in (None, "") or (key == "limit" and value == 0):
+        return "None"
+    return str(value)
+
+
 def describe_variant(attrs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={attrs.get(k) if attrs.get(k) not in (None, '') else '-'}" for k in SELECTORS)
+    return ", ".join(f"{k}={_shown(attrs, k)}" for k in SELECTORS)
 
 
 def _same(stored: Any, wanted: Any) -> bool:

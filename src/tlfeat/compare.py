@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Cell:
-    model: str  # "resnet18" or "resnet18:untrained"
+    model: str  # "resnet18", "timm:resnet18" or either with ":untrained"
     data: str
     method: str
     seed: int
@@ -42,11 +42,11 @@ class Cell:
 
     @property
     def backbone(self) -> str:
-        return self.model.split(":", 1)[0]
+        return backbones.split_variant(self.model)[0]
 
     @property
     def untrained(self) -> bool:
-        return self.model.endswith(":untrained")
+        return backbones.split_variant(self.model)[1]
 
     @property
     def parsed(self) -> Method:
@@ -65,13 +65,11 @@ def check(cfg: CompareConfig) -> None:
 
     problems: list[str] = []
     for model in cfg.models:
-        name, _, suffix = model.partition(":")
-        if suffix not in ("", "untrained"):
-            problems.append(f"model spec {model!r}: the only suffix is ':untrained'")
+        name, _ = backbones.split_variant(model)
         try:
             backbones.check_model(name)
         except TlfeatError as exc:
-            problems.append(str(exc).split(" Run ")[0])
+            problems.append(_suffix_problem(name) or str(exc).split(" Run ")[0])
     for data in cfg.datas:
         try:
             dataset = datasets.canonical(data)
@@ -91,8 +89,8 @@ def check(cfg: CompareConfig) -> None:
     for layer in cfg.layers:
         for model in cfg.models:
             try:
-                if layer != "penultimate":
-                    backbones.check_layers(model.split(":", 1)[0], [layer])
+                if layer != backbones.PENULTIMATE:
+                    backbones.check_layers(backbones.split_variant(model)[0], [layer])
             except TlfeatError as exc:
                 problems.append(str(exc).split(" Run ")[0])
     if not problems:
@@ -103,6 +101,18 @@ def check(cfg: CompareConfig) -> None:
         raise TlfeatError(f"{len(problems)} problem(s), nothing was run: " + " | ".join(problems))
 
 
+def _suffix_problem(name: str) -> str | None:
+    """`resnet18:frozen`: a known model with a suffix other than `:untrained`."""
+    head, sep, suffix = name.rpartition(":")
+    if not sep or not head:
+        return None
+    try:
+        backbones.check_model(head)
+    except TlfeatError:
+        return None
+    return f"model spec {name!r}: the only suffix is ':{backbones.base.UNTRAINED}', not ':{suffix}'"
+
+
 def _too_many_frozen_blocks(cfg: CompareConfig) -> list[str]:
     """`finetune:freeze:k` with k above a model's number of blocks."""
     from tlfeat import strategies
@@ -111,7 +121,7 @@ def _too_many_frozen_blocks(cfg: CompareConfig) -> list[str]:
     frozen = [
         m.strategy for m in map(Method.parse, cfg.methods) if m.strategy is not None and m.strategy.kind == "freeze"
     ]
-    for name in dict.fromkeys(model.split(":", 1)[0] for model in cfg.models):
+    for name in dict.fromkeys(backbones.split_variant(model)[0] for model in cfg.models):
         for strategy in frozen:
             try:
                 strategies.check_blocks(name, strategy)
@@ -130,7 +140,7 @@ def cells(cfg: CompareConfig) -> list[Cell]:
             for method in dict.fromkeys(map(Method.parse, cfg.methods)):  # logreg,logreg is one method
                 name = model
                 if method.is_scratch:  # random weights anyway: MODEL and MODEL:untrained are one run
-                    name = model.split(":", 1)[0]
+                    name = backbones.split_variant(model)[0]
                     if name in scratch_done:
                         continue
                     scratch_done.add(name)
@@ -140,7 +150,7 @@ def cells(cfg: CompareConfig) -> list[Cell]:
                 ]
             frozen = [m for m in cfg.methods if Method.parse(m).is_frozen]
             for layer in cfg.layers:
-                if layer == "penultimate" or not frozen:
+                if layer == backbones.PENULTIMATE or not frozen:
                     continue
                 for r in range(cfg.repeats):
                     first = str(Method.parse(frozen[0]))
@@ -154,8 +164,8 @@ def _subset(cfg: CompareConfig, repeat: int) -> int:
 
 def extract_config(cfg: CompareConfig, cell: Cell) -> ExtractConfig:
     """One pass over the images gives every layer of the sweep: the cell asks for all of them."""
-    sweep = [layer for layer in cfg.layers if layer != "penultimate"]
-    layers = ",".join(["penultimate", *sweep]) if sweep else None
+    sweep = [layer for layer in cfg.layers if layer != backbones.PENULTIMATE]
+    layers = ",".join([backbones.PENULTIMATE, *sweep]) if sweep else None
     return ExtractConfig(
         model=cell.backbone,
         untrained=cell.untrained,
@@ -183,7 +193,7 @@ def fit_config(cfg: CompareConfig, cell: Cell) -> FitConfig:
         C=cfg.C,
         model=cell.backbone,
         data=cell.data,
-        layer=cell.layer or "penultimate",
+        layer=backbones.layer_name(cell.layer),
         seed=cell.seed,
         cache_dir=cfg.cache_dir,
         results_dir=cfg.runs_dir,
@@ -218,8 +228,8 @@ def finetune_config(cfg: CompareConfig, cell: Cell) -> FinetuneConfig:
 def _cell_targets(cfg: CompareConfig, cell: Cell) -> list[Any]:
     from tlfeat import extraction
 
-    layer = cell.layer or "penultimate"
-    return [t for t in extraction.plan(extract_config(cfg, cell)) if (t.layer or "penultimate") == layer]
+    layer = backbones.layer_name(cell.layer)
+    return [t for t in extraction.plan(extract_config(cfg, cell)) if backbones.layer_name(t.layer) == layer]
 
 
 def planned(cfg: CompareConfig, cell: Cell) -> str:
@@ -257,7 +267,7 @@ def run_cell(cfg: CompareConfig, cell: Cell) -> RunRecord:
 
     if cell.parsed.is_finetune:
         return finetune.finetune_one(finetune_config(cfg, cell)).record
-    layer = cell.layer or "penultimate"
+    layer = backbones.layer_name(cell.layer)
     found = [fs for fs in extraction.extract(extract_config(cfg, cell)) if str(fs.meta.get("layer")) == layer]
     train, test = (next(fs for fs in found if fs.split == s) for s in ("train", "test"))
     assert train.path is not None and test.path is not None

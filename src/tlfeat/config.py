@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tlfeat.backbones.base import POOLS, parse_layers
 from tlfeat.constraints import Choice, Interval, NameList, Pattern, Positive, Text, key, setting, validate
 
 # --------------------------------------------------------------------------- environment
@@ -43,6 +44,14 @@ def tlfeat_home() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tlfeat"
 
 
+def model_cache_dir() -> Path:
+    """Where ONNX exports live (`TLFEAT_MODEL_CACHE`, default TLFEAT_HOME/models): one per user, shared
+    by every cache folder and project, like torch's TORCH_HOME for weights."""
+    if folder := env("TLFEAT_MODEL_CACHE"):
+        return Path(folder).expanduser()
+    return tlfeat_home() / "models"
+
+
 def default_data_dir() -> Path:
     return Path(env("TLFEAT_DATA_DIR")).expanduser() if env("TLFEAT_DATA_DIR") else tlfeat_home() / "data"
 
@@ -51,6 +60,24 @@ def torch_home() -> Path:
     """torch's hub folder without importing torch (the rule of `torch.hub.get_dir`)."""
     base = env("TORCH_HOME") or os.path.join(env("XDG_CACHE_HOME", "~/.cache"), "torch")
     return Path(base).expanduser() / "hub"
+
+
+def hf_hub_cache() -> Path:
+    """Hugging Face's hub cache (timm, open_clip and transformers share it), found without importing it."""
+    if value := env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE"):
+        return Path(value).expanduser()
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def open_clip_cache() -> Path:
+    """Where open_clip keeps weights it downloads from a URL (its default, `~/.cache/clip`)."""
+    return Path(env("TLFEAT_OPEN_CLIP_CACHE", "~/.cache/clip")).expanduser()
+
+
+def hub_offline() -> bool:
+    """No download from any model hub: TLFEAT_OFFLINE, or Hugging Face's own HF_HUB_OFFLINE."""
+    return offline() or env_flag("HF_HUB_OFFLINE")
 
 
 def cores() -> int:
@@ -133,15 +160,26 @@ def _paths(config: Any, *names: str) -> None:
 class ExtractConfig:
     """One extraction request. `key` fields change the numbers and are in the cache key."""
 
-    model: str = key(help="torchvision model name, e.g. resnet50 (see `tlfeat models`).", check=NAME, cli="--model")
+    model: str = key(
+        help="Model: a torchvision name (resnet50), or timm:NAME, open_clip:ARCH/TAG, hf:ORG/NAME, custom:MODULE:FUNCTION (see `tlfeat models`).",
+        check=NAME,
+        cli="--model",
+    )
     data: str = key(help="Dataset name (see `tlfeat datasets`), an image folder, or shards.", check=NAME)
     splits: tuple[str, ...] | None = setting(None, help="Split(s) to extract; default: every split.", cli="--split")
     layer: str | None = key(
         None, help="Layer(s) to pool instead of the penultimate one, comma-separated.", check=NameList(nullable=True)
     )
-    weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
+    pool: str | None = key(
+        None,
+        help="Transformers: pool the tokens as cls, mean (of the patch tokens, registers left out) or cls+mean (default: the model's own).",
+        check=Choice(POOLS, nullable=True),
+    )
+    weights_id: str | None = key(
+        None, help="Weights entry (torchvision default IMAGENET1K_V1; see `tlfeat models`).", check=OPTIONAL_NAME
+    )
     weights_file: Path | None = key(
-        None, help="Explicit weights file (state dict or a tlfeat checkpoint).", cli="--weights"
+        None, help="Explicit weights file (safetensors, a state dict or a tlfeat checkpoint).", cli="--weights"
     )
     untrained: bool = key(False, help="Random weights (seeded): a no-transfer baseline, marked as such.")
     seed: int = key(0, help="Seed for --untrained weights.", check=SEED)
@@ -154,7 +192,7 @@ class ExtractConfig:
     label_field: str = key("cls", help="Shards and Parquet: the field that holds the label.", check=NAME)
     fast_decode: bool = key(
         True,
-        help="Decode JPEGs of twice the resize or more at reduced size (DCT scaling): 4.9x faster on 4000 x 3000 photos, features at cosine 0.999. --no-fast-decode: exactly torchvision's decode.",
+        help="Decode JPEGs of 8x the resize or more at reduced size (DCT scaling), down to 4x the resize: features at cosine >= 0.999 to torchvision's, decoding 3.9x faster on 4000 x 3000 photos. --no-fast-decode: exactly torchvision's decode.",
         flag="--no-fast-decode",
     )
     precision: str = key("fp32", help="fp32, or bf16/fp16 (GPU autocast, torch backend).", check=Choice(PRECISIONS))
@@ -195,10 +233,7 @@ class ExtractConfig:
 
     def layers(self) -> list[str | None]:
         """The layers asked for: [None] for the penultimate one."""
-        if not self.layer:
-            return [None]
-        names = [n.strip() for n in self.layer.split(",") if n.strip()]
-        return [None if n == "penultimate" else n for n in dict.fromkeys(names)] or [None]
+        return parse_layers(self.layer)
 
     def split_limit(self, split: str) -> int | None:
         """`--limit` applies to training images, `--test-limit` to every evaluation split."""
@@ -292,7 +327,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 class FinetuneConfig:
     """One fine-tuning run. Fields left as None take the strategy's recipe, recorded once resolved."""
 
-    model: str = key(help="torchvision model name.", check=NAME, cli="--model")
+    model: str = key(
+        help="Model (torchvision name, timm:NAME, open_clip:ARCH/TAG, hf:ORG/NAME...).", check=NAME, cli="--model"
+    )
     data: str = key(help="Dataset name or image folder.", check=NAME)
     strategy: str = key(
         "full", help="full, head, freeze:K, discriminative[:RATIO] or scratch (random weights).", check=NAME
@@ -338,7 +375,9 @@ class FinetuneConfig:
     subset_seed: int = key(0, help="Seed of the --limit subsets.", check=SEED)
     label_field: str = key("cls", help="Shards and Parquet: the field that holds the label.", check=NAME)
     seed: int = key(0, help="Seed of the head, the shuffling and the augmentation.", check=SEED)
-    weights_id: str | None = key(None, help="torchvision weights entry (default IMAGENET1K_V1).", check=OPTIONAL_NAME)
+    weights_id: str | None = key(
+        None, help="Weights entry (torchvision default IMAGENET1K_V1; see `tlfeat models`).", check=OPTIONAL_NAME
+    )
     weights_file: Path | None = key(
         None, help="Start from this file, e.g. best.pt of an earlier fine-tune.", cli="--weights"
     )
@@ -419,8 +458,11 @@ class CompareConfig:
     seed: int = key(0, help="First seed.", check=SEED)
     on_error: str = setting("fail", help="Unreadable images while extracting: fail or skip.", check=Choice(ON_ERROR))
     workers: int | None = setting(None, help="Decoding processes.", check=WORKERS)
-    out: Path = setting(Path("reports/run"), help="Report folder.")
-    results_dir: Path | None = setting(None, help="Where runs are saved (default: OUT/results).")
+    out: Path = setting(Path("reports/run"), help="Report folder (its report points to the runs in --results-dir).")
+    results_dir: Path = setting(
+        help="Where runs are saved, beside every fit and fine-tune (env TLFEAT_RESULTS_DIR).",
+        factory=default_results_dir,
+    )
     cache_dir: Path = setting(help="Where feature files live (env TLFEAT_CACHE_DIR).", factory=default_cache_dir)
     data_dir: Path = setting(help="Where named datasets are read from (env TLFEAT_DATA_DIR).", factory=default_data_dir)
     progress: bool = setting(True, cli=None)
@@ -436,7 +478,8 @@ class CompareConfig:
 
     @property
     def runs_dir(self) -> Path:
-        return Path(self.results_dir) if self.results_dir else Path(self.out) / "results"
+        """The project's one result store: `tlfeat results` lists these runs and `fit` reuses their fits."""
+        return Path(self.results_dir)
 
 
 def _split(value: str) -> tuple[str, ...]:

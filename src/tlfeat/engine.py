@@ -22,9 +22,9 @@ from tlfeat import allocator, cache, config, inference, progress
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
 from tlfeat.errors import TlfeatError
-from tlfeat.extraction import State, provenance
 from tlfeat.pool import DecodePool
 from tlfeat.preprocess import Normalizer, Preprocessing
+from tlfeat.targets import State, provenance
 from tlfeat.writer import Listing, Writer
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def model_spec(cfg: ExtractConfig, states: list[State]) -> inference.ModelSpec:
         precision=cfg.precision,
         device=cfg.device,
         cache_dir=cfg.resolved_cache_dir(),
+        pool=cfg.pool,
     )
 
 

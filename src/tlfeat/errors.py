@@ -18,6 +18,10 @@ class WeightsNotFound(TlfeatError):
     """No pretrained weights file could be found or fetched."""
 
 
+class ExportFailed(TlfeatError):
+    """torch.onnx cannot export this network (an operator it lacks); it runs on torch instead."""
+
+
 class DatasetNotFound(TlfeatError):
     """A named dataset is not on disk and could not be fetched."""
 

@@ -9,25 +9,24 @@ of one split come from one pass over its images.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import platform
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tlfeat import __version__, backbones, cache, catalog, config, constraints, datasets, fingerprint, fsio
+from tlfeat import backbones, cache, catalog, config, constraints, datasets, engine, fingerprint, fsio
+from tlfeat.backbones import Backbone, layer_name
+from tlfeat.backbones.base import Store
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
-from tlfeat.errors import CacheDamaged, CacheMismatch, StaleFeatures, TlfeatError, printable
+from tlfeat.errors import CacheDamaged, CacheMismatch, ExportFailed, StaleFeatures, TlfeatError, first_line, printable
 from tlfeat.preprocess import Preprocessing
+from tlfeat.targets import State, Target
 
 log = logging.getLogger(__name__)
-
-LAYER_DEFAULT = backbones.PENULTIMATE
-POOLING = "global-average"
 
 
 # --------------------------------------------------------------------------- the cache key
@@ -44,6 +43,7 @@ class Context:
     weights_id: str
     backend: str
     prep: Preprocessing
+    backbone: Backbone
 
 
 # Key fields that enter the key in a resolved form; every other `key` field of ExtractConfig enters
@@ -51,13 +51,18 @@ class Context:
 KEY_RESOLVERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "model": lambda c: {"model": c.cfg.model},
     "data": lambda c: {"dataset": c.dataset},
-    "layer": lambda c: {"layer": c.layer or LAYER_DEFAULT},
+    "layer": lambda c: {
+        "layer": layer_name(c.layer),
+        "pooling": c.backbone.pooling(c.layer, c.cfg.pool),
+        **c.backbone.cut(c.layer),
+    },
+    "pool": lambda c: {},  # in "pooling", with the layer it applies to
     "weights_id": lambda c: {"weights_id": c.weights_id},
     "weights_file": lambda c: {"weights_id": c.weights_id},
     "untrained": lambda c: {"weights_id": c.weights_id},
     "seed": lambda c: {"weights_id": c.weights_id},
-    "image_size": lambda c: {"preprocessing": c.prep.key()},
-    "fast_decode": lambda c: {"preprocessing": c.prep.key()},
+    "image_size": lambda c: {"preprocessing": _prep_key(c)},
+    "fast_decode": lambda c: {"preprocessing": _prep_key(c)},
     "limit": lambda c: _limit(c),
     "test_limit": lambda c: _limit(c),
     "subset_seed": lambda c: _limit(c),
@@ -67,13 +72,17 @@ KEY_RESOLVERS: dict[str, Callable[[Context], dict[str, Any]]] = {
 }
 
 
+def _prep_key(c: Context) -> dict[str, Any]:
+    return c.prep.key(decoded=c.dataset not in datasets.named_datasets())  # named datasets are pixels, not files
+
+
 def _limit(c: Context) -> dict[str, Any]:
     limit = c.cfg.split_limit(c.split)
     return {"limit": limit} if limit is None else {"limit": limit, "subset_seed": c.cfg.subset_seed}
 
 
 def key_fields(ctx: Context) -> dict[str, Any]:
-    fields: dict[str, Any] = {"format": cache.FORMAT_VERSION, "split": ctx.split, "pooling": POOLING}
+    fields: dict[str, Any] = {"format": cache.FORMAT_VERSION, "split": ctx.split}
     for name in constraints.key_fields(ctx.cfg):
         resolve = KEY_RESOLVERS.get(name)
         value = getattr(ctx.cfg, name)
@@ -81,19 +90,19 @@ def key_fields(ctx: Context) -> dict[str, Any]:
     return fields
 
 
-@dataclass
-class Target:
-    """One cache file to produce: a split at a layer."""
+def _export_memo() -> Store:
+    from tlfeat.inference import versions
 
-    split: str
-    layer: str | None
-    path: Path
-    key_fields: dict[str, Any]
-    key: str
+    return Store("onnx-exports", versions()["torch"] or "none")
 
 
-def choose_backend(cfg: ExtractConfig) -> str:
-    """The backend that will run: ONNX Runtime on CPU where installed (measured faster), else torch."""
+def _export_id(cfg: ExtractConfig, image_size: int) -> str:
+    return json.dumps([cfg.model, [layer_name(layer) for layer in cfg.layers()], image_size, cfg.pool])
+
+
+def choose_backend(cfg: ExtractConfig, image_size: int | None = None) -> str:
+    """The backend that will run: ONNX Runtime on CPU where installed (measured faster), else torch;
+    torch for a network torch.onnx could not export before (remembered per torch version)."""
     from tlfeat import onnx_backend
 
     cpu = cfg.device.startswith("cpu")
@@ -110,55 +119,53 @@ def choose_backend(cfg: ExtractConfig) -> str:
         if not cpu:
             raise TlfeatError(f"--backend onnxruntime runs on the CPU; use --backend torch with --device {cfg.device}")
         return "onnxruntime"
+    if image_size is not None and _export_memo().get("failed", _export_id(cfg, image_size)):
+        return "torch"
     return "onnxruntime" if cpu and onnx_backend.available() else "torch"
 
 
 def weights_id(cfg: ExtractConfig) -> str:
     """The weights id for the cache key, computed without torch and without the network."""
-    if cfg.untrained:
-        return f"untrained:seed{cfg.seed}"
-    if cfg.weights_file is not None:
-        from tlfeat.weights import resolve
+    from tlfeat.weights import weights_id as resolved_id
 
-        return resolve(cfg.model, cfg.weights_id, cfg.weights_file).weights_id
-    return backbones.weights_entry(cfg.model, cfg.weights_id).name
+    return resolved_id(cfg.model, cfg.weights_id, cfg.weights_file, cfg.untrained, cfg.seed)
 
 
 def plan(cfg: ExtractConfig) -> list[Target]:
     """Every cache file the request covers: (split, layer) pairs, in split order."""
-    backbones.check_model(cfg.model)
+    bb = backbones.resolve(cfg.model)
     dataset = datasets.canonical(cfg.data)
     refuse_inside(dataset, cfg.resolved_cache_dir(), "--cache-dir")
     available = datasets.splits(cfg.data)
     for split in cfg.splits or available:
         if split not in available:
             raise TlfeatError(f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}")
+    prep = bb.preprocessing(cfg.weights_id, cfg.image_size, cfg.fast_decode)
     wid = weights_id(cfg)
-    prep = backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size, cfg.fast_decode)
 
     def targets(backend: str) -> list[Target]:
         out = []
         for split in cfg.splits or available:
             for layer in cfg.layers():
-                fields = key_fields(Context(cfg, split, layer, dataset, wid, backend, prep))
+                fields = key_fields(Context(cfg, split, layer, dataset, wid, backend, prep, bb))
                 key = cache.cache_key(fields)
-                path = cache.cache_path(cfg.resolved_cache_dir(), cfg.model, _file_stem(dataset, layer), split, key)
+                path = cache.cache_path(cfg.resolved_cache_dir(), bb.slug, _file_stem(dataset, layer), split, key)
                 out.append(Target(split, layer, path, fields, key))
         return out
 
-    out = targets(_backend(cfg, targets))
+    out = targets(_backend(cfg, targets, prep.crop_size))
     named = [layer for layer in cfg.layers() if layer is not None]
     if named and not all(t.path.is_file() for t in out):
-        backbones.check_layers(cfg.model, named)  # raises, naming the valid layers, before any work
+        bb.check_layers(named)  # raises, naming the valid layers, before any work
     return out
 
 
-def _backend(cfg: ExtractConfig, targets: Callable[[str], list[Target]]) -> str:
+def _backend(cfg: ExtractConfig, targets: Callable[[str], list[Target]], image_size: int) -> str:
     """The one backend of every file of a request. With --backend auto, the backend whose files
     already cover most of it (ties: the faster one), so that the splits of one extraction always
     pair: `extract --backend torch --split train`, then a plain `extract`, computes test with torch
     too. A backend that cannot run here is chosen only where its files cover everything."""
-    chosen = choose_backend(cfg)
+    chosen = choose_backend(cfg, image_size)
     if cfg.backend != "auto":
         return chosen
     options = {backend: targets(backend) for backend in dict.fromkeys((chosen, "torch", "onnxruntime"))}
@@ -178,6 +185,19 @@ def refuse_inside(dataset: str, folder: Path, option: str) -> None:
             f"{option} {printable(str(folder))} is inside the dataset folder {printable(str(root))}; its files would "
             f"be read as images of the dataset: choose a folder outside it"
         )
+
+
+def refuse_unreachable_weights(cfg: ExtractConfig) -> None:
+    """Weights that only a download could bring, where no download can work: refused before any image
+    is read and before torch is imported (WeightsNotFound names the ways to supply them)."""
+    if cfg.untrained or cfg.weights_file is not None:
+        return
+    from tlfeat import network, weights
+
+    path, source = weights.locate(cfg.model, cfg.weights_id)
+    url = backbones.resolve(cfg.model).weights_entry(cfg.weights_id).url
+    if path is None and source == "download" and not network.can_download(url):
+        weights.resolve(cfg.model, cfg.weights_id)  # raises, without trying the download
 
 
 def _file_stem(dataset: str, layer: str | None) -> str:
@@ -200,7 +220,7 @@ def extract_command(
         args += ["--weights", str(attrs.get("weights_source") or "FILE")]
     elif weights:
         args += ["--weights-id", weights]
-    if attrs.get("layer") not in (None, "", LAYER_DEFAULT):
+    if attrs.get("layer") not in (None, "", layer_name(None)):
         args += ["--layer", str(attrs["layer"])]
     args += ["--image-size", str(attrs.get("image_size"))]
     for option, name in (("--limit", "train_limit"), ("--test-limit", "test_limit")):
@@ -222,16 +242,6 @@ def extract_command(
 
 
 # --------------------------------------------------------------------------- reuse, staleness
-
-
-@dataclass
-class State:
-    """What a target's file holds compared with the images now."""
-
-    target: Target
-    fs: cache.FeatureSet | None = None  # the file's features, when they can be returned as they are
-    changes: fingerprint.Changes | None = None  # how the images differ, when the file is stale
-    old: Path | None = None  # the stale file, to carry rows over from
 
 
 def assess(cfg: ExtractConfig, target: Target, images: ImageSplit, locked: bool = False) -> State:
@@ -273,7 +283,6 @@ def _readable(images: ImageSplit, i: int) -> bool:
 
 def _check_same(path: Path, meta: dict[str, Any], key_fields: dict[str, Any]) -> None:
     """A file found under a key's name must hold what that key describes."""
-    import json
 
     stored = json.loads(str(meta.get("key_fields", "{}")))
     diffs = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in key_fields.items() if stored.get(k) != v]
@@ -304,10 +313,26 @@ def load_images(cfg: ExtractConfig, split: str) -> ImageSplit:
 
 
 def extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
-    """Extract, update or reuse features for every requested split and layer; one FeatureSet each."""
-    from tlfeat import engine
+    """Extract, update or reuse features for every requested split and layer; one FeatureSet each.
 
+    With `--backend auto`, a network that torch.onnx cannot export is said once and runs on torch
+    (its files are keyed `torch`); later runs go to torch directly."""
+    try:
+        return _extract(cfg, echo)
+    except ExportFailed as exc:
+        if cfg.backend != "auto":
+            raise
+        size = backbones.resolve(cfg.model).preprocessing(cfg.weights_id, cfg.image_size).crop_size
+        why = first_line(exc).split("; use --backend", 1)[0]
+        _export_memo().put("failed", _export_id(cfg, size), why)
+        log.warning("%s runs on torch: %s (remembered; later runs go to torch directly)", cfg.model, why)
+        return _extract(replace(cfg, backend="torch"), echo)
+
+
+def _extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
     targets = plan(cfg)
+    if not all(t.path.is_file() for t in targets):  # the backend chosen is the one whose files are there
+        refuse_unreachable_weights(cfg)
     results: list[cache.FeatureSet] = []
     runner = engine.Runners(cfg)
     try:
@@ -356,54 +381,6 @@ class _locks:
             self.stack.pop().__exit__(*exc)
 
 
-def provenance(
-    cfg: ExtractConfig, target: Target, images: ImageSplit, weights: dict[str, Any], runtime: dict[str, str]
-) -> dict[str, Any]:
-    """The attributes a cache file describes itself with."""
-    import json
-
-    from tlfeat.inference import versions
-
-    prep = target.key_fields["preprocessing"]
-    installed = versions()
-    return {
-        "tlfeat_version": __version__,
-        "format": cache.FORMAT_VERSION,
-        "model": cfg.model,
-        "weights_id": weights.get("weights_id") or target.key_fields["weights_id"],
-        "weights_source": weights.get("weights_source", ""),
-        "weights_sha256": weights.get("weights_sha256", ""),
-        "pretrained": not str(target.key_fields["weights_id"]).startswith("untrained:"),
-        "layer": target.layer or LAYER_DEFAULT,
-        "pooling": POOLING,
-        "preprocessing": json.dumps(prep, sort_keys=True),
-        "image_size": prep["crop_size"],
-        "fast_decode": bool(prep.get("fast_decode", False)),
-        "dataset": images.dataset,
-        "dataset_source": images.source,
-        "source_files": json.dumps(list(images.source_files)),
-        "split": target.split,
-        "limit": cfg.split_limit(target.split) or 0,
-        "train_limit": cfg.limit or 0,
-        "test_limit": cfg.test_limit or 0,
-        "subset_seed": cfg.subset_seed if cfg.split_limit(target.split) is not None else 0,
-        "data_dir": str(cfg.data_dir) if images.dataset in datasets.named_datasets() else "",
-        "label_field": cfg.label_field,
-        "split_seed": datasets.SPLIT_SEED,
-        "backend": target.key_fields["backend"],
-        "precision": cfg.precision,
-        "engine": cfg.engine,
-        "runtime_version": runtime.get("version", ""),
-        "device": cfg.device,
-        "torch_version": installed["torch"],
-        "torchvision_version": installed["torchvision"],
-        "onnxruntime_version": installed["onnxruntime"],
-        "python_version": platform.python_version(),
-        "key_fields": json.dumps(target.key_fields, sort_keys=True, default=str),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 # --------------------------------------------------------------------------- loading from Python
 
 
@@ -434,15 +411,23 @@ def load_features(
     of images that changed since raise StaleFeatures (run `tlfeat extract` again to update them), unless
     `allow_stale=True`.
     """
-    from tlfeat import freshness
+    from tlfeat import freshness, onnx_backend
 
     folder = Path(cache_dir) if cache_dir else config.default_cache_dir()
+    # Among several variants, the one `tlfeat extract --model MODEL --data DATA` makes.
+    prefer: dict[str, Any] = {"backend": "onnxruntime" if onnx_backend.available() else "torch"}
+    try:
+        entry = backbones.weights_entry(model, None if weights_id is None or ":" in weights_id else weights_id)
+        prefer.update(weights_id=entry.name, image_size=entry.crop_size)
+    except TlfeatError:  # not a model of the registry: no default to prefer
+        pass
     path = catalog.find(
         folder,
         model,
         datasets.canonical(data),
         split,
-        layer=layer or LAYER_DEFAULT,
+        prefer=prefer,
+        layer=layer_name(layer),
         weights_id=weights_id,
         image_size=image_size,
         limit=limit if split == "train" else test_limit,

@@ -18,7 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, allocator, backbones, cache, constraints, datasets, fsio, progress, strategies, training
+from tlfeat import (
+    __version__,
+    allocator,
+    backbones,
+    cache,
+    constraints,
+    datasets,
+    fsio,
+    progress,
+    strategies,
+    training,
+    weights,
+)
 from tlfeat.config import FinetuneConfig
 from tlfeat.errors import TlfeatError
 from tlfeat.records import Method, RunRecord, Timings, load_now, load_record
@@ -72,12 +84,8 @@ def load_splits(cfg: FinetuneConfig) -> Splits:
 
 
 def weights_id(cfg: FinetuneConfig) -> str:
-    strategy = strategies.parse(cfg.strategy)
-    if strategy.kind == "scratch" or cfg.untrained:
-        return f"untrained:seed{cfg.seed}"
-    if cfg.weights_file is not None:
-        return resolve(cfg.model, cfg.weights_id, cfg.weights_file).weights_id
-    return backbones.weights_entry(cfg.model, cfg.weights_id).name
+    untrained = strategies.parse(cfg.strategy).kind == "scratch" or cfg.untrained
+    return weights.weights_id(cfg.model, cfg.weights_id, cfg.weights_file, untrained, cfg.seed)
 
 
 def config_key(cfg: FinetuneConfig, wid: str) -> str:
@@ -103,13 +111,14 @@ def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
     wid = weights_id(cfg)
     slug = datasets.dataset_slug(datasets.canonical(cfg.data))
     method = Method.finetune(cfg.strategy).slug
+    name = backbones.slug(cfg.model)
     return Path(
         cfg.results_dir
-    ) / "finetunes" / f"{cfg.model}__{slug}__{method}__seed{cfg.seed}__{config_key(cfg, wid)}", wid
+    ) / "finetunes" / f"{name}__{slug}__{method}__seed{cfg.seed}__{config_key(cfg, wid)}", wid
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    backbones.check_model(cfg.model)
+    backbones.resolve(cfg.model)
     strategies.check_blocks(cfg.model, strategies.parse(cfg.strategy))
     from tlfeat.extraction import refuse_inside
 

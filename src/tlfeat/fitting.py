@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics
+from tlfeat import __version__, cache, catalog, classifiers, constraints, datasets, freshness, fsio, metrics, progress
+from tlfeat.backbones.base import slug
 from tlfeat.config import FitConfig
 from tlfeat.errors import CacheDamaged, TlfeatError, TooFewClasses
 from tlfeat.records import Method, RunRecord, Timings, load_now, load_record, variants
@@ -193,12 +194,12 @@ def config_key(cfg: FitConfig, train_sha: str, test_sha: str, route: str) -> str
 
 def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha: str) -> Path:
     """Where the record of this fit is (or will be) saved: compare asks before running anything."""
-    slug = datasets.dataset_slug(str(attrs["dataset"]))
+    data_slug = datasets.dataset_slug(str(attrs["dataset"]))
     key = config_key(cfg, train_sha, test_sha, resolve_route(cfg, attrs))
     return (
         Path(cfg.results_dir)
         / "fits"
-        / f"{attrs['model']}__{slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
+        / f"{slug(str(attrs['model']))}__{data_slug}__{Method.frozen(cfg.clf, cfg.kernel).slug}__{key}"
         / "record.json"
     )
 
@@ -215,6 +216,9 @@ def choose_C(cfg: FitConfig, X: Any, y: np.ndarray, ids: list[str]) -> dict[str,
     folds = min(cfg.cv_folds, int(counts.min()))
     if folds < 2:
         return {"C": 1.0, "chosen_by": "default (too few samples per class for cross-validation)"}
+    progress.status(
+        f"{cfg.method}: choosing C among {len(grid)} values by {folds}-fold cross-validation on {len(idx)} training images"
+    )
     search = GridSearchCV(
         classifiers.make_classifier(cfg.clf, kernel=cfg.kernel, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed),
         {"clf__C": list(grid)},

@@ -110,13 +110,35 @@ def read_file(path: str, limit: int | None = None) -> bytes:
     return b"".join(chunks)
 
 
-def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None) -> Image.Image:
-    """8-bit RGB PIL image of `content`; with `draft_size`, a large JPEG is decoded at reduced scale
-    (DCT-domain downscaling) to the smallest size whose both sides are still >= draft_size."""
+# A JPEG is decoded at reduced scale (DCT-domain, 1/2, 1/4 or 1/8) only while what is left is at least
+# this many times the resize: torchvision's antialiased resize then does the last, larger part of the
+# downscale, and features stay at cosine >= 0.999 to a full decode (tests/test_decode.py, real photos
+# at 1x-16x the resize). At 2x, the DCT scaling of a 1/8 step, or without the box below, they did not.
+DRAFT_MARGIN = 4
+DECODE_RULE = 2  # in the cache key of fast-decoded files: bump when the bits of a draft decode change
+
+# The area of the full image a decoded image covers, in the decoded image's pixels (PIL's `box`).
+Box = tuple[float, float, float, float]
+
+
+def decode(content: bytes | np.ndarray, name: str) -> Image.Image:
+    """8-bit RGB PIL image of `content`, decoded at full size."""
+    return decode_draft(content, name, None)[0]
+
+
+def decode_draft(content: bytes | np.ndarray, name: str, short_side: int | None) -> tuple[Image.Image, Box]:
+    """8-bit RGB PIL image of `content` and the box the full image covers in it.
+
+    With `short_side` (the resize that follows), a JPEG whose short side is at least
+    `DRAFT_MARGIN * 2 * short_side` is decoded at the largest DCT scale (1/2, 1/4, 1/8) that leaves
+    `DRAFT_MARGIN` times `short_side`; the box then says where the full image lies in the reduced
+    one, so that `Image.resize(..., box=box)` keeps the full image's exact geometry.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(content, np.ndarray):
-        return Image.fromarray(content).convert("RGB")
+        img = Image.fromarray(content).convert("RGB")
+        return img, (0, 0, *img.size)
     try:
         with warnings.catch_warnings():
             # A large image triggers a warning before the hard limit's error; log it, never print it.
@@ -128,10 +150,15 @@ def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(content))
             with img:
-                if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
-                    img.draft("RGB", (draft_size, draft_size))
+                box: Box = (0, 0, *img.size)
+                scale = draft_scale(img.size, short_side) if img.format == "JPEG" else 1
+                if scale > 1:
+                    width, height = img.size
+                    drafted = img.draft(img.mode, (width // scale, height // scale))
+                    if drafted is not None:  # None: PIL cannot draft this file; it is decoded whole
+                        box = drafted[1]  # (0, 0, width / scale, height / scale)
                 img.load()
-                return to_rgb(img)
+                return to_rgb(img), box
     except Image.DecompressionBombError as exc:
         raise TlfeatError(f"cannot decode image {name}: {exc} (a decompression bomb?)") from exc
     except UnidentifiedImageError as exc:  # PIL names its in-memory buffer here, not the file
@@ -140,6 +167,14 @@ def decode(content: bytes | np.ndarray, name: str, draft_size: int | None = None
         raise TlfeatError(f"cannot decode image {name}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a damaged file can make a decoder raise anything
         raise TlfeatError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def draft_scale(size: tuple[int, int], short_side: int | None) -> int:
+    """The DCT scale (1, 2, 4 or 8) a JPEG of `size` is decoded at before a resize to `short_side`."""
+    if not short_side:
+        return 1
+    room = min(size) / (DRAFT_MARGIN * short_side)
+    return next((s for s in (8, 4, 2) if room >= s), 1)
 
 
 def to_rgb(img: Any) -> Any:

@@ -1,7 +1,8 @@
 """The frozen network as a function: float32 NCHW batch in, one (n, d) float32 array per layer out.
 
 Two runtimes. ONNX Runtime (the CPU default): the exported graph, checked against its sidecar
-checksum, no torch needed once exported. torch: channels_last, inference mode, on any device;
+checksum, no torch needed once exported. The export is made once per machine (the model cache),
+in another process, while this one starts decoding. torch: channels_last, inference mode, on any device;
 micro-batches of a fixed size, the last one padded, so an image's features do not depend on which
 images share its batch (torch's CPU kernels change with the batch size; measured). That makes a
 partial update, a resumed run and a Ray worker give the same bits as one uninterrupted pass.
@@ -9,15 +10,18 @@ partial update, a resumed run and a Ray worker give the same bits as one uninter
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlfeat import backbones, fsio, onnx_backend
+from tlfeat import backbones, config, fsio, onnx_backend, progress
 from tlfeat.errors import TlfeatError
 from tlfeat.weights import ResolvedWeights
 
@@ -44,6 +48,7 @@ class ModelSpec:
     precision: str
     device: str
     cache_dir: Path
+    pool: str | None = None  # transformers: how tokens are pooled (None: the model's own)
 
     @property
     def weights_tag(self) -> str:
@@ -52,11 +57,25 @@ class ModelSpec:
             return self.weights_id
         return backbones.weights_entry(self.model, self.weights_id_arg).sha_prefix or self.weights_id
 
-    def onnx_path(self) -> Path:
-        layers = [layer or backbones.PENULTIMATE for layer in self.layers]
+    def output_names(self) -> list[str]:
+        """One per layer; the pooling joins the name where it is not the model's own."""
+        pooled = f"[{self.pool}]" if self.pool else ""
+        return [backbones.layer_name(layer) + pooled for layer in self.layers]
+
+    def onnx_path(self, folder: Path | None = None) -> Path:
+        """The export in the model cache (or in `folder`: `<cache-dir>/onnx` is where tlfeat 0.2 kept it)."""
         return onnx_backend.export_path(
-            self.cache_dir, self.model, self.weights_id, self.weights_tag, self.image_size, layers, self.precision
+            folder or config.model_cache_dir() / "onnx",
+            backbones.slug(self.model),
+            self.weights_id,
+            self.weights_tag,
+            self.image_size,
+            self.output_names(),
+            self.precision,
         )
+
+    def legacy_onnx_path(self) -> Path:
+        return self.onnx_path(Path(self.cache_dir) / "onnx")
 
 
 def versions() -> dict[str, str]:
@@ -76,13 +95,13 @@ class TorchRunner:
 
         check_device(spec.device)
         net = build_with_weights(spec.model, resolved)
-        self._setup(spec, backbones.feature_extractor(net, spec.model, list(spec.layers)))
+        self._setup(spec, backbones.feature_extractor(net, spec.model, list(spec.layers), spec.pool))
 
     @classmethod
     def from_state(cls, spec: ModelSpec, state: dict[str, Any]) -> TorchRunner:
         """The same network from the state dict of another runner's extractor (Ray replicas)."""
         runner = cls.__new__(cls)
-        extractor = backbones.feature_extractor(backbones.build(spec.model), spec.model, list(spec.layers))
+        extractor = backbones.feature_extractor(backbones.build(spec.model), spec.model, list(spec.layers), spec.pool)
         extractor.load_state_dict(state)
         runner._setup(spec, extractor)
         return runner
@@ -164,24 +183,44 @@ def check_device(device: str) -> None:
 def load(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     """A runner for `spec` and the weights' provenance (id, source, sha256).
 
-    ONNX Runtime with a verified export needs no torch; otherwise the network is built with torch
-    (and exported, once, in another process).
+    ONNX Runtime with a verified export needs no torch. Without one, the export is made in another
+    process while the caller starts decoding: the runner's first batch waits for it, and the
+    provenance is filled in then. torch builds the network here.
     """
     if spec.backend == "onnxruntime":
-        meta = ensure_export(spec)
-        return OnnxRunner(spec.onnx_path(), meta), meta
+        path = spec.onnx_path()
+        meta = onnx_backend.verified(path)
+        if meta is not None:
+            return OnnxRunner(path, meta), weights_meta(meta)
+        pending = PendingOnnxRunner(spec)
+        return pending, pending.weights
     resolved = _resolve(spec)
     return TorchRunner(spec, resolved), _weights_meta(resolved)
 
 
+def weights_meta(export_meta: dict[str, Any]) -> dict[str, Any]:
+    """The weights' provenance from an export's sidecar, and which export computed the features."""
+    out = {k: export_meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+    return {**out, "onnx_export": export_meta.get("file", ""), "onnx_export_sha256": export_meta.get("sha256", "")}
+
+
 def ensure_export(spec: ModelSpec) -> dict[str, Any]:
-    """A verified ONNX export of `spec` (made once, in another process), and its weights' provenance."""
+    """A verified ONNX export of `spec` in the model cache, and its weights' provenance.
+
+    Made once per machine: found in the model cache, or copied from where tlfeat 0.2 kept it (the
+    cache folder's `onnx/`), or exported in another process. Two processes never export the same
+    graph at once: the second waits for the first's lock, then finds its export.
+    """
     path = spec.onnx_path()
     meta = onnx_backend.verified(path)
     if meta is None:
-        with fsio.lock(path):  # two processes never export the same graph at once
-            meta = onnx_backend.verified(path, repair=True) or export_elsewhere(spec, path)
-    return {k: meta.get(k, "") for k in ("weights_id", "weights_source", "weights_sha256")}
+        with fsio.lock(path):
+            meta = (
+                onnx_backend.verified(path, repair=True)
+                or onnx_backend.adopt(spec.legacy_onnx_path(), path)
+                or export_elsewhere(spec, path)
+            )
+    return weights_meta(meta)
 
 
 def export_elsewhere(spec: ModelSpec, path: Path) -> dict[str, Any]:
@@ -190,8 +229,48 @@ def export_elsewhere(spec: ModelSpec, path: Path) -> dict[str, Any]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    progress.status(f"exporting {spec.model} at {spec.image_size} px to ONNX (once per machine, into {path.parent})")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_export, spec, path).result()
+
+
+class PendingOnnxRunner:
+    """An ONNX Runtime runner whose export is being made (in another process, by a thread of this one).
+
+    Decoding starts at once; the first batch waits for the export. Errors of the export (it cannot
+    be made: `--backend torch` is the way out) are raised there, in the caller's thread.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.weights: dict[str, Any] = {}  # filled in before the first batch is computed
+        self.runner: OnnxRunner | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._export, name="tlfeat-onnx-export", daemon=True)
+        self.thread.start()
+
+    def _export(self) -> None:
+        try:
+            self.weights.update(ensure_export(self.spec))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = exc
+
+    def ready(self) -> OnnxRunner:
+        if self.runner is None:
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+            self.runner = OnnxRunner(self.spec.onnx_path(), self.weights)
+        return self.runner
+
+    @property
+    def version(self) -> str:
+        return self.ready().version
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.ready()(batch)
 
 
 def _resolve(spec: ModelSpec) -> ResolvedWeights:
@@ -212,7 +291,7 @@ def _export(spec: ModelSpec, path: Path) -> dict[str, Any]:
     from tlfeat.weights import build_with_weights
 
     resolved = _resolve(spec)
-    layers = [layer or backbones.PENULTIMATE for layer in spec.layers]
+    layers = spec.output_names()
     provenance = {
         "model": spec.model,
         "layers": layers,
@@ -221,5 +300,29 @@ def _export(spec: ModelSpec, path: Path) -> dict[str, Any]:
         "precision": "fp32",
     }
     net = build_with_weights(spec.model, resolved)
-    extractor = backbones.feature_extractor(net, spec.model, list(spec.layers))
-    return onnx_backend.export(extractor, path, spec.image_size, layers, provenance)
+    extractor = backbones.feature_extractor(net, spec.model, list(spec.layers), spec.pool)
+    with _stderr_silenced():  # torch prints its whole IR graph when an operator has no ONNX form
+        return onnx_backend.export(extractor, path, spec.image_size, layers, provenance)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptors 1 and 2 to /dev/null (torch's C++ logger writes there directly); the exception
+    says what failed. Only in the export's own process."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)

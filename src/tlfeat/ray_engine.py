@@ -46,6 +46,11 @@ def connect(cfg: ExtractConfig) -> Any:
         return ray
     if cfg.address and cfg.address != "auto":
         _reachable(cfg.address)
+    from tlfeat import progress
+
+    progress.status(
+        f"connecting to the Ray cluster at {cfg.address}" if cfg.address else "starting Ray on this machine"
+    )
     try:
         # No --address: a Ray of its own on this machine ("local"), never someone else's by accident.
         ray.init(

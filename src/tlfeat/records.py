@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tlfeat import fsio, strategies
+from tlfeat.backbones.base import PENULTIMATE
 from tlfeat.errors import TlfeatError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class RunRecord:
     n_train: int
     n_test: int
     metrics: dict[str, Any]
-    layer: str = "penultimate"
+    layer: str = PENULTIMATE
     weights_id: str = ""
     pretrained: bool = True
     image_size: int | None = None

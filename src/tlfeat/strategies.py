@@ -57,63 +57,13 @@ def parse(text: str) -> Strategy:
     raise TlfeatError(f"unknown strategy {text!r}; valid: {', '.join(STRATEGIES)} (e.g. freeze:2, discriminative:0.1)")
 
 
-def _split_features(name: str, features: nn.Module) -> list[list[str]]:
-    """Blocks inside a `features` Sequential: conv stages between poolings (AlexNet/VGG), dense
-    block + transition (DenseNet), else one block per child."""
-    from torch import nn
-
-    children = list(features.named_children())
-    groups: list[list[str]] = [[]]
-    if name.startswith(("vgg", "alexnet")):
-        for child_name, child in children:
-            groups[-1].append(f"features.{child_name}")
-            if isinstance(child, nn.MaxPool2d):
-                groups.append([])
-    elif name.startswith("densenet"):
-        for child_name, _ in children:
-            if child_name.startswith("denseblock") and groups[-1]:
-                groups.append([])
-            groups[-1].append(f"features.{child_name}")
-    else:
-        groups = [[f"features.{child_name}"] for child_name, _ in children]
-    return [g for g in groups if g]
-
-
 def blocks(model: nn.Module, name: str) -> list[list[str]]:
-    """The model's blocks before the head, in forward order, each a list of module names.
+    """The model's blocks before the head, in forward order, each a list of module (or parameter) names.
 
-    Only blocks with parameters count. Leading single layers (a ResNet's conv1 and bn1) form one
-    stem block; layers of the classifier before its head (VGG's fc6, fc7) form the last block.
+    The source says what a block is: torchvision's layout rules, timm's `group_matcher`, the layers
+    of a Hugging Face or open_clip transformer. Only blocks with parameters count.
     """
-    head = backbones.family(name).head
-    head_top = head.split(".")[0]
-    out: list[list[str]] = []
-    stem: list[str] = []
-    for child_name, child in model.named_children():
-        if child_name == head:
-            continue
-        if child_name == head_top:  # a classifier Sequential that contains the head
-            pre = [f"{child_name}.{n}" for n, _ in child.named_children() if f"{child_name}.{n}" != head]
-            out.append(pre)
-            continue
-        if child_name == "features" and len(list(child.children())) > 1:
-            out.extend(_split_features(name, child))
-            continue
-        is_stage = len(list(child.children())) > 0
-        if not is_stage and not out:
-            stem.append(child_name)
-            continue
-        if stem:
-            out.append(stem)
-            stem = []
-        out.append([child_name])
-    if stem:
-        out.insert(0, stem)
-    return [b for b in out if _has_params(model, b)]
-
-
-def _has_params(model: nn.Module, names: list[str]) -> bool:
-    return any(True for n in names for _ in model.get_submodule(n).parameters())
+    return backbones.resolve(name).blocks(model)
 
 
 def _block_of(param_name: str, block_list: list[list[str]]) -> int | None:
@@ -127,7 +77,8 @@ def check_blocks(name: str, strategy: Strategy) -> None:
     """`freeze:k` within the blocks of `name`, before anything runs (the architecture built on the meta
     device: no weights, no memory)."""
     if strategy.kind == "freeze" and strategy.k > 0:
-        _check_k(name, strategy.k, len(blocks(backbones.build(name, device="meta"), name)))
+        bb = backbones.resolve(name)
+        _check_k(name, strategy.k, len(bb.blocks(bb.build(device="meta"))))
 
 
 def _check_k(name: str, k: int, n: int) -> None:
@@ -177,21 +128,6 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
 
 
 def replace_head(model: nn.Module, name: str, n_classes: int, seed: int = 0) -> None:
-    """A new final layer with `n_classes` outputs, weights ~ N(0, 0.01), bias 0."""
-    import torch
-    from torch import nn
-
-    fam = backbones.family(name)
-    parent, child = backbones.get_submodule_parent(model, fam.head)
-    old = getattr(parent, child)
-    gen = torch.Generator().manual_seed(seed)
-    new: nn.Conv2d | nn.Linear
-    if fam.conv_head:
-        new = nn.Conv2d(old.in_channels, n_classes, kernel_size=1)
-    else:
-        new = nn.Linear(old.in_features, n_classes)
-    assert new.bias is not None
-    with torch.no_grad():
-        new.weight.copy_(torch.randn(new.weight.shape, generator=gen) * 0.01)
-        new.bias.zero_()
-    setattr(parent, child, new)
+    """A new final layer with `n_classes` outputs, weights ~ N(0, 0.01), bias 0 (where the source's
+    head is; a model without one, such as a CLIP image tower, gets one)."""
+    backbones.resolve(name).replace_head(model, n_classes, seed)

@@ -50,7 +50,7 @@ def run(*args: str | Path, timeout: float = 300, cwd: Path | None = None, **extr
 def _cfg(tmp: Path, datas: tuple[str, ...], methods: tuple[str, ...], **kw: Any) -> CompareConfig:
     return CompareConfig(
         models=("resnet18:untrained",), datas=datas, methods=methods, image_size=16, workers=0, epochs=1,
-        out=tmp / "report", cache_dir=tmp / "cache", progress=False, **kw,
+        out=tmp / "report", results_dir=tmp / "report" / "results", cache_dir=tmp / "cache", progress=False, **kw,
     )  # fmt: skip
 
 

