@@ -432,3 +432,21 @@ def test_item13_report_reads_no_fifo_and_survives_nested_json(twins: tuple[Path,
     proc = run("report", copy, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "compare.json is unreadable or malformed" in (copy / "report.md").read_text()
+
+
+def test_item13_of_two_runs_made_in_one_second_the_later_written_is_the_newest(
+    twins: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    out, _ = twins
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "compare.json").unlink()  # every record under results/, the newest of each configuration
+    first = next((copy / "results" / "fits").glob("*/record.json"))
+    again = first.parent.with_name(first.parent.name + "-again") / "record.json"
+    again.parent.mkdir()
+    data = json.loads(first.read_text())
+    again.write_text(json.dumps({**data, "n_train": 999}))  # the same `created`, to the second
+    for newer, n_train in ((again, 999), (first, data["n_train"])):
+        os.utime(newer, ns=(newer.stat().st_atime_ns, max(first.stat().st_mtime_ns, again.stat().st_mtime_ns) + 10**9))
+        shown = {r["n_train"] for r in rows(copy) if r["record"].startswith("results/fits/" + first.parent.name)}
+        assert shown == {n_train}

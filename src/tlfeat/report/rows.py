@@ -164,13 +164,22 @@ def _newest(records: list[RunRecord]) -> list[RunRecord]:
         same = json.dumps(
             [r.kind, r.method, r.model, r.dataset, r.seed, r.subset_seed, configuration(r)], sort_keys=True, default=str
         )
-        if same not in newest or r.created > newest[same].created:
+        if same not in newest or _made(r) > _made(newest[same]):
             newest[same] = r
     superseded = len(records) - len(newest)
     if superseded:
         log.warning("left out %d run(s) superseded by a later run of the same configuration and seed", superseded)
     kept = {id(r) for r in newest.values()}
     return [r for r in records if id(r) in kept]
+
+
+def _made(record: RunRecord) -> tuple[str, int]:
+    """When a run was made: its record's time (to the second), then its file's (two runs in one second)."""
+    try:
+        written = os.stat(record.path).st_mtime_ns if record.path else 0
+    except OSError:
+        written = 0
+    return record.created, written
 
 
 def rows(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
