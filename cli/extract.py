@@ -13,7 +13,8 @@ from tlfeat_cli.options import from_config, given, quiet_option
 
 FIELDS = (
     "model", "data", "splits", "layer", "pool", "weights_id", "weights_file", "untrained", "seed", "image_size", "limit",
-    "test_limit", "subset_seed", "label_field", "fast_decode", "precision", "backend", "device", "batch_size", "workers",
+    "test_limit", "subset_seed", "label_field", "fast_decode", "precision", "backend", "device", "decode", "batch_size",
+    "workers",
     "on_error", "update", "verify_content", "engine", "address", "num_workers", "gpus_per_worker", "cache_dir", "data_dir",
 )  # fmt: skip
 

@@ -14,7 +14,7 @@ from tlfeat_cli.options import echo_result, from_config, given, json_option, qui
 FIELDS = (
     "model", "data", "strategy", "epochs", "lr", "optimizer", "schedule", "step_size", "warmup_epochs", "weight_decay",
     "batch_size", "augment", "precise_bn", "image_size", "limit", "test_limit", "subset_seed", "label_field", "seed", "weights_id",
-    "weights_file", "untrained", "resume", "keep_last", "workers", "device", "data_dir", "results_dir",
+    "weights_file", "untrained", "precision", "augment_on", "resume", "keep_last", "workers", "device", "data_dir", "results_dir",
 )  # fmt: skip
 
 

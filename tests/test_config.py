@@ -38,6 +38,7 @@ CHANGED: dict[str, Any] = {
     "precision": "bf16",
     "backend": "torch",
     "device": "cuda",
+    "decode": "device",
 }
 
 
@@ -114,7 +115,11 @@ def test_the_label_field_of_shards_is_in_the_key(tmp_path: Path) -> None:
         (ExtractConfig, {"batch_size": 0}, "--batch-size must be an integer between 1 and 65536, got 0"),
         (ExtractConfig, {"workers": 300}, "--workers must be an integer between 0 and 256, got 300"),
         (ExtractConfig, {"image_size": 8}, "--image-size must be an integer between 16 and 2048, got 8"),
-        (ExtractConfig, {"device": "tpu"}, "--device must be cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (
+            ExtractConfig,
+            {"device": "tpu"},
+            "--device must be cpu, cuda, cuda:N or mps, or several GPUs as cuda:0,1,..., got 'tpu'",
+        ),
         (ExtractConfig, {"data": ""}, "--data must be a non-empty name without control characters, got ''"),
         (FitConfig, {"C": float("nan")}, "--C must be a finite number in (0, 1e+06], got nan"),
         (FitConfig, {"cv_folds": 1}, "--cv-folds must be an integer between 2 and 20, got 1"),

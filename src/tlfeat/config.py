@@ -129,13 +129,17 @@ LIMIT = Interval(int, 1, 10**9, nullable=True)
 EPOCHS = Interval(int, 1, 10_000)
 REPEATS = Interval(int, 1, 1000)
 BATCH = Interval(int, 1, 65536)
+BATCH_OR_AUTO = Interval(int, 1, 65536, nullable=True)
 WORKERS = Interval(int, 0, 256, nullable=True)
 DEVICE = Pattern(r"cpu|cuda(:\d+)?|mps", "cpu, cuda, cuda:N or mps")
+DEVICES = Pattern(r"cpu|cuda(:\d+(,\d+)*)?|mps", "cpu, cuda, cuda:N or mps, or several GPUs as cuda:0,1,...")
 NAME = Text()
 OPTIONAL_NAME = Text(nullable=True)
 ON_ERROR = ("fail", "skip")
 BACKENDS = ("auto", "torch", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DECODES = ("auto", "cpu", "device")
+TRAIN_PRECISIONS = ("fp32", "bf16")
 ENGINES = ("local", "ray")
 AUGMENTS = ("auto", "none", "flip", "crop", "standard")
 OPTIMIZERS = ("adam", "sgd")
@@ -201,9 +205,26 @@ class ExtractConfig:
         check=Choice(BACKENDS),
         factory=lambda: env("TLFEAT_BACKEND", "auto"),
     )
-    device: str = key("cpu", help="cpu, cuda, cuda:1 or mps.", check=DEVICE)
-    batch_size: int = setting(64, help="Images per batch.", check=BATCH)
-    workers: int | None = setting(None, help="Decoding processes (default: one per core, at most 4).", check=WORKERS)
+    device: str = key(
+        "cpu",
+        help="cpu, cuda, cuda:1, mps, or several GPUs: cuda:0,1,2,3 (one model replica each, one output, the same bits).",
+        check=DEVICES,
+    )
+    decode: str = key(
+        "auto",
+        help="Where JPEGs are decoded and resized: cpu (PIL, in worker processes), device (decode_jpeg: nvJPEG on a "
+        "GPU; resize, crop and normalise there too; other formats go to the CPU workers), auto (device on CUDA with "
+        "--engine local, else cpu).",
+        check=Choice(DECODES),
+    )
+    batch_size: int | None = setting(
+        None, help="Images per batch (default 64; on CUDA, from the GPU's free memory).", check=BATCH_OR_AUTO
+    )
+    workers: int | None = setting(
+        None,
+        help="Decoding processes (default: one per core, at most 4; on CUDA, one per core but one).",
+        check=WORKERS,
+    )
     on_error: str = setting(
         "fail",
         help="An unreadable image: stop, naming it (finished blocks are kept), or skip and record it.",
@@ -230,6 +251,33 @@ class ExtractConfig:
         if self.splits is not None:  # --split train --split train asks for one split
             object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
         validate(self)
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        from tlfeat.errors import TlfeatError
+
+        indices = self.device.partition(":")[2].split(",")
+        if len(set(indices)) < len(indices):
+            raise TlfeatError(f"--device {self.device} names a GPU twice; list each one once")
+        if self.engine == "ray" and len(indices) > 1:
+            raise TlfeatError(
+                "--engine ray places replicas itself: use --device cuda with --num-workers and --gpus-per-worker"
+            )
+        if self.decode == "device" and self.engine == "ray":
+            raise TlfeatError("--decode device runs with --engine local; with --engine ray use --decode cpu")
+        if self.decode == "device" and self.device == "mps":
+            raise TlfeatError("--decode device needs --device cpu or cuda (torchvision decodes no JPEG on mps)")
+
+    def devices(self) -> list[str]:
+        """One device per model replica: cuda:0,1 -> [cuda:0, cuda:1]."""
+        head, _, indices = self.device.partition(":")
+        return [f"{head}:{i}" for i in indices.split(",")] if indices else [self.device]
+
+    def resolved_decode(self) -> str:
+        """cpu or device: what --decode auto means here (device on CUDA, when this process runs the network)."""
+        if self.decode != "auto":
+            return self.decode
+        return "device" if self.device.startswith("cuda") and self.engine == "local" else "cpu"
 
     def layers(self) -> list[str | None]:
         """The layers asked for: [None] for the penultimate one."""
@@ -382,7 +430,22 @@ class FinetuneConfig:
         None, help="Start from this file, e.g. best.pt of an earlier fine-tune.", cli="--weights"
     )
     untrained: bool = key(False, help="Random backbone weights (what scratch always uses).")
-    workers: int | None = setting(None, help="DataLoader worker processes.", check=WORKERS)
+    precision: str = key(
+        "fp32",
+        help="fp32, or bf16: autocast of the forward pass and the loss (for GPUs).",
+        check=Choice(TRAIN_PRECISIONS),
+    )
+    augment_on: str = key(
+        "auto",
+        help="Where training crops, flips and normalisation happen: cpu (in the loader workers), device (on the "
+        "GPU, from uint8 images the workers resize), auto (device on CUDA).",
+        check=Choice(DECODES),
+    )
+    workers: int | None = setting(
+        None,
+        help="DataLoader worker processes (default: one per core, at most 4; on CUDA, one per core but one).",
+        check=WORKERS,
+    )
     device: str = setting("cpu", help="cpu, cuda, cuda:1 or mps.", check=DEVICE)
     resume: bool = setting(False, help="Continue an interrupted run of the same configuration.")
     keep_last: bool = setting(False, help="Keep last.pt (with optimizer state) once the run completes.")
@@ -409,6 +472,12 @@ class FinetuneConfig:
     @property
     def learning_rate(self) -> float:
         return float(self.lr or 0.0)
+
+    def resolved_augment_on(self) -> str:
+        """cpu or device: what --augment-on auto means here (device on CUDA)."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        return "device" if self.device.startswith("cuda") else "cpu"
 
     def split_limit(self, split: str) -> int | None:
         return self.limit if split == "train" else self.test_limit

@@ -69,6 +69,8 @@ KEY_RESOLVERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "label_field": lambda c: {"label_field": c.cfg.label_field} if c.dataset.startswith("shards:") else {},
     "backend": lambda c: {"backend": c.backend},
     "device": lambda c: {"device": c.cfg.device.split(":")[0]},
+    # `--decode cpu` (what auto means on a CPU) adds nothing: the keys of files made before the option stay valid.
+    "decode": lambda c: {} if c.cfg.resolved_decode() == "cpu" else {"decode": c.cfg.resolved_decode()},
 }
 
 

@@ -83,6 +83,10 @@ def load_splits(cfg: FinetuneConfig) -> Splits:
     return Splits(train.subset(fit_idx), train.subset(val_idx), test, how)
 
 
+# Key fields whose value here is what every run did before the field existed: left out of the key.
+KEY_NEUTRAL = {"precision": "fp32", "augment_on": "cpu"}
+
+
 def weights_id(cfg: FinetuneConfig) -> str:
     untrained = strategies.parse(cfg.strategy).kind == "scratch" or cfg.untrained
     return weights.weights_id(cfg.model, cfg.weights_id, cfg.weights_file, untrained, cfg.seed)
@@ -93,6 +97,10 @@ def config_key(cfg: FinetuneConfig, wid: str) -> str:
     the images as they are now (their listing's signature), so a changed dataset is trained on again."""
     fields = {name: getattr(cfg, name) for name in constraints.key_fields(cfg)}
     fields.update(data=datasets.canonical(cfg.data), weights_file=None, weights=wid, images=images_signature(cfg))
+    fields["augment_on"] = cfg.resolved_augment_on()
+    for name, value in KEY_NEUTRAL.items():  # runs made before these options keep their keys
+        if fields[name] == value:
+            del fields[name]
     return cache.cache_key({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
 
 
@@ -187,12 +195,22 @@ class Run:
         return self.out_dir / "best.pt"
 
     def batches(self, split: datasets.ImageSplit, train_epoch: int | None = None) -> Any:
-        """Training batches of one epoch (augmented, shuffled by seed and epoch), or evaluation batches."""
-        if train_epoch is None:
-            return training.loader(split, training.EvalTransform(self.prep), max(self.cfg.batch_size, 64), self.workers)
+        """Training batches of one epoch (augmented, shuffled by seed and epoch), or evaluation batches.
+
+        With `--augment-on device` the workers send uint8 images and the crops, flips and
+        normalisation happen on the device (`training.OnDevice`).
+        """
+        cfg, seed = self.cfg, None if train_epoch is None else self.cfg.seed * 1000 + train_epoch
+        size = max(cfg.batch_size, 64) if seed is None else cfg.batch_size
+        if cfg.resolved_augment_on() == "device":
+            pixels = training.Pixels(self.prep, self.prep.crop_size if seed is None else self.prep.resize_size)
+            pin = cfg.device.startswith("cuda")
+            batches = training.loader(split, pixels, size, self.workers, seed is not None, seed or 0, pin)
+            return training.OnDevice(batches, self.prep, self.augment, cfg.device, seed)
+        if seed is None:
+            return training.loader(split, training.EvalTransform(self.prep), size, self.workers)
         transform = training.train_transform(self.prep, self.augment)
-        seed = self.cfg.seed * 1000 + train_epoch
-        return training.loader(split, transform, self.cfg.batch_size, self.workers, shuffle=True, seed=seed)
+        return training.loader(split, transform, size, self.workers, shuffle=True, seed=seed)
 
 
 def _prepare(cfg: FinetuneConfig, out_dir: Path, wid: str) -> Run:
@@ -226,7 +244,7 @@ def _prepare(cfg: FinetuneConfig, out_dir: Path, wid: str) -> Run:
     return Run(
         cfg, out_dir, wid, strategy, splits, model, resolved, opt, training.schedule(cfg, opt, steps),
         backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size), training.resolve_augment(cfg, splits.train.dataset),
-        cfg.workers if cfg.workers is not None else default_workers(), setup, load,
+        cfg.workers if cfg.workers is not None else default_workers(cfg.device), setup, load,
     )  # fmt: skip
 
 
@@ -253,7 +271,7 @@ def _train(cfg: FinetuneConfig, out_dir: Path, wid: str) -> RunRecord:
         _end_epoch(run, state, entry)
     run.model.load_state_dict(training.load_checkpoint(run.best, cfg.model)["model"])
     test_eval, predict_seconds = training.timed(
-        training.evaluate, run.model, run.splits.test, run.batches(run.splits.test), cfg.device
+        training.evaluate, run.model, run.splits.test, run.batches(run.splits.test), cfg.device, cfg.precision
     )
     record = _record(run, state, test_eval, predict_seconds)
     record.save(out_dir / "record.json")
@@ -294,12 +312,12 @@ def _epoch(run: Run, train_batches: Any, val_batches: Any, epoch: int) -> dict[s
     strategies.freeze_batchnorm_stats(model)
     bar = progress.bar(cfg.progress, len(train_batches.dataset), f"epoch {epoch + 1}/{cfg.epochs}")
     try:
-        scores = training.run_epoch(model, train_batches, run.opt, run.sched, cfg.device, bar)
+        scores = training.run_epoch(model, train_batches, run.opt, run.sched, cfg.device, bar, cfg.precision)
     finally:
         bar.close()
     train_seconds = time.perf_counter() - t0
-    training.precise_bn(model, train_batches, int(cfg.precise_bn or 0), cfg.device)
-    val_eval = training.evaluate(model, run.splits.val, val_batches, cfg.device)
+    training.precise_bn(model, train_batches, int(cfg.precise_bn or 0), cfg.device, cfg.precision)
+    val_eval = training.evaluate(model, run.splits.val, val_batches, cfg.device, cfg.precision)
     entry = {
         "epoch": epoch + 1,
         **scores,
@@ -325,6 +343,7 @@ PARAMS = (
     "weight_decay",
     "batch_size",
     "precise_bn",
+    "precision",
 )
 
 
@@ -365,7 +384,7 @@ def _record(run: Run, state: training.TrainState, test_eval: dict[str, Any], pre
         n_classes=len(splits.train.class_names),
         class_names=list(splits.train.class_names),
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        params={k: getattr(cfg, k) for k in PARAMS} | {"augment": run.augment},
+        params={k: getattr(cfg, k) for k in PARAMS} | {"augment": run.augment, "augment_on": cfg.resolved_augment_on()},
         metrics=test_eval["metrics"],
         timings=timings.finish(),
         provenance={

@@ -124,14 +124,24 @@ class TorchRunner:
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         import torch
 
-        n = len(batch)
-        pad = (-n) % self.micro
         x = torch.from_numpy(np.ascontiguousarray(batch))
-        if pad:
-            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
         if not self.cpu:
             x = x.pin_memory().to(self.device, non_blocking=True)
-        parts: list[list[np.ndarray]] = []
+        return self.start(x).result()
+
+    def start(self, x: Any) -> Pending:
+        """Queue the network on a float32 NCHW tensor already on this runner's device; `.result()` waits.
+
+        On a GPU the outputs are copied into pinned host memory without blocking, so the caller can
+        prepare the next batch while this one runs.
+        """
+        import torch
+
+        n = len(x)
+        pad = (-n) % self.micro
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        parts: list[list[Any]] = []
         with (
             torch.inference_mode(),
             torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None),
@@ -139,8 +149,31 @@ class TorchRunner:
             for i in range(0, len(x), self.micro):
                 out = self.extractor(x[i : i + self.micro].contiguous(memory_format=torch.channels_last))
                 outs = out if isinstance(out, tuple) else (out,)
-                parts.append([o.float().cpu().numpy() for o in outs])
-        return [np.concatenate([p[k] for p in parts])[:n] for k in range(len(parts[0]))]
+                parts.append([o.float() for o in outs])
+            outputs = [torch.cat([p[k] for p in parts])[:n] for k in range(len(parts[0]))]
+        return Pending(outputs)
+
+
+class Pending:
+    """Outputs of a batch on their way to host memory (at once on the CPU; copied asynchronously from a GPU)."""
+
+    def __init__(self, outputs: list[Any]) -> None:
+        import torch
+
+        self.event = None
+        if outputs[0].device.type == "cuda":
+            host = [torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outputs]
+            for h, o in zip(host, outputs, strict=True):
+                h.copy_(o, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            outputs = host
+        self.outputs = outputs
+
+    def result(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [o.cpu().numpy() for o in self.outputs]
 
 
 class OnnxRunner:
@@ -173,8 +206,8 @@ def check_device(device: str) -> None:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise TlfeatError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu")
-        index = int(device.split(":", 1)[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
+        indices = device.split(":", 1)[1].split(",") if ":" in device else ["0"]
+        if max(int(i) for i in indices) >= torch.cuda.device_count():
             raise TlfeatError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0..)")
     elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise TlfeatError("--device mps: the Metal backend is not available here; use --device cpu")

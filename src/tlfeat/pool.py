@@ -13,6 +13,7 @@ import os
 import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def worker_died() -> TlfeatError:
+    return TlfeatError(
+        "a decoding worker died (killed by the system, out of memory?); finished blocks are kept: "
+        "run the same command again, with --workers 0 to decode in the main process"
+    )
+
+
 class DecodePool:
     """An ordered map of `decode_batch` over batches of items, in `workers` processes (0: inline).
 
@@ -101,10 +109,33 @@ class DecodePool:
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool as exc:
-            raise TlfeatError(
-                "a decoding worker died (killed by the system, out of memory?); finished blocks are kept: "
-                "run the same command again, with --workers 0 to decode in the main process"
-            ) from exc
+            raise worker_died() from exc
+
+    def submit(self, items: list[images.Item]) -> Future[Decoded]:
+        """One batch decoded by the workers in the background (at once, here, without workers);
+        read it with `result`."""
+        if self._pool is not None:
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                return self._pool.submit(decode_batch, items, self.prep, self.skip)
+            except BrokenProcessPool as exc:
+                raise worker_died() from exc
+        done: Future[Decoded] = Future()
+        try:
+            done.set_result(decode_batch(items, self.prep, self.skip))
+        except Exception as exc:  # noqa: BLE001 - raised again by `result`, like a worker's
+            done.set_exception(exc)
+        return done
+
+    @staticmethod
+    def result(future: Future[Decoded]) -> Decoded:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            raise worker_died() from exc
 
     def close(self) -> None:
         if self._pool is not None:

@@ -63,6 +63,15 @@ class Preprocessing:
         resize = int(round(image_size * self.resize_size / self.crop_size))
         return replace(self, crop_size=image_size, resize_size=resize)
 
+    def resized_shape(self, h: float, w: float) -> tuple[int, int]:
+        """(height, width) after torchvision's resize of the short side to `resize_size` (both sides
+        with `squash`)."""
+        if self.squash:
+            return self.resize_size, self.resize_size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+
     def resize_crop(self, img: Any, box: images.Box | None = None) -> np.ndarray:
         """PIL RGB image -> uint8 (3, crop, crop): torchvision's resize (short side) and centre crop.
 
@@ -71,12 +80,7 @@ class Preprocessing:
         torchvision's output size depends only on the ratio of its sides).
         """
         box = box or (0, 0, *img.size)
-        w, h = box[2], box[3]
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if self.squash:
-            new_w = new_h = self.resize_size
+        new_h, new_w = self.resized_shape(box[3], box[2])
         if (new_w, new_h) != tuple(box[2:]) or tuple(box[2:]) != img.size:
             img = img.resize((new_w, new_h), _PIL_FILTERS[self.interpolation], box=box)
         arr = np.asarray(img, dtype=np.uint8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,13 @@ def train_transform(prep: Preprocessing, augment: str) -> Any:
 
 
 def loader(
-    split: datasets.ImageSplit, transform: Any, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0
+    split: datasets.ImageSplit,
+    transform: Any,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    pin: bool = False,
 ) -> Any:
     import torch
     from torch.utils.data import DataLoader
@@ -170,7 +176,100 @@ def loader(
         generator=generator,
         drop_last=shuffle and len(split) > batch_size,
         worker_init_fn=_worker_init,
+        pin_memory=pin,
     )
+
+
+# --------------------------------------------------------------------------- augmentation on the device
+
+
+class Pixels:
+    """A loader transform for `--augment-on device`: the image resized (short side) and centre-cropped
+    to `size` x `size`, as a uint8 tensor. The crop size gives the evaluation input (the pixels of
+    EvalTransform); the resize size gives the canvas training crops are drawn from on the device."""
+
+    def __init__(self, prep: Preprocessing, size: int) -> None:
+        self.prep = replace(prep, crop_size=size)
+
+    def __call__(self, img: Any) -> Any:
+        import torch
+
+        return torch.from_numpy(self.prep.resize_crop(img))
+
+
+class OnDevice:
+    """Batches of uint8 images from a loader, made the network's input on the device: for training a
+    random resized crop of each canvas (one batched `roi_align`) and a random flip, as `augment` says,
+    drawn from a generator seeded per epoch; then normalised. Evaluation batches are only normalised."""
+
+    def __init__(self, batches: Any, prep: Preprocessing, augment: str, device: str, seed: int | None) -> None:
+        import torch
+
+        self.batches, self.dataset = batches, batches.dataset
+        self.prep, self.augment, self.seed = prep, augment, seed
+        self.device = torch.device(device)
+        self.mean = torch.tensor(prep.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(prep.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        for x, y in self.batches:
+            x = x.to(self.device, non_blocking=True)
+            if generator is not None:
+                x = self.train_crops(x, generator)
+            yield x.float().div_(255.0).sub_(self.mean).div_(self.std), y.to(self.device, non_blocking=True)
+
+    def train_crops(self, x: Any, generator: Any) -> Any:
+        """uint8 canvases (n, 3, R, R) -> float (n, 3, crop, crop), 0-255: crops and flips of `augment`."""
+        import torch
+        from torchvision.ops import roi_align
+
+        n, size, crop = len(x), x.shape[-1], self.prep.crop_size
+        if self.augment in ("crop", "standard"):
+            scale = (0.08, 1.0) if self.augment == "standard" else (0.5, 1.0)
+            boxes = random_boxes(n, size, scale, generator).to(self.device)
+            rois = torch.cat([torch.arange(n, device=self.device, dtype=boxes.dtype)[:, None], boxes], 1)
+            out = roi_align(x.float(), rois, output_size=crop, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        else:
+            top = int(round((size - crop) / 2.0))
+            out = x[..., top : top + crop, top : top + crop].float()
+        if self.augment in ("flip", "standard"):
+            flip = (torch.rand(n, generator=generator) < 0.5).to(self.device)[:, None, None, None]
+            out = torch.where(flip, out.flip(-1), out)
+        return out
+
+
+def random_boxes(n: int, size: int, scale: tuple[float, float], generator: Any, attempts: int = 10) -> Any:
+    """RandomResizedCrop's boxes (x1, y1, x2, y2) in a size x size canvas, drawn for n images at once:
+    area in `scale`, aspect ratio log-uniform in [3/4, 4/3], the first of `attempts` that fits (else the
+    whole canvas)."""
+    import torch
+
+    area = size * size * torch.empty(n, attempts).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = torch.exp(log_ratio)
+    w = torch.sqrt(area * ratio).round()
+    h = torch.sqrt(area / ratio).round()
+    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = torch.where(fits.any(1), fits.float().argmax(1), 0)
+    pick = torch.arange(n)
+    w = torch.where(fits.any(1), w[pick, first], float(size))
+    h = torch.where(fits.any(1), h[pick, first], float(size))
+    left = (torch.rand(n, generator=generator) * (size - w + 1)).floor()
+    top = (torch.rand(n, generator=generator) * (size - h + 1)).floor()
+    return torch.stack([left, top, left + w, top + h], 1)
+
+
+def autocast(device: str, precision: str) -> Any:
+    """bf16 autocast of the forward pass and the loss where `--precision bf16` asks for it (a key field)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -214,17 +313,20 @@ def schedule(cfg: FinetuneConfig, opt: Any, steps_per_epoch: int) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def run_epoch(model: Any, batches: Any, opt: Any, sched: Any, device: str, bar: Any) -> dict[str, float]:
+def run_epoch(
+    model: Any, batches: Any, opt: Any, sched: Any, device: str, bar: Any, precision: str = "fp32"
+) -> dict[str, float]:
     """One pass over the training images; returns mean loss and accuracy."""
     import torch
 
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in batches:
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        y = y.to(device)
-        opt.zero_grad()
-        logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits, y)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
         if not torch.isfinite(loss):
             raise TlfeatError("the training loss became infinite or NaN; lower --lr")
         loss.backward()
@@ -238,7 +340,7 @@ def run_epoch(model: Any, batches: Any, opt: Any, sched: Any, device: str, bar: 
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-def precise_bn(model: Any, batches: Any, n_batches: int, device: str) -> None:
+def precise_bn(model: Any, batches: Any, n_batches: int, device: str, precision: str = "fp32") -> None:
     """Re-estimate every trainable BatchNorm's running statistics from `n_batches` of training images.
 
     The running averages kept during training lag behind weights that move fast (a network trained
@@ -255,7 +357,7 @@ def precise_bn(model: Any, batches: Any, n_batches: int, device: str) -> None:
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         for k, (x, _) in enumerate(batches):
             if k >= n_batches:
                 break
@@ -264,16 +366,18 @@ def precise_bn(model: Any, batches: Any, n_batches: int, device: str) -> None:
         m.momentum = momentum
 
 
-def evaluate(model: Any, split: datasets.ImageSplit, batches: Any, device: str) -> dict[str, Any]:
+def evaluate(
+    model: Any, split: datasets.ImageSplit, batches: Any, device: str, precision: str = "fp32"
+) -> dict[str, Any]:
     """Loss and metrics of `model` on one split (eval mode)."""
     import torch
 
     model.eval()
     logits_all, labels = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         for x, y in batches:
             logits_all.append(model(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu())
-            labels.append(y)
+            labels.append(y.cpu())
     logits, y_true = torch.cat(logits_all), torch.cat(labels)
     loss = float(torch.nn.functional.cross_entropy(logits, y_true))
     proba = torch.softmax(logits, 1).numpy()
