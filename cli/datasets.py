@@ -24,5 +24,6 @@ def command(**options: Any) -> None:
     click.echo(
         "\nAny folder works too: root/train/<class>/*, root/val|test/<class>/*, or root/<class>/* "
         "(split 80/20, stratified, fixed seed).\nShards: 'shards/{00000..00127}.tar' (WebDataset, label in "
-        "KEY.cls) or *.parquet, optionally train=PATTERN,test=PATTERN."
+        "KEY.cls) or *.parquet, optionally train=PATTERN,test=PATTERN.\nA path that exists is always read as "
+        "that folder, even one named like a dataset above (./mnist); write named:mnist for the named one."
     )

@@ -48,12 +48,15 @@ def _hyper(r: Any) -> str:
 def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool, **options: Any) -> None:
     """Train a classifier on every selected pair of cached train/test features and report test metrics."""
     cfg = FitConfig(**given(options))  # bad arguments are refused before scikit-learn is imported
+    from tlfeat.datasets import display_names
     from tlfeat.fitting import fit
     from tlfeat.fitting import table as make_table
     from tlfeat.records import variants
 
-    results = fit(cfg, allow_stale=allow_stale, data_dir=data_dir)
+    skipped: list[str] = []
+    results = fit(cfg, allow_stale=allow_stale, data_dir=data_dir, skipped=skipped)
     labels = variants([res.record for res in results])  # what sets a line apart from the others
+    names = display_names(res.record.dataset for res in results)  # two folders named "data" are two
     for res in results:
         r = res.record
         m, t = r.metrics, r.timings
@@ -67,7 +70,7 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
         untrained = "" if r.pretrained else " [UNTRAINED backbone]"
         variant = f" [{labels[id(r)]}]" if labels[id(r)] else ""
         line = (
-            f"{r.method} {r.model}/{Path(r.dataset).name} ({r.layer}, {r.image_size} px, n_train {r.n_train}, "
+            f"{r.method} {r.model}/{names[r.dataset]} ({r.layer}, {r.image_size} px, n_train {r.n_train}, "
             f"n_test {r.n_test}){untrained}{variant}: "
             f"accuracy {m['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), balanced {m['balanced_accuracy']:.4f}, ROC AUC {auc}, "
             f"{_hyper(r)}; {how}  -> {res.path.parent}"
@@ -78,6 +81,8 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
             click.echo(
                 f"  warning: C = {r.params['C']:g} is on the edge of the searched grid; try --C beyond it", err=True
             )
+    for line in skipped:
+        click.echo(f"skipped: {line}", err=True)
     if len(results) > 1 or as_json:
         rows, cols, cells = make_table([r.record for r in results], metric)
         body = [

@@ -57,7 +57,10 @@ def command(as_json: bool, quick: bool, show_skipped: bool, **options: Any) -> N
     if not entries:
         click.echo(f"no cached features in {cache_dir}; run `tlfeat extract --model mobilenet_v2 --data digits`")
         return
-    rows = [_row(e, states.get(e.path)) for e in entries]
+    from tlfeat.datasets import display_names
+
+    names = display_names(str(e.attrs.get("dataset", "?")) for e in entries)  # two folders named "data" are two
+    rows = [_row(e, states.get(e.path), names) for e in entries]
     header = [
         "model",
         "dataset",
@@ -78,6 +81,8 @@ def command(as_json: bool, quick: bool, show_skipped: bool, **options: Any) -> N
     for e in entries:
         if e.status == "damaged":
             click.echo(f"DAMAGED: {e.problem}")
+        elif e.status == "partial" and e.problem != catalog.RESUME:
+            click.echo(f"partial: {e.path.name}: {e.problem}")
     for path, state in states.items():
         if state.state == "stale" and state.changes is not None:
             click.echo(f"STALE: {path.name}: {state.changes.summary()}; run the same `tlfeat extract` to update it")
@@ -88,9 +93,7 @@ def command(as_json: bool, quick: bool, show_skipped: bool, **options: Any) -> N
                 click.echo(f"  {printable(item['id'])}: {printable(item['error'])}")
 
 
-def _row(e: Any, state: Any) -> list[Any]:
-    from tlfeat import datasets
-
+def _row(e: Any, state: Any, names: dict[str, str]) -> list[Any]:
     a = e.attrs
     wid = str(a.get("weights_id", "?"))
     status = e.status.upper() if e.status == "damaged" else e.status
@@ -98,7 +101,7 @@ def _row(e: Any, state: Any) -> list[Any]:
         status = state.describe()
     return [
         a.get("model", "?"),
-        datasets.short_name(str(a.get("dataset", "?"))),
+        names[str(a.get("dataset", "?"))],
         a.get("split", "?"),
         a.get("n_done", "?") if e.status != "ok" else a.get("n_images", "?"),
         a.get("n_skipped") or "-",
@@ -128,6 +131,10 @@ def _skipped(path: Path) -> list[dict[str, str]]:
 
 
 def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return path.stat().st_size
+    """Bytes on disk of a file or a `.partial` folder (0 where it cannot be read)."""
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0

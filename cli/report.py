@@ -12,21 +12,30 @@ from tlfeat_cli.options import json_option
 
 
 @click.command("report")
-@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("folder", type=str)
 @json_option
 @user_errors()
-def command(folder: Path, as_json: bool) -> None:
-    """Rebuild a comparison report from its saved results, recomputing nothing."""
+def command(folder: str, as_json: bool) -> None:
+    """Rebuild a comparison report from its saved results, recomputing nothing.
+
+    FOLDER is the --out folder of a `tlfeat compare` (it holds a .tlfeat-report marker); tlfeat writes
+    into no other folder.
+    """
+    from tlfeat.errors import TlfeatError
     from tlfeat.report import build
 
-    build(folder)
-    summary(folder, as_json)
+    if not folder.strip():
+        raise TlfeatError("report needs a folder: the --out folder of a `tlfeat compare`")
+    build(Path(folder))
+    summary(Path(folder), as_json)
 
 
 def summary(folder: Path, as_json: bool) -> None:
     import logging
 
+    from tlfeat.errors import printable
     from tlfeat.report import recommendation, rows
+    from tlfeat.report.render import plain
 
     logging.disable(logging.WARNING)  # the report was just built from these records: its warnings are said
     try:
@@ -38,7 +47,8 @@ def summary(folder: Path, as_json: bool) -> None:
             json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in items], indent=2, default=str)
         )
     for line in recommendation(items):
-        click.echo(line.replace("**", ""), err=as_json)
+        click.echo(plain(line), err=as_json)
     click.echo(
-        f"report: {folder / 'report.html'} (also report.md, rows.csv, summary.csv, tables.tex, plots/)", err=as_json
+        f"report: {printable(str(folder / 'report.html'))} (also report.md, rows.csv, summary.csv, tables.tex, plots/)",
+        err=as_json,
     )

@@ -40,11 +40,14 @@ def command(model: str | None, data: str | None, method: str | None, as_json: bo
     if not records:
         click.echo(f"no results in {results_dir} match; run `tlfeat fit` first")
         return
+    from tlfeat.datasets import display_names
+
+    names = display_names(r.dataset for r in records)  # two folders named "data" are two datasets
     rows = [
         (
             r.method,
             r.model,
-            Path(r.dataset).name,
+            names[r.dataset],
             r.layer,
             r.image_size or "-",
             r.weights_id or "-",

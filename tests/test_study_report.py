@@ -56,9 +56,7 @@ def test_a_comparison_with_every_probe_and_analysis(tmp_path: Path) -> None:
         assert c.timings.train_seconds == pytest.approx(s1["train_seconds"] + s2["train_seconds"])
         assert c.method == f"chain:{mid}:head" and s1["dataset"] == str(mid)
     concat = [
-        r
-        for r in map(RunRecord.load, (cfg.runs_dir / "fits").glob("*/record.json"))
-        if r.layer == "layer3+penultimate"
+        r for r in map(RunRecord.load, (cfg.runs_dir / "fits").glob("*/record.json")) if r.layer == "layer3+penultimate"
     ]
     assert len(concat) == 2 and all(r.details["n_features"] == 256 + 512 for r in concat)
     shots = [r for r in map(RunRecord.load, (cfg.runs_dir / "fits").glob("*/record.json")) if r.details.get("shots")]

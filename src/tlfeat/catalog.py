@@ -4,12 +4,15 @@ finding the one set a request names among several variants."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tlfeat.cache import DAMAGED, PARTIAL, SUFFIX, check, read_attrs
 from tlfeat.errors import CacheDamaged, CacheMismatch
+from tlfeat.images import file_kind
 
 
 @dataclass(frozen=True)
@@ -23,15 +26,32 @@ class Entry:
 
 
 MANIFEST = "manifest.json"
+RESUME = "run the same `tlfeat extract` again to finish it"  # the problem of every healthy partial set
 SHOWN = ("model", "dataset", "split", "layer", "weights_id", "pretrained", "image_size", "limit", "backend")
 
 
 def read_manifest(partial: Path) -> dict[str, Any] | None:
+    """A `.partial` folder's manifest, or None when it is missing, unreadable or not a JSON object."""
+    if not (partial / MANIFEST).is_file():  # missing, or a FIFO that would be waited on
+        return None
     try:
         value = json.loads((partial / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _in_progress(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What `ls` shows of a run in progress, from its manifest; None when the manifest is malformed."""
+    attrs = manifest.get("attrs", {})
+    if not isinstance(attrs, dict) or not isinstance(manifest.get("key", ""), str):
+        return None
+    plain = (str, int, float, bool)
+    checked = {**attrs, **manifest}.items()
+    if any(not isinstance(v, plain) for k, v in checked if k in SHOWN or k in ("n_images", "format", "listing")):
+        return None
+    own = ("key", "n_images", "format", "listing")
+    return {**{k: v for k, v in attrs.items() if k in SHOWN}, **{k: manifest[k] for k in own if k in manifest}}
 
 
 def finished_rows(partial: Path) -> int:
@@ -52,39 +72,69 @@ def scan(cache_dir: Path, verify: bool = False) -> list[Entry]:
     """Every cache file (complete, partial or damaged) under `cache_dir`, newest first.
 
     A `.partial` folder left by a run killed after its file was complete (same index as the
-    file) is not listed: the next `extract` removes it.
+    file) is not listed: the next `extract` removes it. An entry that cannot be read (a malformed
+    manifest, a link loop, something that is not a file) is one entry with its problem; the
+    others are listed as usual.
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
     entries = []
     for path in sorted(cache_dir.glob(f"*{SUFFIX}*")):
-        name = path.name
-        if name.endswith(SUFFIX):
-            try:
-                entries.append(Entry(path, check(path, verify=verify), "ok"))
-            except CacheDamaged as exc:
-                entries.append(Entry(path, _attrs_or_empty(path), "damaged", str(exc)))
-        elif name.endswith(SUFFIX + PARTIAL) and path.is_dir():
-            manifest = read_manifest(path) or {}
-            final = path.with_name(name[: -len(PARTIAL)])
-            if final.is_file() and _finished(final, manifest):
-                continue
-            attrs = {**key_attrs(name), **manifest.pop("attrs", {}), **manifest, "n_done": finished_rows(path)}
-            problem = "run the same `tlfeat extract` again to finish it"
-            entries.append(Entry(path, attrs, "partial", problem))
-        elif DAMAGED in name and path.is_file():
-            entries.append(
-                Entry(path, _attrs_or_empty(path), "set aside", "damaged; extract rebuilt or will rebuild it")
-            )
+        entry = _entry(path, verify)
+        if entry is not None:
+            entries.append(entry)
     entries.sort(key=lambda e: str(e.attrs.get("created", "")), reverse=True)
     return entries
+
+
+def _entry(path: Path, verify: bool) -> Entry | None:
+    """The catalogue entry of one name in the cache folder, or None when it is no cache file."""
+    name = path.name
+    kinds = [name.endswith(SUFFIX), name.endswith(SUFFIX + PARTIAL), DAMAGED in name]
+    if not any(kinds):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return Entry(path, key_attrs(name), "damaged", f"{path} cannot be read ({exc.strerror or exc}); move it away")
+    if kinds[1]:  # a run in progress; a file of that name is a tlfeat 0.1 partial file, which extract removes
+        return _partial(path) if stat.S_ISDIR(mode) else None
+    if not stat.S_ISREG(mode):
+        return Entry(path, key_attrs(name), "damaged", f"{path} is {file_kind(mode)}, not a cache file; move it away")
+    if kinds[0]:
+        try:
+            return Entry(path, check(path, verify=verify), "ok")
+        except CacheDamaged as exc:
+            return Entry(path, _attrs_or_empty(path), "damaged", str(exc))
+    if kinds[2]:
+        return Entry(path, _attrs_or_empty(path), "set aside", "damaged; extract rebuilt or will rebuild it")
+    return None
+
+
+def _partial(path: Path) -> Entry | None:
+    name = path.name
+    manifest = read_manifest(path)
+    shown = _in_progress(manifest) if manifest is not None else None
+    final = path.with_name(name[: -len(PARTIAL)])
+    if shown is not None and final.is_file() and _finished(final, shown):
+        return None
+    try:
+        done = finished_rows(path)
+    except OSError:
+        done = 0
+    attrs = {**key_attrs(name), **(shown or {}), "n_done": done}
+    if shown is None:
+        problem = f"its {MANIFEST} is missing or malformed; the next `tlfeat extract` of this set starts it over"
+    else:
+        problem = RESUME
+    return Entry(path, attrs, "partial", problem)
 
 
 def _finished(final: Path, manifest: dict[str, Any]) -> bool:
     try:
         attrs = read_attrs(final)
-    except OSError:
+    except Exception:  # noqa: BLE001 - h5py raises several types for a damaged file: then it is not finished
         return False
     return attrs.get("key") == manifest.get("key") and attrs.get("listing_sha256") == manifest.get("listing")
 
@@ -92,7 +142,7 @@ def _finished(final: Path, manifest: dict[str, Any]) -> bool:
 def _attrs_or_empty(path: Path) -> dict[str, Any]:
     try:
         return {**key_attrs(path.name), **read_attrs(path)}
-    except OSError:
+    except Exception:  # noqa: BLE001 - h5py raises several types for a damaged file
         return key_attrs(path.name)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tlfeat import datasets, finetune, fsio
-from tlfeat.records import RunRecord, load_record
+from tlfeat.records import CHAINS, RunRecord, load_record
 
 if TYPE_CHECKING:
     from tlfeat.compare import Cell
@@ -50,7 +50,7 @@ def record_path(cfg: CompareConfig, cell: Cell, first: Path, second: Path) -> Pa
     key = hashlib.sha256(f"{first.name}\0{second.name}".encode()).hexdigest()[:16]
     slug = datasets.dataset_slug(datasets.canonical(cell.data))
     name = f"{cell.backbone}__{slug}__{cell.parsed.slug}__seed{cell.seed}__{key}"
-    return Path(cfg.runs_dir) / "chains" / name / "record.json"
+    return Path(cfg.runs_dir) / CHAINS / name / "record.json"
 
 
 def planned(cfg: CompareConfig, cell: Cell) -> str:

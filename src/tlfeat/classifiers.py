@@ -381,9 +381,9 @@ def load(folder: Path, saved: dict[str, Any]) -> Any:
     import hashlib
     import hmac
 
-    from tlfeat import config, offline
+    from tlfeat import config, fsio, offline
 
-    path = Path(folder) / str(saved["file"])
+    path = fsio.inside(Path(folder), saved.get("file"))  # a record never names a file outside its folder
     if not path.is_file() or offline.sha256_file(path) != saved.get("sha256"):
         raise TlfeatError(f"{path} does not match the sha256 in its record; refusing to load it")
     secret = config.results_key()

@@ -42,6 +42,7 @@ class Cell:
     layer: str | None = None
     shots: int | None = None  # k-shot: training images per class
     draw: int = 0  # which draw of the k-shot images
+    shown: str = ""  # the dataset as tables show it (distinct for distinct datasets)
 
     @property
     def backbone(self) -> str:
@@ -59,11 +60,14 @@ class Cell:
         layer = f" [{self.layer}]" if self.layer else ""
         subset = f", subset {self.subset_seed}" if self.subset_seed else ""
         shots = f", {self.shots}-shot draw {self.draw}" if self.shots is not None else ""
-        return f"{self.method} {self.model}/{datasets.short_name(self.data)}{layer} seed {self.seed}{subset}{shots}"
+        shown = self.shown or datasets.short_name(self.data)
+        return f"{self.method} {self.model}/{shown}{layer} seed {self.seed}{subset}{shots}"
 
 
 def check(cfg: CompareConfig) -> None:
     """Every unknown name in every list, reported at once, before anything runs."""
+    from tlfeat import extraction
+
     problems: list[str] = []
     for model in cfg.models:
         name, _ = backbones.split_variant(model)
@@ -73,9 +77,15 @@ def check(cfg: CompareConfig) -> None:
             problems.append(_suffix_problem(name) or str(exc).split(" Run ")[0])
     for data in cfg.datas:
         try:
-            datasets.canonical(data)
+            dataset = datasets.canonical(data)
         except TlfeatError as exc:
             problems.append(str(exc))
+            continue
+        for option, folder in (("--out", cfg.out), ("--results-dir", cfg.runs_dir), ("--cache-dir", cfg.cache_dir)):
+            try:
+                extraction.refuse_inside(dataset, Path(folder), option)
+            except TlfeatError as exc:
+                problems.append(str(exc))
     for method in cfg.methods:
         try:
             parsed = Method.parse(method)
@@ -129,8 +139,10 @@ def _too_many_frozen_blocks(cfg: CompareConfig) -> list[str]:
 
 
 def cells(cfg: CompareConfig) -> list[Cell]:
+    shown = datasets.display_names(datasets.canonical(d) for d in cfg.datas)
     out = []
     for data in cfg.datas:
+        shown_as = shown[datasets.canonical(data)]
         scratch_done: set[str] = set()
         for model in cfg.models:
             for method in dict.fromkeys(map(Method.parse, cfg.methods)):  # logreg,logreg is one method
@@ -140,23 +152,27 @@ def cells(cfg: CompareConfig) -> list[Cell]:
                     if name in scratch_done:
                         continue
                     scratch_done.add(name)
-                out += [Cell(name, data, str(method), cfg.seed + r, _subset(cfg, r)) for r in range(cfg.repeats)]
+                out += [
+                    Cell(name, data, str(method), cfg.seed + r, _subset(cfg, r), shown=shown_as)
+                    for r in range(cfg.repeats)
+                ]
             frozen = [m for m in cfg.methods if Method.parse(m).is_frozen]
             for layer in cfg.layers:
                 if layer == backbones.PENULTIMATE or not frozen:
                     continue
                 for r in range(cfg.repeats):
-                    out.append(Cell(model, data, str(Method.parse(frozen[0])), cfg.seed + r, _subset(cfg, r), layer))
-            out += shot_cells(cfg, model, data)
+                    first = str(Method.parse(frozen[0]))
+                    out.append(Cell(model, data, first, cfg.seed + r, _subset(cfg, r), layer, shown=shown_as))
+            out += shot_cells(cfg, model, data, shown_as)
     return out
 
 
-def shot_cells(cfg: CompareConfig, model: str, data: str) -> list[Cell]:
+def shot_cells(cfg: CompareConfig, model: str, data: str, shown: str = "") -> list[Cell]:
     """k-shot cells: each frozen classifier (protocols aside: they carve a validation split) on N images
     per class, `--shot-draws` draws each; the whole training set is the method's ordinary cell."""
     methods = [m for m in dict.fromkeys(map(Method.parse, cfg.methods)) if m.is_frozen and m.protocol is None]
     return [
-        Cell(model, data, str(m), cfg.seed, _subset(cfg, 0), shots=n, draw=d)
+        Cell(model, data, str(m), cfg.seed, _subset(cfg, 0), shots=n, draw=d, shown=shown)
         for n in cfg.shots
         for m in methods
         for d in range(cfg.shot_draws)
@@ -308,9 +324,12 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     """Run the comparison (only what is missing), then write the report; returns the report folder."""
     from tqdm.auto import tqdm
 
+    from tlfeat.report import build, claim
+
     check(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out)
+    runs_dir = Path(os.path.realpath(cfg.runs_dir))
     plan = [(cell, planned(cfg, cell)) for cell in cells(cfg)]
     counts: dict[str, int] = {}
     for _, what in plan:
@@ -323,6 +342,7 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         "command": cfg.command,
         "environment": environment(),
         "started": _now(),
+        "results_dir": str(runs_dir),  # the records below (relative to this folder) lie in it or in this folder
     }
     fsio.atomic_write(out / "compare.json", json.dumps(meta, indent=2))
     failures: dict[str, str] = {}
@@ -342,7 +362,7 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         try:
             record = run_cell(cfg, cell)
             if record.path is not None:
-                done.append(os.path.relpath(record.path.resolve(), out.resolve()))
+                done.append(os.path.relpath(os.path.realpath(record.path), os.path.realpath(out)))
         except Exception as exc:  # one failed cell (a missing weights file, a bug) never stops the others
             failures[cell.label()] = f"{type(exc).__name__}: {first_line(exc)}"
             log.warning("cell failed: %s: %s", cell.label(), exc)
@@ -356,11 +376,12 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     )
     meta["records"], meta["finished"] = done, _now()
     fsio.atomic_write(out / "compare.json", json.dumps(meta, indent=2))
-    from tlfeat.report import build
-
     build(out)
     if failures:
-        echo(f"{len(failures)} cell(s) failed (shown in the report; run the same command again to fill them in):")
+        echo(
+            f"{len(failures)} cell(s) failed (shown in the report): fix what each error says, then run the same "
+            "command again to fill them in:"
+        )
         for label, error in failures.items():
             echo(f"  FAILED {label}: {error}")
     return out

@@ -100,6 +100,18 @@ def flush_every() -> int:
         return 1024
 
 
+MAX_IMAGE_MB = 256  # a larger file is no photo PIL would decode (its bomb limit is about 179 megapixels)
+
+
+def max_image_bytes() -> int:
+    """The largest image file (or shard member) read, in bytes (TLFEAT_MAX_IMAGE_MB, default 256)."""
+    try:
+        mb = float(env("TLFEAT_MAX_IMAGE_MB", str(MAX_IMAGE_MB)))
+    except ValueError:
+        mb = MAX_IMAGE_MB
+    return int(max(mb, 0.001) * 2**20)
+
+
 def pin_malloc() -> bool:
     return env_flag("TLFEAT_PIN_MALLOC", True)
 
@@ -598,7 +610,8 @@ class CompareConfig:
         _paths(self, "out", "results_dir", "cache_dir", "data_dir")
         for name in ("models", "datas", "methods", "layers", "analyses"):
             value = getattr(self, name)
-            object.__setattr__(self, name, tuple(value) if not isinstance(value, str) else _split(value))
+            split = _split_datas if name == "datas" else _split
+            object.__setattr__(self, name, tuple(value) if not isinstance(value, str) else split(value))
         object.__setattr__(self, "shots", _counts("--shots", self.shots))
         validate(self)
         from tlfeat.errors import TlfeatError
@@ -763,6 +776,13 @@ class ExportConfig:
         if self.splits is not None:
             object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
         validate(self)
+
+
+def _split_datas(value: str) -> tuple[str, ...]:
+    """Datasets: commas inside brace patterns and between the splits of one mapping do not separate."""
+    from tlfeat.datasets.spec import split_list
+
+    return split_list(value)
 
 
 def with_changes(config: Any, **changes: Any) -> Any:

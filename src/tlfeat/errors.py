@@ -38,6 +38,10 @@ class StaleFeatures(TlfeatError):
     """The images a cache file was made from have changed since; `extract` updates it."""
 
 
+class TooFewClasses(TlfeatError):
+    """Training features with fewer than two classes: no classifier can be fitted on them."""
+
+
 class WriteFailed(TlfeatError):
     """The disk is full or the destination is not writable; nothing complete was touched."""
 
@@ -59,6 +63,14 @@ def first_line(exc: BaseException | str, limit: int = 200) -> str:
     return "" if isinstance(exc, str) else type(exc).__name__
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
 def printable(text: str) -> str:
-    """`text` safe to print on any terminal: undecodable bytes of file names shown as escapes."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """`text` safe to print on any terminal, on one line: the bytes of a file name that are not UTF-8
+    as `\\xe9`, control characters (a newline in a folder name) as escapes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # a name read from the file system: its own bytes
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -136,23 +137,56 @@ def plan(cfg: ExtractConfig) -> list[Target]:
     """Every cache file the request covers: (split, layer) pairs, in split order."""
     bb = backbones.resolve(cfg.model)
     dataset = datasets.canonical(cfg.data)
+    refuse_inside(dataset, cfg.resolved_cache_dir(), "--cache-dir")
     available = datasets.splits(cfg.data)
     for split in cfg.splits or available:
         if split not in available:
             raise TlfeatError(f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}")
     prep = bb.preprocessing(cfg.weights_id, cfg.image_size, cfg.fast_decode)
-    wid, backend = weights_id(cfg), choose_backend(cfg, prep.crop_size)
-    out = []
-    for split in cfg.splits or available:
-        for layer in cfg.layers():
-            fields = key_fields(Context(cfg, split, layer, dataset, wid, backend, prep, bb))
-            key = cache.cache_key(fields)
-            path = cache.cache_path(cfg.resolved_cache_dir(), bb.slug, _file_stem(dataset, layer), split, key)
-            out.append(Target(split, layer, path, fields, key))
+    wid = weights_id(cfg)
+
+    def targets(backend: str) -> list[Target]:
+        out = []
+        for split in cfg.splits or available:
+            for layer in cfg.layers():
+                fields = key_fields(Context(cfg, split, layer, dataset, wid, backend, prep, bb))
+                key = cache.cache_key(fields)
+                path = cache.cache_path(cfg.resolved_cache_dir(), bb.slug, _file_stem(dataset, layer), split, key)
+                out.append(Target(split, layer, path, fields, key))
+        return out
+
+    out = targets(_backend(cfg, targets, prep.crop_size))
     named = [layer for layer in cfg.layers() if layer is not None]
     if named and not all(t.path.is_file() for t in out):
         bb.check_layers(named)  # raises, naming the valid layers, before any work
     return out
+
+
+def _backend(cfg: ExtractConfig, targets: Callable[[str], list[Target]], image_size: int) -> str:
+    """The one backend of every file of a request. With --backend auto, the backend whose files
+    already cover most of it (ties: the faster one), so that the splits of one extraction always
+    pair: `extract --backend torch --split train`, then a plain `extract`, computes test with torch
+    too. A backend that cannot run here is chosen only where its files cover everything."""
+    chosen = choose_backend(cfg, image_size)
+    if cfg.backend != "auto":
+        return chosen
+    options = {backend: targets(backend) for backend in dict.fromkeys((chosen, "torch", "onnxruntime"))}
+    have = {backend: sum(t.path.is_file() for t in found) for backend, found in options.items()}
+    usable = [b for b in options if b in (chosen, "torch") or have[b] == len(options[b])]
+    return max(usable, key=lambda b: (have[b], b == chosen))
+
+
+def refuse_inside(dataset: str, folder: Path, option: str) -> None:
+    """An output folder inside a dataset folder would add its own files to the dataset: refused."""
+    root = datasets.folder_of(dataset)
+    if root is None:
+        return
+    where = Path(os.path.realpath(folder))
+    if where == root or root in where.parents:
+        raise TlfeatError(
+            f"{option} {printable(str(folder))} is inside the dataset folder {printable(str(root))}; its files would "
+            f"be read as images of the dataset: choose a folder outside it"
+        )
 
 
 def refuse_unreachable_weights(cfg: ExtractConfig) -> None:
@@ -173,53 +207,80 @@ def _file_stem(dataset: str, layer: str | None) -> str:
     return slug if layer is None else f"{slug}__{''.join(c if c.isalnum() else '_' for c in layer)}"
 
 
-def alternatives(cfg: ExtractConfig, target: Target) -> list[tuple[Path, dict[str, Any]]]:
-    """With --backend auto, the same features from the other backend: reused rather than computed twice."""
-    if cfg.backend != "auto":
-        return []
-    out = []
-    for other in ("torch", "onnxruntime"):
-        if other != target.key_fields["backend"]:
-            fields = {**target.key_fields, "backend": other}
-            stem = target.path.name.rsplit("__", 1)[0]
-            out.append((target.path.with_name(f"{stem}__{cache.cache_key(fields)}{cache.SUFFIX}"), fields))
-    return out
+def extract_command(
+    attrs: dict[str, Any], split: str, backend: str | None = None, cache_dir: Path | None = None
+) -> str:
+    """The `tlfeat extract` command that makes `split` of the extraction a cache file's attributes
+    describe (with `backend`, where given): the exact command for advice, never "the same options"."""
+    import shlex
+
+    weights = str(attrs.get("weights_id") or "")
+    args = ["tlfeat", "extract", "--model", str(attrs.get("model")), "--data", str(attrs.get("dataset"))]
+    if weights.startswith("untrained:seed"):
+        args += ["--untrained", "--seed", weights.removeprefix("untrained:seed")]
+    elif weights.startswith("file:"):
+        args += ["--weights", str(attrs.get("weights_source") or "FILE")]
+    elif weights:
+        args += ["--weights-id", weights]
+    if attrs.get("layer") not in (None, "", layer_name(None)):
+        args += ["--layer", str(attrs["layer"])]
+    args += ["--image-size", str(attrs.get("image_size"))]
+    for option, name in (("--limit", "train_limit"), ("--test-limit", "test_limit")):
+        if int(attrs.get(name) or 0):
+            args += [option, str(attrs[name])]
+    if int(attrs.get("subset_seed") or 0):
+        args += ["--subset-seed", str(attrs["subset_seed"])]
+    if str(attrs.get("dataset", "")).startswith("shards:") and attrs.get("label_field", "cls") != "cls":
+        args += ["--label-field", str(attrs["label_field"])]
+    if attrs.get("fast_decode") in (False, 0):
+        args.append("--no-fast-decode")
+    for option, name, default in (("--precision", "precision", "fp32"), ("--device", "device", "cpu")):
+        if attrs.get(name) not in (None, "", default):
+            args += [option, str(attrs[name])]
+    args += ["--backend", backend or str(attrs.get("backend") or "auto"), "--split", split]
+    if cache_dir is not None and Path(cache_dir) != config.default_cache_dir():
+        args += ["--cache-dir", str(cache_dir)]
+    return " ".join(shlex.quote(printable(a)) for a in args)
 
 
 # --------------------------------------------------------------------------- reuse, staleness
 
 
 def assess(cfg: ExtractConfig, target: Target, images: ImageSplit, locked: bool = False) -> State:
-    """Reuse, update or compute `target`, looking at its file (and the other backend's).
+    """Reuse, update or compute `target`, looking at its file.
 
-    A damaged file of the target is moved aside (never deleted) only when `locked`: until then
-    another process may be rewriting it.
+    Images the file skipped as unreadable that read now are computed again (an update). A damaged
+    file is moved aside (never deleted) only when `locked`: until then another process may be
+    rewriting it.
     """
-    for path, fields in [(target.path, target.key_fields), *alternatives(cfg, target)]:
-        if not path.is_file():
-            continue
-        try:
-            meta = cache.check(path, verify=False)
-            _check_same(path, meta, fields)
-            changes = fingerprint.compare(
-                cache.stored_index(path), str(meta.get("signature", "")), images, cfg.verify_content
-            )
-            if changes.stale:
-                cache.check(path, verify=True)  # rows are carried over only from a file that passes its checksums
-                fs = None
-            else:
-                fs = cache.read(path)
-        except CacheDamaged as exc:
-            if locked and path == target.path:
-                aside = fsio.set_aside(path)
-                log.warning("%s; moved it to %s and extracting again", str(exc).split(";")[0], aside.name)
-            continue
-        if fs is not None:
-            fs.reused = True
-            return State(target, fs=fs)
-        if path == target.path:
+    path = target.path
+    if not path.is_file():
+        return State(target)
+    try:
+        meta = cache.check(path, verify=False)
+        _check_same(path, meta, target.key_fields)
+        changes = fingerprint.compare_file(path, meta, images, cfg.verify_content)
+        changes.retry([i for i in changes.carried_skipped if _readable(images, i)])
+        if changes.stale:
+            cache.check(path, verify=True)  # rows are carried over only from a file that passes its checksums
             return State(target, changes=changes, old=path)
-    return State(target)
+        fs = cache.read(path)
+    except CacheDamaged as exc:
+        if locked:
+            aside = fsio.set_aside(path)
+            log.warning("%s; moved it to %s and extracting again", str(exc).split(";")[0], aside.name)
+        return State(target)
+    fs.reused = True
+    return State(target, fs=fs)
+
+
+def _readable(images: ImageSplit, i: int) -> bool:
+    """Can image i, skipped as unreadable when its file was made, be read and decoded now?"""
+    try:
+        images.image(i)
+    except TlfeatError:
+        return False
+    return True
 
 
 def _check_same(path: Path, meta: dict[str, Any], key_fields: dict[str, Any]) -> None:
@@ -272,7 +333,7 @@ def extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> li
 
 def _extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> list[cache.FeatureSet]:
     targets = plan(cfg)
-    if not all(t.path.is_file() or any(p.is_file() for p, _ in alternatives(cfg, t)) for t in targets):
+    if not all(t.path.is_file() for t in targets):  # the backend chosen is the one whose files are there
         refuse_unreachable_weights(cfg)
     results: list[cache.FeatureSet] = []
     runner = engine.Runners(cfg)

@@ -33,7 +33,7 @@ from tlfeat import (
 )
 from tlfeat.config import FinetuneConfig
 from tlfeat.errors import TlfeatError
-from tlfeat.records import Method, RunRecord, Timings, load_now, load_record
+from tlfeat.records import FINETUNES, Method, RunRecord, Timings, load_now, load_record
 from tlfeat.weights import build_with_weights, resolve
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,15 @@ def run_dir(cfg: FinetuneConfig) -> tuple[Path, str]:
     slug = datasets.dataset_slug(datasets.canonical(cfg.data))
     method = Method.finetune(cfg.strategy).slug
     name = backbones.slug(cfg.model)
-    return Path(
-        cfg.results_dir
-    ) / "finetunes" / f"{name}__{slug}__{method}__seed{cfg.seed}__{config_key(cfg, wid)}", wid
+    return Path(cfg.results_dir) / FINETUNES / f"{name}__{slug}__{method}__seed{cfg.seed}__{config_key(cfg, wid)}", wid
 
 
 def validate(cfg: FinetuneConfig) -> None:
     backbones.resolve(cfg.model)
     strategies.check_blocks(cfg.model, strategies.parse(cfg.strategy))
-    datasets.canonical(cfg.data)
+    from tlfeat.extraction import refuse_inside
+
+    refuse_inside(datasets.canonical(cfg.data), Path(cfg.results_dir), "--results-dir")  # its plots are PNGs
 
 
 def finetune(cfg: FinetuneConfig, repeats: int = 1) -> list[FinetuneResult]:

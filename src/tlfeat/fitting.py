@@ -38,8 +38,8 @@ from tlfeat import (
 )
 from tlfeat.backbones.base import slug
 from tlfeat.config import FitConfig, with_changes
-from tlfeat.errors import CacheDamaged, TlfeatError
-from tlfeat.records import Method, RunRecord, Timings, load_now, load_record, variants
+from tlfeat.errors import CacheDamaged, TlfeatError, TooFewClasses
+from tlfeat.records import FITS, Method, RunRecord, Timings, load_now, load_record, variants
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +172,7 @@ def pairs(cfg: FitConfig) -> list[Pair]:
                     f"no cached {split} features{' for ' + what if what else ''} with {option} {asked[split]} "
                     f"(cached: {shown}); extract them with `tlfeat extract ... {option} {asked[split]}`"
                 )
-        have = {s for g in groups.values() for s in g}
-        missing = [s for s in ("train", "test") if s not in have] or ["train", "test"]
-        broken = f"; damaged: {damaged[0].path.name} (extract rebuilds it)" if damaged else ""
-        raise TlfeatError(
-            f"cached features{' for ' + what if what else ''} have no train+test pair (only: {', '.join(sorted(have))}"
-            f"{broken}); extract the missing split with `tlfeat extract ... --split {missing[0]}`"
-        )
+        raise TlfeatError(_no_pair(cfg, groups, what, damaged))
     out.sort(
         key=lambda p: (
             tuple(str(p.attrs.get(k)) for k in ("model", "dataset", "layer", "image_size", "limit"))
@@ -186,6 +180,34 @@ def pairs(cfg: FitConfig) -> list[Pair]:
         )
     )
     return out
+
+
+def _no_pair(cfg: FitConfig, groups: dict[str, dict[str, list[catalog.Entry]]], what: str, damaged: list[Any]) -> str:
+    """Why no train+test pair was found, and the exact `tlfeat extract` command that makes one."""
+    from tlfeat.extraction import extract_command
+
+    for group in sorted(groups.values(), key=lambda g: "train" not in g):  # a missing test split is the cheaper one
+        split, other = ("train", "test") if "train" in group else ("test", "train")
+        if other in group:
+            continue
+        lone = group[split][0].attrs
+        near = [  # the other split, from an extraction that differs in the backend alone
+            e.attrs
+            for g in groups.values()
+            for e in g.get(other, [])
+            if {k: v for k, v in e.attrs.items() if k in PAIR_FIELDS and k != "backend"}
+            == {k: v for k, v in lone.items() if k in PAIR_FIELDS and k != "backend"}
+        ]
+        command = extract_command(lone, other, cache_dir=cfg.cache_dir)
+        if near:
+            return (
+                f"the {split} features of {datasets.short_name(str(lone.get('dataset')))} come from backend "
+                f"{lone.get('backend')} and the {other} features from {near[0].get('backend')}, so they do not pair; "
+                f"run `{command}`"
+            )
+        broken = f"; damaged: {damaged[0].path.name} (extract rebuilds it)" if damaged else ""
+        return f"cached features{' for ' + what if what else ''} have no train+test pair (only: {split}{broken}); run `{command}`"
+    return f"cached features{' for ' + what if what else ''} have no train+test pair"
 
 
 def check_pair(train: cache.FeatureSet, test: cache.FeatureSet) -> None:
@@ -202,7 +224,7 @@ def check_pair(train: cache.FeatureSet, test: cache.FeatureSet) -> None:
         raise TlfeatError(f"train and test have different classes: {train.class_names} vs {test.class_names}")
     present = np.unique(train.y)
     if len(present) < 2:
-        raise TlfeatError(
+        raise TooFewClasses(
             f"training features of {datasets.short_name(str(train.meta.get('dataset')))} hold one class only "
             f"({train.class_names[int(present[0])] if len(present) else 'none'}); a classifier needs 2 or more"
         )
@@ -232,7 +254,7 @@ def record_path(cfg: FitConfig, attrs: dict[str, Any], train_sha: str, test_sha:
     key = config_key(cfg, train_sha, test_sha, resolve_route(cfg, attrs))
     return (
         Path(cfg.results_dir)
-        / "fits"
+        / FITS
         / f"{slug(str(attrs['model']))}__{data_slug}__{Method.frozen(cfg.clf, cfg.kernel, cfg.protocol).slug}{_shots_tag(cfg)}__{key}"
         / "record.json"
     )
@@ -475,12 +497,29 @@ def _record(
     )
 
 
-def fit(cfg: FitConfig, allow_stale: bool = False, data_dir: Path | None = None) -> list[FitResult]:
-    """Fit `cfg.clf` on every selected (train, test) pair in the cache."""
+def fit(
+    cfg: FitConfig, allow_stale: bool = False, data_dir: Path | None = None, skipped: list[str] | None = None
+) -> list[FitResult]:
+    """Fit `cfg.clf` on every selected (train, test) pair in the cache. Where several are selected, a
+    pair whose training features hold one class is left out and named in `skipped` (when given)."""
     selected = pairs(cfg)
     if not allow_stale:
         freshness.require_fresh([e for p in selected for e in p.entries()], data_dir)
-    return [fit_pair(cfg, p) for p in selected]
+    out, why = [], []
+    for p in selected:
+        try:
+            out.append(fit_pair(cfg, p))
+        except TooFewClasses as exc:
+            if len(selected) == 1:
+                raise
+            why.append(f"{p.train.path.name} ({catalog.describe_variant(p.attrs)}): {exc}")
+            if skipped is None:
+                log.warning("skipped %s", why[-1])
+    if not out:
+        raise TooFewClasses(f"no selected feature set can be fitted: {why[0]}")
+    if skipped is not None:
+        skipped += why
+    return out
 
 
 def load_classifier(record_path: Path) -> Any:
@@ -501,6 +540,7 @@ def table(
     records: list[RunRecord], metric: str = "accuracy"
 ) -> tuple[list[str], list[str], dict[tuple[str, str], float | None]]:
     """Rows (models, one per variant) x columns (datasets) of `metric`; no variant is dropped."""
+    names = datasets.display_names(r.dataset for r in records)  # two folders named "data" are two columns
     by_pair: dict[tuple[str, str], list[RunRecord]] = {}
     for r in records:
         by_pair.setdefault((r.model, r.dataset), []).append(r)
@@ -509,9 +549,9 @@ def table(
         labels = variants(group)
         for r in group:
             row = model + (f" [{labels[id(r)]}]" if labels[id(r)] else "")
-            if (row, datasets.short_name(dataset)) in cells:  # the same configuration fitted again (--refit)
+            if (row, names[dataset]) in cells:  # the same configuration fitted again (--refit)
                 row += f" [{Path(r.path).parent.name if r.path else r.created}]"
-            cells[(row, datasets.short_name(dataset))] = r.metrics.get(metric)
+            cells[(row, names[dataset])] = r.metrics.get(metric)
     rows = sorted({k[0] for k in cells})
     cols = sorted({k[1] for k in cells})
     return rows, cols, cells

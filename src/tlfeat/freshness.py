@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlfeat import cache, catalog, datasets, fingerprint
+from tlfeat import catalog, datasets, fingerprint
 from tlfeat.errors import StaleFeatures, TlfeatError, printable
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,7 @@ def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: b
         )
     except (TlfeatError, KeyError, ValueError) as exc:
         return Freshness("unknown", reason=str(exc).split(";")[0])
-    if not verify_content and attrs.get("signature") and attrs.get("signature") == images.signature():
-        return Freshness("fresh")
-    changes = fingerprint.compare(
-        cache.stored_index(entry.path), str(attrs.get("signature", "")), images, verify_content
-    )
+    changes = fingerprint.compare_file(entry.path, attrs, images, verify_content)
     return Freshness("stale", changes) if changes.stale else Freshness("fresh")
 
 

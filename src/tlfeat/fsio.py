@@ -226,3 +226,18 @@ def set_aside(path: Path, suffix: str = ".damaged") -> Path:
                 return aside
         path.unlink()
     return aside
+
+
+def inside(base: Path, relative: object) -> Path:
+    """`base / relative`, resolved, when `relative` is a relative path that stays inside `base` once
+    every link is followed; otherwise TlfeatError. For paths read from files tlfeat did not write
+    itself (a record, compare.json), so none can reach a file elsewhere."""
+    from tlfeat.errors import TlfeatError, printable
+
+    if not isinstance(relative, str) or not relative or "\0" in relative or os.path.isabs(relative):
+        raise TlfeatError(f"{printable(repr(relative))[:120]} is not a relative path inside {printable(str(base))}")
+    root = Path(os.path.realpath(base))
+    target = Path(os.path.realpath(root / relative))
+    if target != root and root not in target.parents:
+        raise TlfeatError(f"{printable(relative)[:120]} leads outside {printable(str(base))}")
+    return target

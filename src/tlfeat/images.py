@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
-# What an image is read from: ("path", str), ("bytes", bytes) or ("array", uint8 ndarray).
+# What an image is read from: ("path", str), ("bytes", bytes), ("array", uint8 ndarray), or ("error", why not).
 Item = tuple[str, Any]
 
 
@@ -38,19 +40,74 @@ def read(item: Item) -> tuple[bytes | np.ndarray, str]:
     """The raw content of an item and a name for messages."""
     kind, value = item
     if kind == "path":
-        name = printable(str(value))
-        try:
-            with open(value, "rb") as fh:
-                return fh.read(), name
-        except OSError as exc:
-            raise TlfeatError(f"cannot read image {name}: {exc.strerror or exc}") from exc
+        return read_file(str(value)), printable(str(value))
     if kind == "bytes":
         data, name = value
         return data, printable(str(name))
     if kind == "array":
         array, name = value
         return array, str(name)
+    if kind == "error":  # an image its source could not even hand over (a shard member over the size limit)
+        raise TlfeatError(str(value))
     raise TlfeatError(f"internal: unknown image item kind {kind!r}")
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 2**20:.3g} MB"
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message: "a FIFO", "a directory"..."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_file(path: str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (default: `config.max_image_bytes()`).
+
+    Opened without blocking and checked before anything is read: a FIFO, a device (a link to
+    /dev/zero), a socket or a directory named like an image is refused in one line, never read
+    until memory runs out or waited on forever.
+    """
+    from tlfeat import config
+
+    limit = config.max_image_bytes() if limit is None else limit
+    name = printable(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise TlfeatError(f"cannot read image {name}: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TlfeatError(f"cannot read image {name}: it is {file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise TlfeatError(
+                f"cannot read image {name}: {megabytes(st.st_size)}, above the limit of {megabytes(limit)} per image "
+                "(raise it with TLFEAT_MAX_IMAGE_MB)"
+            )
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 22, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise TlfeatError(f"cannot read image {name}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if total > limit:  # it grew while being read
+        raise TlfeatError(f"cannot read image {name}: it grew beyond the limit of {megabytes(limit)} while read")
+    return b"".join(chunks)
 
 
 # A JPEG is decoded at reduced scale (DCT-domain, 1/2, 1/4 or 1/8) only while what is left is at least

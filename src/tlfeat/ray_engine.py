@@ -101,7 +101,7 @@ def _rows_dataset(ray: Any, images: ImageSplit, rows: list[int]) -> Any:
 
 def decode(batch: dict[str, Any], prep: Preprocessing, skip: bool) -> dict[str, Any]:
     """A Ray Data CPU task: references -> uint8 crops, errors and digests (the local workers' function)."""
-    from tlfeat.datasets.base import read_range
+    from tlfeat.datasets.readers import parquet_bytes, read_range
     from tlfeat.pool import decode_batch
 
     items: list[images.Item] = []
@@ -112,8 +112,6 @@ def decode(batch: dict[str, Any], prep: Preprocessing, skip: bool) -> dict[str, 
             path, offset, size = ref
             items.append(("bytes", (read_range(str(path), int(offset), int(size)), f"{path}:{name}")))
         elif kind == "parquet":
-            from tlfeat.datasets.shards import parquet_bytes
-
             path, group, row, column = ref
             items.append(("bytes", (parquet_bytes((str(path), int(group), int(row), str(column))), f"{path}:{name}")))
         else:

@@ -198,6 +198,10 @@ def load_now() -> tuple[float | None, int | None]:
         return None, config.cores()
 
 
+# The folders of a result store that hold runs, one per run: `<store>/<kind>/<run>/record.json`.
+FITS, FINETUNES, CHAINS = "fits", "finetunes", "chains"
+RUN_FOLDERS = (FITS, FINETUNES, CHAINS)
+
 REQUIRED = ("kind", "method", "model", "dataset", "metrics", "n_train", "n_test")
 
 
@@ -326,10 +330,12 @@ class RunRecord:
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
+        if not Path(path).is_file():  # a FIFO named record.json would be waited on forever
+            raise ValueError("unreadable (not a regular file)")
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"unreadable ({exc})") from exc
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested beyond any record
+            raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from exc
         return cls.from_dict(data, Path(path))
 
 

@@ -139,7 +139,8 @@ def weights_id(
 def _explicit(entry: WeightsInfo, path: Path) -> ResolvedWeights:
     """`--weights FILE`: the entry's own file when its digest says so, else custom weights."""
     if not path.is_file():
-        raise WeightsNotFound(f"weights file {path} does not exist")
+        what = "is not a regular file (a device, a directory or a pipe)" if path.exists() else "does not exist"
+        raise WeightsNotFound(f"weights file {path} {what}; give a state dict or a tlfeat checkpoint (.pt)")
     digest = offline.sha256_file(path)
     prefix = entry.sha_prefix
     if prefix and digest.startswith(prefix):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import cache, catalog, fsio
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, printable
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def load_block(path: Path) -> Block | None:
     """A saved block, or None when it is unreadable (cut short, edited): it is computed again."""
     try:
         start, _ = (int(x) for x in path.stem.split("-"))
+        if not path.is_file():  # a FIFO or a folder of that name: nothing to read (and never to wait on)
+            return None
         with np.load(path) as f:
             feats, errors, digests = f["features"], f["errors"], f["digests"]
             ids, stats = f["ids"], f["stats"]
@@ -214,6 +216,7 @@ class Writer:
         blocks = whole_blocks(self.partial)
         if self.done != self.n or not blocks or blocks[-1][1] != self.n:
             raise TlfeatError(f"internal: wrote {self.done} of {self.n} feature rows")
+        self._refuse_if_all_skipped(blocks)
         with np.load(blocks[0][2]) as first:
             dim = int(first["features"].shape[1])
         tmp = fsio.temp_name(self.final)
@@ -234,6 +237,22 @@ class Writer:
         fsio.fsync_dir(self.final.parent)
         shutil.rmtree(self.partial, ignore_errors=True)
         return self.final
+
+    def _refuse_if_all_skipped(self, blocks: list[tuple[int, int, Path]]) -> None:
+        """A split whose every image was skipped is an error: no file of zero features is written."""
+        errors: list[str] = []
+        for _, _, path in blocks:
+            block = load_block(path)
+            found = cache.decode_strings(block.errors) if block is not None else [""]
+            if not all(found):
+                return
+            errors += found[: 3 - len(errors)]
+        shutil.rmtree(self.partial, ignore_errors=True)  # nothing in it is worth resuming
+        split, dataset = self.attrs.get("split", "?"), self.attrs.get("dataset", "?")
+        raise TlfeatError(
+            f"every one of the {self.n} image(s) of split {split!r} of {printable(str(dataset))} was skipped as "
+            f"unreadable, so no features were written (first: {'; '.join(errors)}); fix or replace them and run again"
+        )
 
 
 def _assemble(fh: Any, blocks: list[tuple[int, int, Path]], dim: int, w: Writer, extra_attrs: dict[str, Any]) -> None:

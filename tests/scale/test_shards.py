@@ -177,4 +177,4 @@ def test_a_tar_with_an_empty_label_or_a_key_twice_is_refused(
     assert result.exit_code == 2 and "more than once" in result.output, result.output
     _tar(tmp_path / "empty.tar", [*samples[:3], (samples[3][0], samples[3][1], "", samples[3][3])])  # type: ignore[list-item]
     result = CliRunner().invoke(cli, [*base, "--data", str(tmp_path / "empty.tar")])
-    assert result.exit_code == 2 and "empty .cls label" in result.output, result.output
+    assert result.exit_code == 2 and "ants_3.cls: label is empty" in result.output, result.output

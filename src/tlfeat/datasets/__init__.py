@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from tlfeat import config
@@ -32,29 +33,58 @@ def default_data_dir() -> Path:
     return config.default_data_dir()
 
 
+NAMED_PREFIX = "named:"  # `--data named:mnist`: the named dataset, even where a folder `mnist` exists
+
+
 def canonical(data: str) -> str:
-    """The dataset id a `--data` value stands for: a known name, an absolute folder path, or shards."""
+    """The dataset id a `--data` value stands for: an absolute folder path, shards, or a known name.
+
+    A path that exists is always that folder (or shard file), even when it is spelled like a named
+    dataset (`digits`, `./mnist`); `named:mnist` asks for the named one.
+    """
     if not isinstance(data, str) or not data.strip():
         raise TlfeatError("--data is empty; give a dataset name (`tlfeat datasets`) or a folder")
-    key = data.strip().lower().replace("_", "-")
-    key = ALIASES.get(key, key)
     named = named_datasets()
-    if key in named:
+    if data.startswith(NAMED_PREFIX):
+        key = _name_key(data.removeprefix(NAMED_PREFIX))
+        if key not in named:
+            raise DatasetNotFound(
+                f"unknown named dataset {printable(data)!r}; valid: {', '.join(named)}.{did_you_mean(key, list(named))}"
+            )
         return key
     if data.startswith("shards:"):
-        return data
+        return _shards.canonical(data.removeprefix("shards:"))
     path = Path(data).expanduser()
-    if path.is_dir():
-        spec = _shard_folder(path)
-        return _shards.canonical(spec) if spec else str(path.resolve())
+    if _exists(path):
+        if path.is_dir():
+            spec = _shard_folder(path)
+            return _shards.canonical(spec) if spec else str(path.resolve())
+        if is_shard_spec(data):
+            return _shards.canonical(data)
+        what = "a file" if path.is_file() else "not a folder"
+        hint = f"; for the named dataset write --data named:{_name_key(data)}" if _name_key(data) in named else ""
+        raise TlfeatError(f"--data {printable(data)}: is {what}, not a folder of class sub-folders or shards{hint}")
+    key = _name_key(data)
+    if key in named:
+        return key
     if is_shard_spec(data):
         return _shards.canonical(data)
-    if path.exists():
-        raise TlfeatError(f"--data {printable(data)}: is a file, not a folder of class sub-folders or shards")
     raise DatasetNotFound(
         f"unknown dataset {printable(data)!r}: not a named dataset ({', '.join(named)}), no folder at "
         f"{printable(str(path.resolve()))}, and not shards (*.tar, *.parquet).{did_you_mean(key, list(named))}"
     )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, or one it cannot hold: no path
+        return False
+
+
+def _name_key(text: str) -> str:
+    key = text.strip().lower().replace("_", "-")
+    return ALIASES.get(key, key)
 
 
 def _shard_folder(root: Path) -> str | None:
@@ -113,27 +143,76 @@ def load_split(
     return out
 
 
+def folder_of(dataset_id: str) -> Path | None:
+    """The real folder of an image folder dataset (where an output folder must not go), else None."""
+    if dataset_id in named_datasets() or dataset_id.startswith("shards:"):
+        return None
+    return Path(os.path.realpath(dataset_id))
+
+
+def _where(dataset_id: str) -> str:
+    """The folder a dataset id lives in: a folder's path, the folder its shards share, or ""."""
+    if dataset_id in named_datasets():
+        return ""
+    if dataset_id.startswith("shards:"):  # the folder the shards of every split share: "sh" for sh/{train,test}/*.tar
+        parents = [os.path.dirname(p) for p in _shards.patterns(dataset_id).values()]
+        try:
+            return os.path.commonpath(parents) if parents else ""
+        except ValueError:  # relative and absolute patterns (an id written by an earlier tlfeat)
+            return parents[0]
+    return dataset_id
+
+
 def dataset_slug(dataset_id: str) -> str:
     """A short file-name-safe name: "mnist", or "<folder name>-<hash of its path>"."""
     if dataset_id in named_datasets():
         return dataset_id
-    if dataset_id.startswith("shards:"):  # the folder the shards of every split share: "sh" for sh/{train,test}/*.tar
-        parents = [str(Path(part.split("=", 1)[-1]).parent) for part in dataset_id.removeprefix("shards:").split(",")]
-        stem = Path(os.path.commonpath(parents)).name or "shards"
-    else:
-        stem = Path(dataset_id).name
+    stem = Path(_where(dataset_id)).name or ("shards" if dataset_id.startswith("shards:") else "data")
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40]
     digest = hashlib.sha256(dataset_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{name}-{digest}"
 
 
 def short_name(dataset_id: str) -> str:
-    """How tables show a dataset: its name, or its folder's name."""
+    """How a message shows one dataset: its name, or its folder's name (`display_names` tells apart several)."""
     if dataset_id in named_datasets() or "/" not in dataset_id:
-        return dataset_id
-    if dataset_id.startswith("shards:"):
-        return dataset_slug(dataset_id).rsplit("-", 1)[0]
-    return Path(dataset_id).name
+        return printable(dataset_id)
+    return printable(Path(_where(dataset_id)).name or dataset_id)
+
+
+def display_names(dataset_ids: Iterable[str]) -> dict[str, str]:
+    """A readable label per dataset id, distinct for distinct ids: the short name, and where several
+    datasets share it, the parent folders that tell them apart (`data (twin/a)`, `data (twin/b)`),
+    `shards` for shards, and a short hash of the id where even those are equal."""
+    named = named_datasets()
+    by_name: dict[str, list[str]] = {}
+    for i in sorted(set(dataset_ids)):
+        by_name.setdefault(short_name(i), []).append(i)
+    out: dict[str, str] = {}
+    for name, group in by_name.items():
+        others = [i for i in group if i not in named]  # a named dataset keeps its name
+        out.update({i: name for i in group if i in named})
+        out.update(_told_apart(name, others) if len(group) > 1 else {i: name for i in others})
+    return out
+
+
+def _told_apart(name: str, ids: list[str]) -> dict[str, str]:
+    """Labels for datasets that share the short name `name`: as few parent folders as tell them apart."""
+    parents = {i: Path(_where(i)).parent.parts[1:] for i in ids}  # without the root "/"
+    kinds = {i: "shards" if i.startswith("shards:") else "" for i in ids}
+    depth = max((len(p) for p in parents.values()), default=0)
+    tags: dict[str, tuple[str, str]] = {}
+    for k in range(1, max(depth, 1) + 1):
+        tags = {i: ("/".join(parents[i][-k:]), kinds[i]) for i in ids}
+        if len(set(tags.values())) == len(ids):
+            break
+    out = {}
+    for i in ids:
+        parts = [printable(tags[i][0]) or "/", tags[i][1]]
+        if sum(1 for j in ids if tags[j] == tags[i]) > 1:
+            parts.append(hashlib.sha256(i.encode("utf-8", "surrogateescape")).hexdigest()[:6])
+        out[i] = f"{name} ({', '.join(x for x in parts if x)})"
+    return out
 
 
 __all__ = [
@@ -148,6 +227,8 @@ __all__ = [
     "canonical",
     "dataset_slug",
     "default_data_dir",
+    "display_names",
+    "folder_of",
     "load_split",
     "named_datasets",
     "short_name",

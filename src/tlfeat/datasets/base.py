@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlfeat import images
-from tlfeat.errors import TlfeatError
+from tlfeat.datasets.readers import parquet_bytes, read_range
+from tlfeat.errors import TlfeatError, printable
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -51,12 +52,13 @@ class ImageSplit:
         if self.kind == "arrays":
             assert self.arrays is not None
             return ("array", (self.arrays[i], self.ids[i]))
-        if self.kind == "members":
-            tar, offset, size = self.refs[i]
-            return ("bytes", (read_range(tar, offset, size), f"{tar}:{self.ids[i]}"))
-        from tlfeat.datasets.shards import parquet_bytes
-
-        return ("bytes", (parquet_bytes(self.refs[i]), f"{self.refs[i][0]}:{self.ids[i]}"))
+        try:  # read here, in the main process; what cannot be read fails where decoding errors are handled
+            if self.kind == "members":
+                tar, offset, size = self.refs[i]
+                return ("bytes", (read_range(tar, offset, size), f"{tar}:{self.ids[i]}"))
+            return ("bytes", (parquet_bytes(self.refs[i]), f"{self.refs[i][0]}:{self.ids[i]}"))
+        except TlfeatError as exc:  # so `--on-error skip` records it like any unreadable image
+            return ("error", str(exc))
 
     def items(self, indices: Any) -> list[images.Item]:
         return [self.item(int(i)) for i in indices]
@@ -106,18 +108,6 @@ class ImageSplit:
         )
 
 
-def read_range(path: str, offset: int, size: int) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(size)
-    except OSError as exc:
-        raise TlfeatError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) != size:
-        raise TlfeatError(f"cannot read a sample of {path}: the file is shorter than its index says")
-    return data
-
-
 def from_arrays(
     name: str,
     split: str,
@@ -129,6 +119,13 @@ def from_arrays(
     ids: tuple[str, ...] | None = None,
 ) -> ImageSplit:
     labels = np.asarray(labels, dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(bad):  # a damaged or edited label file: one line, never an index error further on
+        where = source_files[-1] if source_files else source
+        raise TlfeatError(
+            f"{printable(where)} gives sample {int(bad[0])} the label {int(labels[bad[0]])}, but {name} has "
+            f"{len(classes)} classes (0-{len(classes) - 1}); replace the file with a good copy"
+        )
     return ImageSplit(
         dataset=name,
         split=split,

@@ -3,6 +3,10 @@
 
 Everything in it is computed from the JSON records under `<out>/results/`, so `tlfeat report`
 gives the same output as the `compare` run that made them, without recomputing anything.
+
+tlfeat writes a report only into a folder it made: `compare` leaves a marker (`.tlfeat-report`)
+in the folder it creates (or finds empty), with the plots it wrote; `report` refuses a folder
+without one, and removes, of the plots no longer made, only those its marker lists.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from tlfeat import fsio
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, printable
 from tlfeat.report import curves, export, findings, plots, render
 from tlfeat.report.rows import best_of, configs, penultimate, rows
 from tlfeat.report.sections import recommendation, sections
 
-__all__ = ["build", "recommendation", "rows"]
+__all__ = ["MARKER", "build", "claim", "recommendation", "rows"]
+
+MARKER = ".tlfeat-report"
 
 log = logging.getLogger(__name__)
 
@@ -27,50 +33,106 @@ def _json(path: Path, default: dict[str, Any]) -> dict[str, Any]:
     """A JSON object from `path`; `default` when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text()) if path.is_file() else default
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return default
     return data if isinstance(data, dict) else default
 
 
-def make_plots(out: Path, items: list[dict[str, Any]]) -> dict[str, Path]:
-    folder = out / "plots"
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*.png"):  # plots of configurations no longer in the results
-        old.unlink()
+def claim(out: Path) -> None:
+    """Make `out` a report folder tlfeat may write into: a new or empty folder gets the marker; a folder
+    that has one is tlfeat's already; any other folder is refused (nothing of the user's is touched)."""
+    out = Path(out)
+    if _ours(out):
+        return
+    if out.exists() and not out.is_dir():
+        raise TlfeatError(f"--out {printable(str(out))} is a file, not a folder; choose a new folder for the report")
+    if out.is_dir() and any(out.iterdir()):
+        raise TlfeatError(
+            f"--out {printable(str(out))} is a folder tlfeat did not make (no {MARKER} in it) and is not empty; "
+            f"choose a new or empty folder (a report folder of an earlier tlfeat: create {MARKER} in it)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    fsio.atomic_write(out / MARKER, json.dumps({"made_by": "tlfeat compare", "plots": []}, indent=2))
+
+
+def _ours(out: Path) -> bool:
+    marker = out / MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+def _made_plots(out: Path) -> list[str]:
+    """The plot files the last build wrote (the only ones it may remove)."""
+    listed = _json(out / MARKER, {}).get("plots")
+    return (
+        [p for p in listed if isinstance(p, str) and p.endswith(".png") and "/" not in p]
+        if isinstance(listed, list)
+        else []
+    )
+
+
+def make_plots(out: Path, items: list[dict[str, Any]], names: plots.Names) -> dict[str, Path]:
+    folder = plots_folder(out)
     palette = plots.Palette(sorted({r["method"] for r in items}), sorted({r["model"] for r in items}))
     made: dict[str, Path] = {}
-    if (p := plots.accuracy_vs_time(items, palette, folder / "accuracy_vs_time.png")) is not None:
+    if (p := plots.accuracy_vs_time(items, palette, folder / names("accuracy_vs_time"))) is not None:
         made["Accuracy against time"] = p
-    if (p := plots.learning_curves(items, palette, folder / "learning_curves.png")) is not None:
+    if (p := plots.learning_curves(items, palette, folder / names("learning_curves"))) is not None:
         made["Learning curves of the fine-tuning runs"] = p
     for dataset in sorted({r["dataset"] for r in penultimate(items)}):
         cfgs = configs([r for r in penultimate(items) if r["dataset"] == dataset])
         best = best_of(cfgs)
-        slug = "".join(ch if ch.isalnum() else "-" for ch in dataset)
-        made[f"Confusion matrix, {dataset}: {best.label()}"] = plots.confusion(best, folder / f"confusion_{slug}.png")
-    for title, path in plots.run_histories(items, folder).items():
+        path = plots.confusion(best, folder / names("confusion", dataset))
+        made[f"Confusion matrix, {dataset}: {best.label()}"] = path
+    for title, path in plots.run_histories(items, folder, names).items():
         made[f"Loss and accuracy per epoch, {title}"] = path
     return made
 
 
+def plots_folder(out: Path) -> Path:
+    folder = out / "plots"
+    if folder.is_symlink():  # its plots would land (and old ones be removed) in a folder of someone else's
+        raise TlfeatError(f"{printable(str(folder))} is a link; remove it, and tlfeat makes a plots folder of its own")
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def probe_plots(
-    out: Path, items: list[dict[str, Any]], shot_items: list[dict[str, Any]], meta: dict[str, Any]
+    out: Path, items: list[dict[str, Any]], shot_items: list[dict[str, Any]], meta: dict[str, Any], names: plots.Names
 ) -> dict[str, Path]:
     """k-shot curves (one per dataset) and the layer-wise probe, for the findings' sections."""
     everything = items + shot_items
     palette = plots.Palette(sorted({r["method"] for r in everything}), sorted({r["model"] for r in everything}))
-    made = {f"shots:{d}": p for d, p in curves.shot_curves(shot_items, items, palette, out / "plots").items()}
+    folder = plots_folder(out)
+    made = {f"shots:{d}": p for d, p in curves.shot_curves(shot_items, items, palette, folder, names).items()}
     asked = [str(layer) for layer in (meta.get("config") or {}).get("layers") or []]
-    if (p := curves.layer_depth(items, asked, palette, out / "plots" / "layer_depth.png")) is not None:
+    if (p := curves.layer_depth(items, asked, palette, folder / names("layer_depth"))) is not None:
         made["layers"] = p
     return made
+
+
+def _remove_unmade(out: Path, written: set[str]) -> None:
+    """Plots of configurations no longer in the results: of those, only files the marker lists as tlfeat's."""
+    for old in _made_plots(out):
+        if old not in written:
+            (out / "plots" / old).unlink(missing_ok=True)
 
 
 def build(out: Path) -> Path:
     """Write report.md, report.html, rows.csv, summary.csv, tables.tex and plots/ under `out`; returns report.md."""
     out = Path(out)
+    if not str(out) or not out.is_dir():
+        raise TlfeatError(
+            f"{printable(str(out)) or 'an empty name'} is no folder; give the --out folder of a `tlfeat compare`"
+        )
     if not (out / "results").is_dir() and not (out / "compare.json").is_file():
-        raise TlfeatError(f"{out} holds no results; run `tlfeat compare ... --out {out}` first")
+        raise TlfeatError(
+            f"{printable(str(out))} holds no results; run `tlfeat compare ... --out {printable(str(out))}` first"
+        )
+    if not _ours(out):
+        raise TlfeatError(
+            f"{printable(str(out))} was not made by `tlfeat compare` (no {MARKER} in it), so tlfeat writes nothing there; "
+            f"if it is a report folder of an earlier tlfeat, create {MARKER} in it and run again"
+        )
     left_out: list[str] = []
     items = rows(out, left_out)
     meta = _json(out / "compare.json", {})
@@ -82,14 +144,19 @@ def build(out: Path) -> Path:
         failures = {}
     failures = {str(k): str(v) for k, v in failures.items()}
     items, shot_items = [r for r in items if r["shots"] is None], [r for r in items if r["shots"] is not None]
-    made = make_plots(out, items)
-    extra = findings.blocks(
-        items, shot_items, probe_plots(out, items, shot_items, meta), findings.copy_analyses(out, out / "plots")
-    )
+    names = plots.Names()
+    made = make_plots(out, items, names)
+    probes = probe_plots(out, items, shot_items, meta, names)
+    analyses = findings.copy_analyses(out, out / "plots", names)
+    extra = findings.blocks(items, shot_items, probes, analyses)
     blocks = sections(items, failures, meta, made, left_out, extra)
+    written = {p.name for p in [*made.values(), *probes.values(), *(a["_png"] for a in analyses)]}
+    _remove_unmade(out, written)
     fsio.atomic_write(out / "report.md", render.markdown(blocks))
-    fsio.atomic_write(out / "report.html", render.page(blocks, out.name))
+    fsio.atomic_write(out / "report.html", render.page(blocks, out.resolve().name))
     fsio.atomic_write(out / "rows.csv", render.csv_text(items))
     fsio.atomic_write(out / "summary.csv", export.summary_csv(items))
     fsio.atomic_write(out / "tables.tex", export.latex(items))
+    marker = {**_json(out / MARKER, {}), "plots": sorted(written)}
+    fsio.atomic_write(out / MARKER, json.dumps(marker, indent=2))
     return out / "report.md"

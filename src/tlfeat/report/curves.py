@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import stats
-from tlfeat.report.plots import MODEL_KEY, Palette, _legend, _plt, _save
+from tlfeat.report.plots import MODEL_KEY, Names, Palette, _legend, _plt, _save
 from tlfeat.report.rows import group, mean_sd
 
 LINESTYLES = ["-", "--", ":", "-."]
@@ -55,7 +55,7 @@ def whole_set(main: list[dict[str, Any]], dataset: str, model: str, method: str)
 
 
 def shot_curves(
-    shot_items: list[dict[str, Any]], main: list[dict[str, Any]], palette: Palette, folder: Path
+    shot_items: list[dict[str, Any]], main: list[dict[str, Any]], palette: Palette, folder: Path, names: Names
 ) -> dict[str, Path]:
     """One plot per dataset: accuracy against training images per class, a line per model x method."""
     import matplotlib.lines
@@ -106,8 +106,7 @@ def shot_curves(
             f"k-shot: mean of {draws} draws per point (band: 95% t interval); 'all': every training image (Wilson)",
             fontsize=10,
         )
-        slug = "".join(ch if ch.isalnum() else "-" for ch in dataset)
-        made[dataset] = _save(fig, folder / f"shots_{slug}.png")
+        made[dataset] = _save(fig, folder / names("shots", dataset))
     return made
 
 

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
+from tlfeat.report.render import csv_table, tex
 from tlfeat.report.rows import best_in_column, configs, group, mean_sd, model_by_dataset, penultimate
 
 
@@ -20,6 +19,7 @@ def summary_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             {
                 "dataset": c.dataset,
+                "dataset_id": c.runs[0]["dataset_id"],
                 "model": c.model,
                 "method": c.method,
                 "variant": c.variant,
@@ -45,27 +45,7 @@ def summary_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summary_csv(items: list[dict[str, Any]]) -> str:
     rows_ = summary_rows([r for r in items if r["layer"] in ("penultimate", "-")] or items)
-    buf = io.StringIO()
-    if rows_:
-        writer = csv.DictWriter(buf, fieldnames=list(rows_[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows_)
-    return buf.getvalue()
-
-
-def _tex(text: str) -> str:
-    for a, b in (
-        ("\\", r"\textbackslash{}"),
-        ("&", r"\&"),
-        ("%", r"\%"),
-        ("_", r"\_"),
-        ("#", r"\#"),
-        ("$", r"\$"),
-        ("{", r"\{"),
-        ("}", r"\}"),
-    ):
-        text = text.replace(a, b)
-    return text
+    return csv_table(list(rows_[0]), rows_) if rows_ else ""
 
 
 def latex(items: list[dict[str, Any]]) -> str:
@@ -77,14 +57,14 @@ def latex(items: list[dict[str, Any]]) -> str:
         parts += [
             "\\begin{table}[t]",
             "\\centering",
-            f"\\caption{{Test accuracy (\\%) of {_tex(method)} (mean $\\pm$ sd over repeats).}}",
+            f"\\caption{{Test accuracy (\\%) of {tex(method)} (mean $\\pm$ sd over repeats).}}",
             "\\begin{tabular}{l" + "r" * len(cols) + "}",
             "\\toprule",
-            "Model & " + " & ".join(_tex(d) for d in cols) + " \\\\",
+            "Model & " + " & ".join(tex(d) for d in cols) + " \\\\",
             "\\midrule",
         ]
         for m in models:
-            line = [_tex(m)]
+            line = [tex(m)]
             for d in cols:
                 if (m, d) not in cells:
                     line.append("--")

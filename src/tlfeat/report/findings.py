@@ -6,14 +6,17 @@ fine-tuning curves, multi-stage transfer with its times per stage, and the repre
 
 from __future__ import annotations
 
-import shutil
+import logging
 from pathlib import Path
 from typing import Any
 
 from tlfeat import fsio, stats
 from tlfeat.analysis.curves import overfitting
 from tlfeat.report.curves import shot_points, t_interval, whole_set
+from tlfeat.report.plots import Names, png_inside
 from tlfeat.report.rows import Config, best_of, configs, group, mean_sd, penultimate
+
+log = logging.getLogger(__name__)
 
 Block = tuple[str, Any]
 ALPHA = 0.05
@@ -331,14 +334,18 @@ def representations(analyses: list[dict[str, Any]]) -> list[Block]:
     return out
 
 
-def copy_analyses(out: Path, folder: Path) -> list[dict[str, Any]]:
-    """The analyses in `out/analyses/index.json`, their PNGs copied into the report's plots folder."""
+def copy_analyses(out: Path, folder: Path, names: Names) -> list[dict[str, Any]]:
+    """The analyses in `out/analyses/index.json`, their PNGs copied into the report's plots folder. The
+    index is read back from disk: a PNG it names is taken only from inside `out/analyses`."""
     from tlfeat.analysis.study import read_index
 
     found = []
     for entry in read_index(out / "analyses"):
-        target = folder / f"analysis_{entry['png']}"
-        with fsio.atomic_path(target) as tmp:
-            shutil.copyfile(out / "analyses" / str(entry["png"]), tmp)
+        data = png_inside(out / "analyses", entry.get("png"))
+        if data is None:
+            log.warning("left out analysis %r: its PNG is not a PNG file inside %s", entry.get("png"), out / "analyses")
+            continue
+        target = folder / names("analysis", Path(str(entry["png"])).stem)
+        fsio.atomic_write(target, data)
         found.append({**entry, "_png": target})
     return found

@@ -4,7 +4,9 @@ legends sit outside the axes, so they never cover a point, a curve or a title.""
 from __future__ import annotations
 
 import math
-import shutil
+import os
+import stat
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import numpy as np
 
 from tlfeat import fsio
 from tlfeat.classifier_specs import SPECS
+from tlfeat.errors import TlfeatError, printable
 from tlfeat.records import Method
 from tlfeat.report.rows import Config, configs, group, penultimate
 
@@ -47,9 +50,39 @@ def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
+    # Names are data: a `$` in a dataset or class name is text, never the start of a formula.
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _short(text: str, limit: int = 24) -> str:
+    """A label short enough to leave room for the plot (the tables give names in full)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Names:
+    """File names of one report's plots: readable, safe in any file system, never the same twice."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, kind: str, *parts: str) -> str:
+        """`kind` (a fixed name such as "accuracy_vs_time"), then each part with every other character a "-"."""
+        stem = "_".join(
+            [kind, *("".join(ch if ch.isascii() and ch.isalnum() else "-" for ch in p)[:60] for p in parts)]
+        )
+        name, n = f"{stem}.png", 1
+        while name.lower() in self.used:
+            n += 1
+            name = f"{stem}-{n}.png"
+        self.used.add(name.lower())
+        return name
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+MAX_HISTORY_BYTES = 20 * 2**20  # a history plot is tens of kB; nothing larger is embedded
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -128,7 +161,7 @@ def accuracy_vs_time(items: list[dict[str, Any]], palette: Palette, path: Path) 
         plain = matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:g}" if _round_tick(v) else "")
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
-        ax.set(xlabel="time per run, s (log scale)", ylabel="test accuracy", title=dataset)
+        ax.set(xlabel="time per run, s (log scale)", ylabel="test accuracy", title=_short(dataset, 60))
         ax.grid(alpha=0.3, which="both")
     methods = sorted({c.method for c in cfgs}, key=lambda m: (Method.parse(m).rank, m))
     handles = [
@@ -173,7 +206,7 @@ def learning_curves(items: list[dict[str, Any]], palette: Palette, path: Path) -
             )
             if len(runs) > 1:
                 ax.fill_between(epochs, arr.min(0), arr.max(0), color=color, alpha=0.15)
-        ax.set(xlabel="epoch", ylabel="validation accuracy", title=dataset, ylim=(0, 1.02))
+        ax.set(xlabel="epoch", ylabel="validation accuracy", title=_short(dataset, 60), ylim=(0, 1.02))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
         longest = max(
             (len(r["_record"].details.get("history", [])) for r in tuned if r["dataset"] == dataset), default=1
@@ -198,7 +231,7 @@ def confusion(config: Config, path: Path) -> Path:
     plt = _plt()
     run = min(config.runs, key=lambda r: r["seed"])["_record"]
     cm = np.asarray(run.metrics["confusion_matrix"])
-    names = run.class_names
+    names = [_short(printable(str(n))) for n in run.class_names]
     size = max(4.5, 0.45 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size), layout="constrained")
     ax.imshow(cm, cmap="Blues")
@@ -209,26 +242,45 @@ def confusion(config: Config, path: Path) -> Path:
     ax.set(
         xlabel="predicted",
         ylabel="true",
-        title=f"{config.dataset}: {config.label()}\naccuracy {run.metrics['accuracy']:.4f}",
+        title="\n".join(
+            [
+                *textwrap.wrap(f"{_short(config.dataset, 60)}: {config.label()}", int(size * 10) - 15),
+                f"accuracy {run.metrics['accuracy']:.4f}",
+            ]
+        ),
     )
     return _save(fig, path)
 
 
-def run_histories(items: list[dict[str, Any]], folder: Path) -> dict[str, Path]:
+def run_histories(items: list[dict[str, Any]], folder: Path, names: Names) -> dict[str, Path]:
     """The loss and metric curves each fine-tuning configuration saved (its first seed's run)."""
     out = {}
     for c in configs([r for r in items if r["_record"].kind == "finetune"]):
         run = min(c.runs, key=lambda r: r["seed"])["_record"]
-        source = Path(run.path).parent / str(run.details.get("plot", "history.png")) if run.path else None
-        if source is None or not source.is_file():
+        data = _history_png(run)
+        if data is None:
             continue
-        name = (
-            "history_"
-            + "_".join("".join(ch if ch.isalnum() else "-" for ch in part) for part in (c.dataset, c.model, c.method))
-            + ".png"
-        )
-        target = folder / name
-        with fsio.atomic_path(target) as tmp:
-            shutil.copyfile(source, tmp)
+        target = folder / names("history", c.dataset, c.model, c.method + (f" {c.variant}" if c.variant else ""))
+        fsio.atomic_write(target, data)
         out[f"{c.dataset}: {c.label()} (seed {run.seed})"] = target
     return out
+
+
+def _history_png(run: Any) -> bytes | None:
+    """The bytes of a run's own history plot: a PNG file in its record's folder, else None."""
+    if run.path is None:
+        return None
+    return png_inside(Path(run.path).parent, run.details.get("plot", "history.png"))
+
+
+def png_inside(base: Path, relative: object) -> bytes | None:
+    """The bytes of a PNG named in a file tlfeat did not write itself (a record, an index): a regular
+    file of sensible size inside `base` (see `fsio.inside`), else None; nothing else is ever read."""
+    try:
+        source = fsio.inside(base, relative)
+        if not stat.S_ISREG(os.stat(source).st_mode) or os.stat(source).st_size > MAX_HISTORY_BYTES:
+            return None
+        data = source.read_bytes()
+    except (OSError, TlfeatError):
+        return None
+    return data if data.startswith(PNG) else None

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tlfeat import datasets, stats
-from tlfeat.records import Method, RunRecord, load_record, load_records, variants
+from tlfeat import datasets, fsio, stats
+from tlfeat.errors import TlfeatError, printable
+from tlfeat.records import RUN_FOLDERS, Method, RunRecord, load_record, load_records, variants
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,30 @@ def _same_value(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def outside(record: RunRecord) -> str | None:
+    """Which path a record names that leads outside its own folder (a hand-edited record), or None."""
+    if record.path is None:
+        return None
+    classifier = record.provenance.get("classifier")
+    named = {
+        "details.plot": record.details.get("plot"),
+        "details.classifier_file": record.details.get("classifier_file"),
+        "provenance.classifier.file": classifier.get("file") if isinstance(classifier, dict) else None,
+    }
+    for field_name, value in named.items():
+        if value is None:
+            continue
+        try:
+            fsio.inside(Path(record.path).parent, value)
+        except TlfeatError as exc:
+            return f"{field_name}: {exc}"
+    return None
+
+
 def _consistent(records: list[RunRecord], problems: list[str] | None) -> list[RunRecord]:
     kept = []
     for r in records:
-        why = disagreement(r)
+        why = outside(r) or disagreement(r)
         if why is None:
             kept.append(r)
             continue
@@ -74,7 +95,7 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
         try:
             meta = json.loads(index.read_text())
             listed = meta.get("records")
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
             listed = exc
         if listed is None and isinstance(meta, dict) and "finished" not in meta:
             log.warning(
@@ -100,7 +121,13 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
         return _consistent(_newest(load_records(out / "results", problems=problems)), problems)
     found = []
     for name in dict.fromkeys(listed):  # a path listed twice is one run
-        path = out / name
+        try:
+            path = _listed_path(out, meta, name)
+        except TlfeatError as exc:
+            log.warning("%s lists %s; the report leaves that run out", index.name, exc)
+            if problems is not None:
+                problems.append(str(exc))
+            continue
         record = load_record(path, problems)
         if record is not None:
             found.append(record)
@@ -109,6 +136,23 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
             if problems is not None:
                 problems.append(f"{name}: missing")
     return _consistent(found, problems)
+
+
+def _listed_path(out: Path, meta: dict[str, Any], name: Any) -> Path:
+    """Where a run `compare.json` lists is (relative to the report folder): a `record.json` in the report
+    folder or in the results folder that compare saved its runs to, or TlfeatError."""
+    config: dict[str, Any] = meta["config"] if isinstance(meta.get("config"), dict) else {}
+    given = [meta.get("results_dir"), config.get("results_dir")]  # this version's, an earlier one's
+    roots = [Path(os.path.realpath(out))]
+    roots += [Path(os.path.realpath(g)) for g in given if isinstance(g, str) and os.path.isabs(g)]
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\0" in name:
+        raise TlfeatError(f"{printable(repr(name))[:120]} is not a path relative to the report folder")
+    path = Path(os.path.realpath(out / name))
+    if not any(path == r or r in path.parents for r in roots):
+        raise TlfeatError(f"{printable(name)[:120]} leads outside the results folder")
+    if path.name != "record.json" or path.parent.parent.name not in RUN_FOLDERS:
+        raise TlfeatError(f"{printable(name)[:120]} is not a run's record.json")
+    return path
 
 
 def _newest(records: list[RunRecord]) -> list[RunRecord]:
@@ -120,7 +164,7 @@ def _newest(records: list[RunRecord]) -> list[RunRecord]:
         same = json.dumps(
             [r.kind, r.method, r.model, r.dataset, r.seed, r.subset_seed, configuration(r)], sort_keys=True, default=str
         )
-        if same not in newest or r.created > newest[same].created:
+        if same not in newest or _made(r) > _made(newest[same]):
             newest[same] = r
     superseded = len(records) - len(newest)
     if superseded:
@@ -129,10 +173,20 @@ def _newest(records: list[RunRecord]) -> list[RunRecord]:
     return [r for r in records if id(r) in kept]
 
 
+def _made(record: RunRecord) -> tuple[str, int]:
+    """When a run was made: its record's time (to the second), then its file's (two runs in one second)."""
+    try:
+        written = os.stat(record.path).st_mtime_ns if record.path else 0
+    except OSError:
+        written = 0
+    return record.created, written
+
+
 def rows(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per run, sorted: dataset, model, method, layer, variant, seed. Runs that could not be
     read are listed in `problems`, when given."""
     records = run_records(out, problems)
+    names = datasets.display_names(r.dataset for r in records)
     labels: dict[int, str] = {}
     groups: dict[tuple[str, ...], list[RunRecord]] = defaultdict(list)
     for r in records:  # pretrained and UNTRAINED backbones are told apart by the model column already
@@ -140,7 +194,7 @@ def rows(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
         groups[(r.dataset, r.model, r.method, r.layer, r.weights_id, shots)].append(r)
     for group in groups.values():  # runs that differ in more than their seeds are separate configurations
         labels.update(variants(group))
-    out_rows = [_row(r, Path(out), labels.get(id(r), "")) for r in records]
+    out_rows = [_row(r, Path(out), labels.get(id(r), ""), names[r.dataset]) for r in records]
     out_rows.sort(
         key=lambda x: (
             x["dataset"],
@@ -156,7 +210,7 @@ def rows(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
     return out_rows
 
 
-def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
+def _row(r: RunRecord, out: Path, variant: str, dataset: str) -> dict[str, Any]:
     method = r.parsed_method
     m, t = r.metrics, r.timings
     correct = int(round(m["accuracy"] * r.n_test))
@@ -164,7 +218,8 @@ def _row(r: RunRecord, out: Path, variant: str) -> dict[str, Any]:
     untrained = not r.pretrained and not method.is_scratch
     predictions = m.get("predictions") or {}
     return {
-        "dataset": datasets.short_name(r.dataset),
+        "dataset": dataset,  # a label, distinct for distinct datasets (two folders named "data" are two)
+        "dataset_id": r.dataset,
         "model": r.model + (" (UNTRAINED)" if untrained else ""),
         "method": str(method),
         "method_rank": method.rank,

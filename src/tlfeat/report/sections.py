@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tlfeat.report.render import bold, code, em
 from tlfeat.report.rows import (
     Config,
     best_in_column,
@@ -89,7 +90,7 @@ def recommendation(items: list[dict[str, Any]]) -> list[str]:
         cfgs = configs(group_)
         best = best_of(cfgs)
         text = (
-            f"**{dataset}**: the most accurate is {best.label()} (accuracy {best.metric:.4f}, {_ci(best)}; "
+            f"{bold(dataset)}: the most accurate is {best.label()} (accuracy {best.metric:.4f}, {_ci(best)}; "
             f"{best.seconds('total_seconds'):.0f} s per run)"
         )
         cheaper = [
@@ -155,7 +156,7 @@ def unreadable(left_out: list[str]) -> list[Block]:
         (
             "p",
             "These saved results are missing or could not be read, so every table and the recommendation are "
-            "made without them. Run the same `tlfeat compare` again to compute them anew.",
+            f"made without them. Run the same {code('tlfeat compare')} again to compute them anew.",
         ),
         *[("li", problem) for problem in left_out],
     ]
@@ -167,7 +168,10 @@ def skipped(items: list[dict[str, Any]]) -> list[Block]:
         return []
     return [
         ("h2", "Skipped images"),
-        ("p", "These runs used features extracted with `--on-error skip`; `tlfeat ls --skipped` names the files."),
+        (
+            "p",
+            f"These runs used features extracted with {code('--on-error skip')}; {code('tlfeat ls --skipped')} names the files.",
+        ),
         *[("li", f"{model} on {dataset}: {n} unreadable image(s) skipped") for (model, dataset), n in found.items()],
     ]
 
@@ -177,8 +181,8 @@ def failed(failures: dict[str, str]) -> list[Block]:
         return []
     return [
         ("h2", f"Failed cells ({len(failures)})"),
-        ("p", "Run the same `tlfeat compare` command again to fill these in."),
-        *[("li", f"FAILED {label}: `{error}`") for label, error in failures.items()],
+        ("p", f"Fix what each error says, then run the same {code('tlfeat compare')} command again to fill these in."),
+        *[("li", f"FAILED {label}: {code(error)}") for label, error in failures.items()],
     ]
 
 
@@ -196,7 +200,7 @@ def _bold_best(cells: dict[tuple[str, str], list[float]], rows_: list[str], cols
                 line.append("—")
                 continue
             text = fmt_ms(cells[(m, d)])
-            line.append(f"**{text}**" if mean_sd(cells[(m, d)])[0] == best[d] else text)
+            line.append(bold(text) if mean_sd(cells[(m, d)])[0] == best[d] else text)
         body.append(line)
     return body
 
@@ -224,10 +228,10 @@ def dataset_tables(items: list[dict[str, Any]]) -> list[Block]:
         out.append(
             (
                 "p",
-                "Times are per run, in seconds. *extract* is the one-time extraction of the feature sets (after an "
+                f"Times are per run, in seconds. {em('extract')} is the one-time extraction of the feature sets (after an "
                 "incremental update: the update plus the carried rows' share of the earlier extraction), shared by every "
-                "frozen classifier on them; *C search* the cross-validated choice of C; *train* the final fit or the "
-                "fine-tuning epochs (with validation); *total* all of these. *vs best*: McNemar's paired test against the most accurate "
+                f"frozen classifier on them; {em('C search')} the cross-validated choice of C; {em('train')} the final fit or the "
+                f"fine-tuning epochs (with validation); {em('total')} all of these. {em('vs best')}: McNemar's paired test against the most accurate "
                 f"configuration ({best.label()}) on the same test images.",
             )
         )
@@ -410,7 +414,7 @@ def provenance(meta: dict[str, Any]) -> list[Block]:
     out.append(
         (
             "p",
-            "Each row's full config, provenance, timings and predictions are in its record.json (column `record`); rows.csv has every run at full precision, summary.csv one row per configuration.",
+            f"Each row's full config, provenance, timings and predictions are in its record.json (column {code('record')}); rows.csv has every run at full precision, summary.csv one row per configuration.",
         )
     )
     return out
