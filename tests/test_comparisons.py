@@ -152,10 +152,24 @@ def test_a_small_comparison_has_intervals_paired_tests_per_class_tables_and_expo
 
 
 @pytest.mark.parametrize("n", [10, 13, 25, 27, 30, 3, 6, 7, 12])
-def test_wilson_interval_contains_a_perfect_or_null_score(n: int) -> None:
-    for correct in (0, n):
+def test_wilson_interval_of_a_perfect_or_null_score(n: int) -> None:
+    """At 0 of n the interval is [0, z^2 / (n + z^2)], at n of n [n / (n + z^2), 1] (the score
+    interval's closed form there); the bound at p itself must hold exactly, rounding or not."""
+    z2 = stats.Z95**2
+    assert stats.wilson(0, n) == (0.0, pytest.approx(z2 / (n + z2), rel=1e-12))
+    assert stats.wilson(n, n) == (pytest.approx(n / (n + z2), rel=1e-12), 1.0)
+
+
+@pytest.mark.parametrize("n", [10, 13, 25, 27, 30, 3, 6, 7, 12])
+def test_wilson_interval_away_from_the_ends(n: int) -> None:
+    """1 and n - 1 of n, where no clamp acts: scipy's Wilson interval, computed independently."""
+    from scipy.stats import binomtest
+
+    for correct in (1, n // 2, n - 1):
+        ref = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
         low, high = stats.wilson(correct, n)
-        assert low <= correct / n <= high
+        assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12)
+        assert 0 < low < correct / n < high < 1
 
 
 def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
