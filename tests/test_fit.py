@@ -151,6 +151,50 @@ def test_tampered_classifier_file_is_not_loaded(
         load_classifier(rbf.path)
 
 
+class _Planted:
+    """Unpickling this writes a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (self.marker, "unpickled"))  # type: ignore[return-value]
+
+
+def test_a_pickled_rbf_svm_is_loaded_only_when_its_sha256_matches(digits_cache: Path, tmp_path: Path) -> None:
+    import pickle
+
+    rbf = fit(FitConfig(clf="svm", kernel="rbf", C=1.0, data="digits", cache_dir=digits_cache, results_dir=tmp_path))[0]
+    saved = rbf.record.provenance["classifier"]
+    assert saved["format"] == "joblib" and "hmac_sha256" not in saved  # no TLFEAT_RESULTS_KEY: the sha256 alone
+    y_pred = load_classifier(rbf.path).predict(cache.read(Path(rbf.record.provenance["features"]["test"]["path"])).X)
+    assert y_pred.tolist() == rbf.record.metrics["predictions"]["y_pred"]
+    marker = tmp_path / "marker"
+    (rbf.path.parent / saved["file"]).write_bytes(pickle.dumps(_Planted(marker)))  # a valid pickle, not the one saved
+    with pytest.raises(TlfeatError, match="does not match the sha256 in its record"):
+        load_classifier(rbf.path)
+    assert not marker.exists(), "the replaced pickle was loaded"
+
+
+@pytest.mark.parametrize("kw", [{"clf": "svm"}, {"clf": "linear", "epochs": 5}, {"clf": "logreg"}], ids=str)
+def test_linear_classifiers_are_arrays_loaded_without_unpickling(
+    digits_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kw: dict[str, object]
+) -> None:
+    import pickle
+
+    [res] = fit(FitConfig(C=0.1, data="digits", cache_dir=digits_cache, results_dir=tmp_path, **kw))  # type: ignore[arg-type]
+    saved = res.record.provenance["classifier"]
+    assert saved["file"] == "classifier.npz" and saved["format"] == "tlfeat-linear-v1"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("something was unpickled")
+
+    for name in ("load", "loads", "Unpickler", "_Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    test = cache.read(Path(res.record.provenance["features"]["test"]["path"]))
+    assert load_classifier(res.path).predict(test.X).tolist() == res.record.metrics["predictions"]["y_pred"]
+
+
 def test_linear_head_is_a_scikit_learn_estimator() -> None:
     check_estimator(LinearHead(epochs=5))
 
