@@ -100,6 +100,12 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
 
 
+# A model whose pretrained weights this session cannot find: no registry package carries them (see
+# tlfeat.weights.REGISTRY_WEIGHTS) and the session's torch hub cache starts empty, whatever the
+# developer's own cache holds. Tests of failed cells use it.
+NO_WEIGHTS_HERE = "alexnet"
+
+
 def cuda_devices() -> int:
     """CUDA GPUs torch sees here (0 on a CPU-only machine or build)."""
     import torch

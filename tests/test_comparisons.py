@@ -17,7 +17,7 @@ from tlfeat.finetune import finetune_one
 from tlfeat.fitting import FitConfig, fit, table
 from tlfeat_cli.main import cli
 
-from .conftest import make_tree
+from .conftest import NO_WEIGHTS_HERE, make_tree
 
 
 def _small(tmp_path: Path, datas: tuple[str, ...], methods: tuple[str, ...], **kw: object) -> CompareConfig:
@@ -264,7 +264,7 @@ def test_compare_checks_frozen_blocks_first_and_exits_1_when_a_cell_failed(tmp_p
     assert result.exit_code == 2 and "freeze:99 is more than the" in result.output, result.output
     assert not (tmp_path / "report").exists()
     result = CliRunner().invoke(
-        cli, ["compare", *common, "--methods", "logreg", "--models", "resnet18:untrained,squeezenet1_1"]
+        cli, ["compare", *common, "--methods", "logreg", "--models", f"resnet18:untrained,{NO_WEIGHTS_HERE}"]
     )
     assert result.exit_code == 1 and "1 cell(s) failed" in result.output, result.output
     assert (tmp_path / "report" / "report.md").is_file()

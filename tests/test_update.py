@@ -19,7 +19,7 @@ from tlfeat.errors import CacheDamaged, StaleFeatures
 from tlfeat.fitting import FitConfig, fit
 from tlfeat_cli.main import cli
 
-from .conftest import make_tree
+from .conftest import absent_cuda, make_tree
 
 
 def _cfg(tree: Path, cache_dir: Path, **kw: object) -> ExtractConfig:
@@ -296,8 +296,9 @@ def test_an_update_keeps_the_cost_of_the_rows_it_carries_over(tmp_path: Path) ->
 def test_a_failed_run_leaves_no_empty_partial_behind(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", per_class=2)
     cache_dir = tmp_path / "cache"
+    device, _ = absent_cuda()  # fails after the plan, before any row is computed
     result = CliRunner().invoke(
-        cli, ["extract", "--model", "resnet18", "--data", str(tree), "--cache-dir", str(cache_dir), "--device", "cuda"]
+        cli, ["extract", "--model", "resnet18", "--data", str(tree), "--cache-dir", str(cache_dir), "--device", device]
     )
     assert result.exit_code == 2, result.output
     assert not list(cache_dir.glob("*.partial")) and all(e.status != "partial" for e in catalog.scan(cache_dir))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tlfeat_cli.main import cli
 
-from ..conftest import make_tree
+from ..conftest import absent_cuda, make_tree
 
 HOSTILE = [
     "",
@@ -72,6 +72,7 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "zero_bytes": str(root / "zero.pt"),
         "missing": str(root / "missing" / "ünï"),
         "root": str(root),
+        "no_gpu": absent_cuda()[0],
     }
 
 
@@ -171,7 +172,18 @@ def test_hostile_arguments_get_a_clear_line(places: dict[str, str]) -> None:
         ["compare", "--models", "resnet18:untrained", "--data", "{flat}", "--methods", "logreg", "--image-size", "16"],
         ["compare", "--models", "", "--data", "", "--methods", ""],
         ["extract", "--model", "resnet18", "--data", ""],
-        ["extract", "--model", "resnet18", "--untrained", "--data", "{one}", "--device", "cuda", "--backend", "torch"],
+        [
+            "extract",
+            "--model",
+            "resnet18",
+            "--untrained",
+            "--data",
+            "{one}",
+            "--device",
+            "{no_gpu}",
+            "--backend",
+            "torch",
+        ],
         ["extract", "--model", "resnet18", "--untrained", "--data", "{one}", "--device", "bogus"],
         ["extract", "--model", "resnet18", "--data", "{one}", "--weights", "{zero_bytes}"],
         ["report", "{empty}"],
