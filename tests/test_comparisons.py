@@ -55,6 +55,12 @@ def test_mcnemar_exact_p_values() -> None:
         assert t.p_value == pytest.approx(binomtest(min(t.b, t.c), t.b + t.c, 0.5).pvalue, rel=1e-9)
     same = stats.mcnemar(a, a)
     assert same.p_value == 1.0 and same.verdict() == "indistinguishable"
+    tied = stats.mcnemar(np.array([True, False]), np.array([False, True]))  # 2 P(X <= 1), X ~ B(2, 1/2) = 1.5
+    assert (tied.b, tied.c, tied.p_value) == (1, 1, 1.0)  # a probability: at most 1
+    assert stats.McNemar(9, 1, 0.05).verdict() == "indistinguishable"  # significant means p < 0.05
+    assert stats.McNemar(9, 1, 0.0499).verdict() == "first better"
+    # Edges mutmut showed untested (see tests/mutants/run.py): no test images, no run at all.
+    assert stats.wilson(0, 0) == (0.0, 1.0) and stats.chance(np.array([], dtype=int)) == 0.0
 
 
 def test_constant_predictions_and_chance_level_runs_are_flagged() -> None:

@@ -13,6 +13,12 @@ Fails (exit 1) when a mutant survives (its tests pass), when its `old` text is n
     python tests/mutants/run.py lock wilson  # the mutants whose name contains one of these words
     python tests/mutants/run.py --list
     python tests/mutants/run.py --no-baseline  # right after the whole suite passed (CI)
+
+Why not a general tool: mutmut 3.8 on stats.py alone (81 lines) made 172 mutants and ran them in 36 s
+(20 s of CPU) against 25 fast tests, which is fine for a pure module (it found four untested edges,
+now tested). But it switches mutants inside the test process, so a tlfeat started by a test as a
+child process (how the lock, resume, disk and exit-code guarantees are tested) runs unmutated code:
+those mutants would all survive; and hundreds of mutants per module times 10-50 s tests is hours.
 """
 
 from __future__ import annotations
