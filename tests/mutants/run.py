@@ -16,9 +16,10 @@ Fails (exit 1) when a mutant survives (its tests pass), when its `old` text is n
 
 Why not a general tool: mutmut 3.8 on stats.py alone (81 lines) made 172 mutants and ran them in 36 s
 (20 s of CPU) against 25 fast tests, which is fine for a pure module (it found four untested edges,
-now tested). But it switches mutants inside the test process, so a tlfeat started by a test as a
-child process (how the lock, resume, disk and exit-code guarantees are tested) runs unmutated code:
-those mutants would all survive; and hundreds of mutants per module times 10-50 s tests is hours.
+now tested). But it puts its mutated copy on the test process's sys.path only: a tlfeat that a test
+starts as a child process (how the lock, resume, disk and exit-code guarantees are tested) imports
+the installed code unless PYTHONPATH is pointed at that copy; and it makes hundreds of mutants per
+module, which with these 10-50 s process-level tests is hours, where 25 chosen ones take minutes.
 """
 
 from __future__ import annotations
