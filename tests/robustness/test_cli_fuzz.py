@@ -1,7 +1,9 @@
 """Every command, fed random and hostile arguments, ends with a clear message and exit code 0 or 2.
 
 Exit code 70 (tlfeat's "internal error") or an escaped exception fails the test: the message
-must say what the user got wrong, not where tlfeat broke.
+must say what the user got wrong, not where tlfeat broke. An OSError is the user's (exit 2) only when
+it is a failed write or names a path the user gave (`cli/main.py`), so a bug's OSError fails here too.
+Examples are derandomised (conftest's hypothesis profile): every run tries the same arguments.
 """
 
 from __future__ import annotations
