@@ -7,8 +7,10 @@ torch) happen inside the commands, so `tlfeat --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +34,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def user_errors(interrupted: str = RESUME_HINT) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Turn library errors into one line on stderr and exit code 2, never a traceback."""
+    """Turn library errors into one line on stderr and exit code 2, never a traceback.
+
+    Anything else is a bug in tlfeat: `internal error: ...` and exit code 70. That includes an
+    OSError, unless it is a failed write (disk full, read-only, no permission) or a path the user
+    named (an option's value, or a folder tlfeat was told to use) that is missing or of the wrong kind.
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -42,22 +49,12 @@ def user_errors(interrupted: str = RESUME_HINT) -> Callable[[Callable[..., Any]]
             except TlfeatError as exc:
                 click.echo(f"error: {_one_line(exc)}", err=True)
                 sys.exit(exc.exit_code)
-            except OSError as exc:
-                from tlfeat.fsio import as_write_failed
-
-                clear = as_write_failed(Path(exc.filename or "output"), exc)
-                if clear is not None:  # disk full, read-only, no permission: one line that says so
-                    click.echo(f"error: {_one_line(clear)}", err=True)
-                    sys.exit(clear.exit_code)
-                where = f": {exc.filename}" if exc.filename else ""
-                click.echo(f"error: {exc.strerror or _one_line(exc)}{where} (run with -v for details)", err=True)
-                if logging.getLogger().isEnabledFor(logging.DEBUG):
-                    raise
-                sys.exit(2)
             except KeyboardInterrupt:
                 click.echo(f"interrupted: {interrupted}", err=True)
                 sys.exit(130)
-            except Exception as exc:  # a bug in tlfeat: still one line, with the way to the traceback
+            except Exception as exc:
+                if isinstance(exc, OSError):
+                    _user_os_error(exc, kwargs)
                 if logging.getLogger().isEnabledFor(logging.DEBUG):
                     raise
                 click.echo(
@@ -69,6 +66,45 @@ def user_errors(interrupted: str = RESUME_HINT) -> Callable[[Callable[..., Any]]
         return wrapper
 
     return decorate
+
+
+# errno values that say a path is missing or of the wrong kind: the user's mistake when it is their path
+_PATH_ERRORS = {
+    errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.ENXIO, errno.ENODEV,
+}  # fmt: skip
+
+
+def _user_os_error(exc: OSError, options: dict[str, Any]) -> None:
+    """Exit 2 with one line when `exc` is a failed write or concerns a path the user named; else return."""
+    from tlfeat.fsio import as_write_failed
+
+    clear = as_write_failed(Path(exc.filename or "output"), exc)
+    if clear is not None:  # disk full, read-only, no permission: one line that says so
+        click.echo(f"error: {_one_line(clear)}", err=True)
+        sys.exit(clear.exit_code)
+    if exc.errno in _PATH_ERRORS and exc.filename and _named_by_user(str(exc.filename), options):
+        click.echo(f"error: {exc.strerror or _one_line(exc)}: {exc.filename}", err=True)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise exc
+        sys.exit(2)
+
+
+def _named_by_user(filename: str, options: dict[str, Any]) -> bool:
+    """Is `filename` a path the command was given, or inside one (options, and the folders the
+    configuration points at: cache, results, data, tlfeat's home, the torch hub cache)?"""
+    from tlfeat import config
+
+    given: list[Any] = [config.default_cache_dir(), config.default_results_dir(), config.default_data_dir()]
+    given += [config.tlfeat_home(), config.torch_home()]
+    for value in options.values():
+        given += list(value) if isinstance(value, tuple | list) else [value]
+    target = os.path.abspath(filename)
+    for place in given:
+        if isinstance(place, str | Path) and str(place):
+            root = os.path.abspath(os.path.expanduser(str(place)))
+            if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+                return True
+    return False
 
 
 class OneLineGroup(click.Group):

@@ -9,29 +9,115 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Every place a library keeps downloads or caches, moved into one folder per test session, so no
+# test depends on what a developer's machine happens to hold (weights in the torch hub cache,
+# exports, remembered hashes) and no test leaves anything there. Only the registry downloads
+# (verified by sha256, see tlfeat.offline) are shared between sessions: see `_share_downloads`.
+HOMES = {
+    "TLFEAT_HOME": "tlfeat-home",
+    "TORCH_HOME": "torch-home",
+    "XDG_CACHE_HOME": "xdg-cache",
+    "HF_HOME": "hf-home",
+    "MPLCONFIGDIR": "matplotlib",
+}
+SESSION: dict[str, Path] = {}
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Also for module-scoped fixtures, which run before the per-test environment below.
-    os.environ["TLFEAT_BACKEND"] = "torch"
-    # ONNX exports: one model cache for the session, as on a user's machine (never the user's own);
-    # a test that inspects or damages exports sets its own with monkeypatch.
-    os.environ["TLFEAT_MODEL_CACHE"] = tempfile.mkdtemp(prefix="tlfeat-models-")
-    os.environ["TLFEAT_RESULTS_DIR"] = tempfile.mkdtemp(prefix="tlfeat-results-")  # never ./results
+    # Set before collection, so module-scoped fixtures see it too (the per-test fixture comes later).
+    shared = _downloads()
+    for name in [
+        n for n in os.environ if n.startswith("TLFEAT_") or n in ("RAY_ADDRESS", "HYPOTHESIS_STORAGE_DIRECTORY")
+    ]:
+        if name not in ("TLFEAT_TEST_DOWNLOADS", "TLFEAT_FUZZ_EXAMPLES", "TLFEAT_FUZZ_TIMES"):
+            del os.environ[name]  # a developer's settings must not change what the tests see
+    root = Path(tempfile.mkdtemp(prefix="tlfeat-tests-"))
+    SESSION["root"] = root
+    for name, folder in HOMES.items():
+        (root / folder).mkdir()
+        os.environ[name] = str(root / folder)
+    _share_downloads(shared, root / HOMES["TLFEAT_HOME"] / "registry")
+    os.environ.update(
+        TLFEAT_OFFLINE="1",
+        TLFEAT_BACKEND="torch",  # tests of the ONNX Runtime backend ask for it by name
+        TLFEAT_CACHE_DIR=str(root / "features_cache"),
+        TLFEAT_RESULTS_DIR=str(root / "results"),  # never ./results
+        TLFEAT_DATA_DIR=str(root / "data"),
+        TLFEAT_MODEL_CACHE=str(root / "models"),  # ONNX exports: one model cache per session, as on a user's machine
+    )
+    _hypothesis_profile()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    for name in ("TLFEAT_MODEL_CACHE", "TLFEAT_RESULTS_DIR"):
-        shutil.rmtree(os.environ.get(name, ""), ignore_errors=True)
+    if "root" in SESSION:
+        shutil.rmtree(SESSION.pop("root"), ignore_errors=True)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from hypothesis import settings
+
+    return [
+        f"tlfeat test homes: {SESSION.get('root')} (registry downloads shared from {_downloads()})",
+        f"hypothesis profile: {settings.get_current_profile_name()}",
+    ]
+
+
+def _downloads() -> Path:
+    """Where registry wheels' files are kept between sessions: TLFEAT_TEST_DOWNLOADS, else the
+    developer's own tlfeat registry cache (the same verified files tlfeat itself would fetch)."""
+    if "downloads" not in SESSION:
+        from tlfeat.config import tlfeat_home
+
+        SESSION["downloads"] = Path(os.environ.get("TLFEAT_TEST_DOWNLOADS") or tlfeat_home() / "registry")
+    return SESSION["downloads"]
+
+
+def _share_downloads(shared: Path, registry: Path) -> None:
+    """The session's registry folder is the shared one: a file fetched once (the MobileNetV2 weights,
+    MNIST) is fetched once for every later session. tlfeat writes there only through
+    `offline.fetch`, which checks each file's sha256 and renames it into place whole."""
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+        registry.symlink_to(shared, target_is_directory=True)
+    except OSError:
+        registry.mkdir(exist_ok=True)  # an unwritable shared folder: this session downloads its own
+
+
+def _hypothesis_profile() -> None:
+    """`ci` (the default): derandomised, no example database, so a failure found once is found again
+    on every machine; HYPOTHESIS_PROFILE=explore searches afresh each run."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    settings.register_profile("explore", derandomize=False, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
 def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No torchvision downloads, and a per-test cache directory; registry files stay shared."""
-    monkeypatch.setenv("TLFEAT_OFFLINE", "1")
-    monkeypatch.setenv("TLFEAT_BACKEND", "torch")  # tests of the ONNX Runtime backend ask for it by name
+    """A per-test cache, results and data directory (the homes above are per session)."""
     monkeypatch.setenv("TLFEAT_CACHE_DIR", str(tmp_path / "features_cache"))
-    monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("TLFEAT_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("TLFEAT_DATA_DIR", str(tmp_path / "data"))
+
+
+# A model whose pretrained weights this session cannot find: no registry package carries them (see
+# tlfeat.weights.REGISTRY_WEIGHTS) and the session's torch hub cache starts empty, whatever the
+# developer's own cache holds. Tests of failed cells use it.
+NO_WEIGHTS_HERE = "alexnet"
+
+
+def cuda_devices() -> int:
+    """CUDA GPUs torch sees here (0 on a CPU-only machine or build)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def absent_cuda() -> tuple[str, str]:
+    """A --device that is not on this machine, whatever it has, and the words its error says."""
+    n = cuda_devices()
+    return ("cuda", "torch sees no CUDA GPU") if n == 0 else (f"cuda:{n}", f"only {n} CUDA GPU(s)")
 
 
 def _pattern(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:

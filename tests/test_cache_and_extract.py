@@ -148,3 +148,28 @@ def test_damaged_cache_file_is_reported(tree: Path, tmp_path: Path) -> None:
     fs.path.write_bytes(fs.path.read_bytes()[:200])
     with pytest.raises(TlfeatError, match="damaged"):
         cache.read(fs.path)
+
+
+def test_large_jpegs_are_decoded_fast_by_default_and_small_ones_exactly(tmp_path: Path) -> None:
+    """Photos far above the resize are decoded at reduced size (features close to a full decode, not
+    equal); images below it are decoded the same either way (bit-identical features)."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    photos = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(), "chelsea": skimage.data.chelsea()}
+    for split in ("train", "val"):
+        for name, pixels in photos.items():
+            (root / split / name).mkdir(parents=True)
+            Image.fromarray(pixels).save(root / split / name / "large.jpg", quality=90)  # 300-600 px a side
+            Image.fromarray(pixels).resize((40, 40)).save(root / split / name / "small.jpg", quality=90)
+    assert ExtractConfig(model="resnet18", data=str(root)).fast_decode  # the default
+    [fast] = extract(small(root, tmp_path, image_size=32, splits=("train",)))  # resize 37: 74 px and up is large
+    [full] = extract(small(root, tmp_path, image_size=32, splits=("train",), fast_decode=False))
+    assert fast.meta["fast_decode"] and not full.meta["fast_decode"] and fast.path != full.path  # in the key
+    assert fast.ids == full.ids
+    large = np.array(["large" in i for i in fast.ids])
+    assert np.array_equal(fast.X[~large], full.X[~large])
+    assert not np.array_equal(fast.X[large], full.X[large])
+    cosine = np.sum(fast.X * full.X, axis=1) / np.linalg.norm(fast.X, axis=1) / np.linalg.norm(full.X, axis=1)
+    assert cosine.min() > 0.95, cosine

@@ -7,6 +7,8 @@ from click.testing import CliRunner
 
 from tlfeat_cli.main import cli
 
+from .conftest import absent_cuda
+
 
 @pytest.fixture
 def runner() -> CliRunner:
@@ -72,21 +74,6 @@ def test_models_lists_dims_and_local_weights(runner: CliRunner) -> None:
             "--device must be cpu, cuda, cuda:N or mps",
         ),
         (
-            [
-                "extract",
-                "--model",
-                "resnet18",
-                "--data",
-                "digits",
-                "--untrained",
-                "--backend",
-                "torch",
-                "--device",
-                "cuda",
-            ],
-            "torch sees no CUDA GPU",
-        ),
-        (
             ["extract", "--model", "resnet18", "--data", "digits", "--batch-size", "0"],
             "--batch-size must be an integer between 1 and 65536",
         ),
@@ -108,6 +95,16 @@ def test_user_errors_are_one_line_with_exit_code_2(runner: CliRunner, args: list
     assert message in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_gpu_that_is_not_there_is_one_line(runner: CliRunner) -> None:
+    device, message = absent_cuda()  # "cuda" on a CPU machine, cuda:N past the last GPU on a GPU machine
+    args = ["extract", "--model", "resnet18", "--data", "digits", "--untrained", "--backend", "torch"]
+    result = runner.invoke(cli, [*args, "--device", device])
+    assert (
+        result.exit_code == 2 and result.output.startswith(f"error: --device {device}: ") and message in result.output
+    )
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_missing_weights_exit_2(runner: CliRunner, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

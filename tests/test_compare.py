@@ -12,7 +12,7 @@ from tlfeat.errors import TlfeatError
 from tlfeat.report import build, rows
 from tlfeat_cli.main import cli
 
-from .conftest import make_tree
+from .conftest import NO_WEIGHTS_HERE, make_tree
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[CompareConfig, 
     a = make_tree(root / "ants_bees", per_class=6, classes=("ants", "bees"))
     b = make_tree(root / "shapes", per_class=6)
     cfg = CompareConfig(
-        models=("resnet18:untrained", "squeezenet1_1"),
+        models=("resnet18:untrained", NO_WEIGHTS_HERE),
         datas=(str(a), str(b)),
         methods=("logreg", "finetune:head"),
         epochs=1,
@@ -53,7 +53,7 @@ def test_small_matrix_produces_every_file(small_run: tuple[CompareConfig, Path])
 def test_failed_cells_are_reported_and_the_rest_complete(small_run: tuple[CompareConfig, Path]) -> None:
     _, out = small_run
     failures = json.loads((out / "failures.json").read_text())["failures"]
-    assert len(failures) == 4 and all("squeezenet1_1" in k for k in failures)
+    assert len(failures) == 4 and all(NO_WEIGHTS_HERE in k for k in failures)
     assert all("WeightsNotFound" in v for v in failures.values())
     assert "Failed cells (4)" in (out / "report.md").read_text()
     assert len(rows(out)) == 4  # resnet18 x 2 datasets x 2 methods

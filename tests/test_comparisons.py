@@ -17,7 +17,7 @@ from tlfeat.finetune import finetune_one
 from tlfeat.fitting import FitConfig, fit, table
 from tlfeat_cli.main import cli
 
-from .conftest import make_tree
+from .conftest import NO_WEIGHTS_HERE, make_tree
 
 
 def _small(tmp_path: Path, datas: tuple[str, ...], methods: tuple[str, ...], **kw: object) -> CompareConfig:
@@ -55,6 +55,12 @@ def test_mcnemar_exact_p_values() -> None:
         assert t.p_value == pytest.approx(binomtest(min(t.b, t.c), t.b + t.c, 0.5).pvalue, rel=1e-9)
     same = stats.mcnemar(a, a)
     assert same.p_value == 1.0 and same.verdict() == "indistinguishable"
+    tied = stats.mcnemar(np.array([True, False]), np.array([False, True]))  # 2 P(X <= 1), X ~ B(2, 1/2) = 1.5
+    assert (tied.b, tied.c, tied.p_value) == (1, 1, 1.0)  # a probability: at most 1
+    assert stats.McNemar(9, 1, 0.05).verdict() == "indistinguishable"  # significant means p < 0.05
+    assert stats.McNemar(9, 1, 0.0499).verdict() == "first better"
+    # Edges mutmut showed untested (see tests/mutants/run.py): no test images, no run at all.
+    assert stats.wilson(0, 0) == (0.0, 1.0) and stats.chance(np.array([], dtype=int)) == 0.0
 
 
 def test_constant_predictions_and_chance_level_runs_are_flagged() -> None:
@@ -152,10 +158,24 @@ def test_a_small_comparison_has_intervals_paired_tests_per_class_tables_and_expo
 
 
 @pytest.mark.parametrize("n", [10, 13, 25, 27, 30, 3, 6, 7, 12])
-def test_wilson_interval_contains_a_perfect_or_null_score(n: int) -> None:
-    for correct in (0, n):
+def test_wilson_interval_of_a_perfect_or_null_score(n: int) -> None:
+    """At 0 of n the interval is [0, z^2 / (n + z^2)], at n of n [n / (n + z^2), 1] (the score
+    interval's closed form there); the bound at p itself must hold exactly, rounding or not."""
+    z2 = stats.Z95**2
+    assert stats.wilson(0, n) == (0.0, pytest.approx(z2 / (n + z2), rel=1e-12))
+    assert stats.wilson(n, n) == (pytest.approx(n / (n + z2), rel=1e-12), 1.0)
+
+
+@pytest.mark.parametrize("n", [10, 13, 25, 27, 30, 3, 6, 7, 12])
+def test_wilson_interval_away_from_the_ends(n: int) -> None:
+    """1 and n - 1 of n, where no clamp acts: scipy's Wilson interval, computed independently."""
+    from scipy.stats import binomtest
+
+    for correct in (1, n // 2, n - 1):
+        ref = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
         low, high = stats.wilson(correct, n)
-        assert low <= correct / n <= high
+        assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12)
+        assert 0 < low < correct / n < high < 1
 
 
 def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
@@ -251,7 +271,7 @@ def test_compare_checks_frozen_blocks_first_and_exits_1_when_a_cell_failed(tmp_p
     assert result.exit_code == 2 and "freeze:99 is more than the" in result.output, result.output
     assert not (tmp_path / "report").exists()
     result = CliRunner().invoke(
-        cli, ["compare", *common, "--methods", "logreg", "--models", "resnet18:untrained,squeezenet1_1"]
+        cli, ["compare", *common, "--methods", "logreg", "--models", f"resnet18:untrained,{NO_WEIGHTS_HERE}"]
     )
     assert result.exit_code == 1 and "1 cell(s) failed" in result.output, result.output
     assert (tmp_path / "report" / "report.md").is_file()

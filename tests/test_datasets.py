@@ -88,3 +88,14 @@ def test_corrupt_image_names_the_file(tree: Path) -> None:
     i = split.ids.index("train/ants/broken.jpg")
     with pytest.raises(TlfeatError, match="cannot decode image .*broken.jpg"):
         split.image(i)
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tlfeat.images import decode
+
+    levels = np.array([[0, 257 * 100, 65535, 257 * 7]], dtype=np.uint16)  # 0, 100, 255 and 7 in 8 bits
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    rgb = np.asarray(decode((tmp_path / "deep.png").read_bytes(), "deep.png"))
+    assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 100, 255, 7] and (rgb[..., 0] == rgb[..., 2]).all()

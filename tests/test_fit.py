@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sklearn import metrics as skm
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import check_estimator
 
-from tlfeat import ExtractConfig, cache, extract
+from tlfeat import ExtractConfig, cache, extract, metrics
 from tlfeat.classifiers import LinearHead, LogReg, make_classifier
 from tlfeat.errors import TlfeatError
 from tlfeat.fitting import FitConfig, fit, load_classifier
@@ -93,15 +92,47 @@ def test_metrics_agree_with_scikit_learn_and_record_round_trips(digits_cache: Pa
     y_pred = pipeline.predict(test.X)
     proba = pipeline.predict_proba(test.X)
     m = record["metrics"]
-    assert m["accuracy"] == pytest.approx(skm.accuracy_score(test.y, y_pred))
-    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(test.y, y_pred))
-    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(test.y, proba, multi_class="ovr", average="macro"))
-    assert m["confusion_matrix"] == skm.confusion_matrix(test.y, y_pred).tolist()
-    assert m["per_class"]["3"]["recall"] == pytest.approx(skm.recall_score(test.y, y_pred, average=None)[3])
-    assert m["predictions"]["y_pred"] == y_pred.tolist()
+    # The record holds the metrics of what the saved classifier predicts (evaluate itself: test_metrics_by_hand).
+    assert m["predictions"]["y_pred"] == y_pred.tolist() and m["predictions"]["y_true"] == test.y.tolist()
+    assert m == metrics.evaluate(test.y, y_pred, proba, test.class_names, test.ids)
+    assert m["accuracy"] == np.mean(test.y == y_pred) > 0.9
 
     again = fit(FitConfig(clf="logreg", data="digits", C=0.1, cache_dir=digits_cache, results_dir=tmp_path))
     assert again[0].reused and again[0].record.created == record["created"]
+
+
+def test_metrics_by_hand() -> None:
+    """8 test images, 3 classes; every figure worked out by hand, none by scikit-learn."""
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 0, 0, 1, 2, 2, 2, 0])
+    scores = np.array(
+        [
+            [0.9, 0.05, 0.05],
+            [0.8, 0.1, 0.1],
+            [0.6, 0.3, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.4, 0.4],
+            [0.3, 0.1, 0.6],
+            [0.1, 0.2, 0.7],
+            [0.7, 0.2, 0.1],
+        ]
+    )
+    m = metrics.evaluate(y_true, y_pred, scores, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[3, 0, 0], [0, 1, 1], [1, 0, 2]]  # rows: true class, columns: predicted
+    assert m["accuracy"] == 6 / 8
+    # Wilson, 6 of 8: centre (0.75 + z^2/16) / (1 + z^2/8), half-width z sqrt(0.75 x 0.25 / 8 + z^2/256) / (1 + z^2/8)
+    assert m["accuracy_ci95"] == pytest.approx([0.40928, 0.92852], abs=1e-5)
+    # recall 3/3, 1/2, 2/3; precision 3/4 (column 0 holds 4), 1/1, 2/3
+    assert m["balanced_accuracy"] == pytest.approx((1 + 1 / 2 + 2 / 3) / 3)
+    assert [m["per_class"][c]["recall"] for c in "abc"] == pytest.approx([1, 1 / 2, 2 / 3])
+    assert [m["per_class"][c]["precision"] for c in "abc"] == pytest.approx([3 / 4, 1, 2 / 3])
+    assert [m["per_class"][c]["support"] for c in "abc"] == [3, 2, 3]
+    # F1 = 2pr / (p + r): 6/7, 2/3, 2/3
+    assert m["macro_f1"] == pytest.approx((6 / 7 + 2 / 3 + 2 / 3) / 3)
+    # One-vs-rest AUC = share of (positive, negative) pairs ranked right, ties half: class a 14 of 15
+    # (0.6 < 0.7); b 12 of 12; c 12.5 of 15 (0.1 beats 0.05, ties three 0.1s, loses to 0.4).
+    assert m["roc_auc"] == pytest.approx((14 / 15 + 1 + 12.5 / 15) / 3)
+    assert m["chance_accuracy"] == 3 / 8 and m["near_chance"] is None
 
 
 def test_tampered_classifier_file_is_not_loaded(
@@ -118,6 +149,50 @@ def test_tampered_classifier_file_is_not_loaded(
     monkeypatch.setenv("TLFEAT_RESULTS_KEY", "another key")
     with pytest.raises(TlfeatError, match="not signed with TLFEAT_RESULTS_KEY"):
         load_classifier(rbf.path)
+
+
+class _Planted:
+    """Unpickling this writes a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (self.marker, "unpickled"))  # type: ignore[return-value]
+
+
+def test_a_pickled_rbf_svm_is_loaded_only_when_its_sha256_matches(digits_cache: Path, tmp_path: Path) -> None:
+    import pickle
+
+    rbf = fit(FitConfig(clf="svm", kernel="rbf", C=1.0, data="digits", cache_dir=digits_cache, results_dir=tmp_path))[0]
+    saved = rbf.record.provenance["classifier"]
+    assert saved["format"] == "joblib" and "hmac_sha256" not in saved  # no TLFEAT_RESULTS_KEY: the sha256 alone
+    y_pred = load_classifier(rbf.path).predict(cache.read(Path(rbf.record.provenance["features"]["test"]["path"])).X)
+    assert y_pred.tolist() == rbf.record.metrics["predictions"]["y_pred"]
+    marker = tmp_path / "marker"
+    (rbf.path.parent / saved["file"]).write_bytes(pickle.dumps(_Planted(marker)))  # a valid pickle, not the one saved
+    with pytest.raises(TlfeatError, match="does not match the sha256 in its record"):
+        load_classifier(rbf.path)
+    assert not marker.exists(), "the replaced pickle was loaded"
+
+
+@pytest.mark.parametrize("kw", [{"clf": "svm"}, {"clf": "linear", "epochs": 5}, {"clf": "logreg"}], ids=str)
+def test_linear_classifiers_are_arrays_loaded_without_unpickling(
+    digits_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kw: dict[str, object]
+) -> None:
+    import pickle
+
+    [res] = fit(FitConfig(C=0.1, data="digits", cache_dir=digits_cache, results_dir=tmp_path, **kw))  # type: ignore[arg-type]
+    saved = res.record.provenance["classifier"]
+    assert saved["file"] == "classifier.npz" and saved["format"] == "tlfeat-linear-v1"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("something was unpickled")
+
+    for name in ("load", "loads", "Unpickler", "_Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    test = cache.read(Path(res.record.provenance["features"]["test"]["path"]))
+    assert load_classifier(res.path).predict(test.X).tolist() == res.record.metrics["predictions"]["y_pred"]
 
 
 def test_linear_head_is_a_scikit_learn_estimator() -> None:

@@ -7,11 +7,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlfeat import ExtractConfig, config, extract, onnx_backend
+from tlfeat import ExtractConfig, extract, onnx_backend
 from tlfeat.errors import TlfeatError
 from tlfeat.extraction import choose_backend
 
 pytestmark = pytest.mark.skipif(not onnx_backend.available(), reason="onnxruntime not installed (pip install '.[dev]')")
+
+
+def assert_close_to_torch(onnx: np.ndarray, torch: np.ndarray) -> None:
+    """Each feature within 1e-4 of torch's relative, plus 1e-5 of the largest feature (features near zero).
+
+    Measured on these images: at most 2.2e-6 of the largest feature apart, and 5.7e-5 relative for
+    every feature above 1% of the largest (MobileNetV2, ResNet-50, DenseNet-121, ResNet-50 layer3).
+    """
+    scale = float(np.abs(torch).max())
+    excess = np.abs(onnx - torch) - (1e-4 * np.abs(torch) + 1e-5 * scale)
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess[worst] <= 0, f"feature {worst}: onnx {onnx[worst]}, torch {torch[worst]}, largest {scale}"
 
 
 def _cfg(tree: Path, cache_dir: Path, backend: str, **kw: object) -> ExtractConfig:
@@ -33,24 +45,63 @@ def test_features_match_the_torch_backend(tree: Path, tmp_path: Path, model_kw: 
     for t, o in zip(torch_sets, ort_sets, strict=True):
         assert o.meta["backend"] == "onnxruntime" and t.meta["backend"] == "torch" and o.path != t.path
         assert o.meta["onnxruntime_version"]
-        scale = np.abs(t.X).max()
-        assert np.abs(o.X - t.X).max() <= 1e-4 * scale, np.abs(o.X - t.X).max() / scale
+        assert_close_to_torch(o.X, t.X)
         assert o.ids == t.ids and np.array_equal(o.y, t.y)
+
+
+# First on PYTHONPATH, this is every new Python process's sitecustomize: each call of torch.onnx.export,
+# in whichever process the export runs, appends that process's id to $EXPORT_LOG.
+COUNTING_SITE = """
+import importlib.abc, importlib.machinery, os, sys
+
+class CountExports(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "torch.onnx":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            export = module.export
+            def counted(*args, **kwargs):
+                with open(os.environ["EXPORT_LOG"], "a") as fh:
+                    fh.write(f"{os.getpid()}\\n")
+                return export(*args, **kwargs)
+            module.export = counted
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, CountExports())
+"""
+
+
+def _exports(log: Path) -> list[int]:
+    return [int(pid) for pid in log.read_text().split()] if log.exists() else []
 
 
 def test_export_is_made_once_and_auto_reuses_other_backends(
     tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))
+    import os
+
+    site, log = tmp_path / "site", tmp_path / "exports.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(COUNTING_SITE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("EXPORT_LOG", str(log))
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(tmp_path / "models"))  # no export is there yet
     cache_dir = tmp_path / "c"
     extract(_cfg(tree, cache_dir, "onnxruntime", model="resnet18", untrained=True))
-    [export] = list((config.model_cache_dir() / "onnx").glob("*.onnx"))
-    mtime = export.stat().st_mtime_ns
+    [pid] = _exports(log)  # one export, seen by the counter...
+    assert pid != os.getpid()  # ...in a process of its own
+    [export] = [*cache_dir.rglob("*.onnx"), *(tmp_path / "models").rglob("*.onnx")]
+    stamp = (export.stat().st_ino, export.stat().st_mtime_ns)
 
-    calls = []
-    monkeypatch.setattr("torch.onnx.export", lambda *a, **k: calls.append(a))
     second = extract(_cfg(tree, cache_dir, "onnxruntime", model="resnet18", untrained=True, splits=("train",), limit=6))
-    assert not calls and export.stat().st_mtime_ns == mtime and not second[0].reused
+    assert _exports(log) == [pid], "the second run exported again"
+    assert (export.stat().st_ino, export.stat().st_mtime_ns) == stamp and not second[0].reused
 
     # auto picks onnxruntime on CPU, but reuses features torch already computed instead of recomputing
     assert choose_backend(_cfg(tree, cache_dir, "auto", model="resnet18")) == "onnxruntime"
@@ -79,7 +130,7 @@ def test_an_earlier_layer_runs_under_onnx_runtime_and_equals_torch(tree: Path, t
     [t] = extract(_cfg(tree, tmp_path / "c", "torch", **kw))
     [o] = extract(_cfg(tree, tmp_path / "c", "onnxruntime", **kw))
     assert o.meta["layer"] == "layer3" and o.X.shape == t.X.shape == (12, 1024)
-    assert np.abs(o.X - t.X).max() <= 1e-4 * np.abs(t.X).max()
+    assert_close_to_torch(o.X, t.X)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])

@@ -145,3 +145,20 @@ def test_everything_works_without_onnx_runtime(made: dict[str, Path]) -> None:
     assert fit.returncode == 0, fit.stderr
     asked = run_without("onnxruntime,onnx", *args, "--backend", "onnxruntime")
     assert asked.returncode == 2 and "needs the onnxruntime and onnx packages" in asked.stderr
+
+
+def test_decoding_workers_import_only_numpy_and_pil(tmp_path: Path) -> None:
+    """A worker that has decoded a batch (JPEG, PNG, 16-bit, RGBA) has imported no third-party module but
+    numpy and PIL (besides what every Python start here loads: site-packages' .pth hooks)."""
+    from tlfeat.backbones import preprocessing
+    from tlfeat.pool import DecodePool
+
+    tree = make_tree(tmp_path / "tree", per_class=4)
+    items = [("path", str(p)) for p in sorted((tree / "train").rglob("*.*"))]
+    loaded_by = "sorted({n.split('.')[0] for n, m in __import__('sys').modules.items() if 'site-packages' in str(getattr(m, '__file__', None))})"
+    with DecodePool(preprocessing("mobilenet_v2", None, 32), workers=1, skip=False) as pool:
+        [decoded] = list(pool.map([items]))
+        third_party = pool._pool.submit(eval, loaded_by).result()
+    at_start = subprocess.run([sys.executable, "-c", f"print({loaded_by})"], capture_output=True, text=True, env=env())
+    assert decoded.crops.shape == (12, 3, 32, 32) and decoded.crops.any()
+    assert set(third_party) - set(eval(at_start.stdout)) == {"numpy", "PIL"}, (third_party, at_start.stdout)

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,7 +19,7 @@ from tlfeat.errors import CacheDamaged, StaleFeatures
 from tlfeat.fitting import FitConfig, fit
 from tlfeat_cli.main import cli
 
-from .conftest import make_tree
+from .conftest import absent_cuda, make_tree
 
 
 def _cfg(tree: Path, cache_dir: Path, **kw: object) -> ExtractConfig:
@@ -283,19 +284,22 @@ def test_an_update_keeps_the_cost_of_the_rows_it_carries_over(tmp_path: Path) ->
     tree = make_tree(tmp_path / "tree", per_class=6)
     cache_dir = tmp_path / "cache"
     [before, _] = extract(_cfg(tree, cache_dir))
-    _change(tree)
+    assert before.path is not None and before.meta["n_images"] == 18
+    with h5py.File(before.path, "r+") as h5:
+        h5.attrs["extract_seconds"] = 90.0  # what the 18 rows cost then, made a round figure
+    _change(tree)  # 1 added, 1 modified, 1 removed: 16 of the 18 rows are carried over
     [after, _] = extract(_cfg(tree, cache_dir))
-    carried, old_n = after.meta["carried_rows"], before.meta["n_images"]
-    expected = after.meta["run_seconds"] + before.meta["extract_seconds"] * carried / old_n
-    assert after.meta["extract_seconds"] == pytest.approx(expected)
-    assert after.meta["extract_seconds"] > after.meta["run_seconds"]
+    assert (after.meta["carried_rows"], after.meta["computed_rows"]) == (16, 2)
+    # This run's own time, plus the carried rows' share of the old file's: 90 s x 16 / 18 = 80 s.
+    assert after.meta["extract_seconds"] - after.meta["run_seconds"] == pytest.approx(80.0)
 
 
 def test_a_failed_run_leaves_no_empty_partial_behind(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", per_class=2)
     cache_dir = tmp_path / "cache"
+    device, _ = absent_cuda()  # fails after the plan, before any row is computed
     result = CliRunner().invoke(
-        cli, ["extract", "--model", "resnet18", "--data", str(tree), "--cache-dir", str(cache_dir), "--device", "cuda"]
+        cli, ["extract", "--model", "resnet18", "--data", str(tree), "--cache-dir", str(cache_dir), "--device", device]
     )
     assert result.exit_code == 2, result.output
     assert not list(cache_dir.glob("*.partial")) and all(e.status != "partial" for e in catalog.scan(cache_dir))

@@ -9,6 +9,7 @@ of one split come from one pass over its images.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -283,6 +284,22 @@ def _readable(images: ImageSplit, i: int) -> bool:
     return True
 
 
+def _set_aside_older(target: Target) -> None:
+    """Files of the same model, dataset, split and layer from an older tlfeat: their key holds the
+    format, so no request names them again; moved aside (never deleted) as this one is rebuilt."""
+    stem = target.path.name.rsplit("__", 1)[0]
+    for path in target.path.parent.glob(f"{glob.escape(stem)}__*{cache.SUFFIX}"):
+        if path == target.path:
+            continue
+        try:
+            fmt = cache.read_attrs(path).get("format")
+        except (OSError, KeyError, ValueError, RuntimeError):
+            continue  # not readable as HDF5: `ls` says so; it may belong to a key still in use
+        if isinstance(fmt, int) and fmt < cache.FORMAT_VERSION:
+            aside = fsio.set_aside(path)
+            log.warning("%s was written by an older tlfeat (format %d); moved it to %s", path.name, fmt, aside.name)
+
+
 def _check_same(path: Path, meta: dict[str, Any], key_fields: dict[str, Any]) -> None:
     """A file found under a key's name must hold what that key describes."""
 
@@ -348,6 +365,9 @@ def _extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> l
             with _locks([s.target.path for s in states if s.fs is None]):
                 # Another process may have finished (or changed) these while this one waited.
                 states = [s if s.fs is not None else assess(cfg, s.target, images, locked=True) for s in states]
+                for s in states:
+                    if s.fs is None:
+                        _set_aside_older(s.target)
                 for s in states:
                     if s.changes is not None and not cfg.update:
                         raise refuse_update(images, s)

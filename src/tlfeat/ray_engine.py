@@ -146,7 +146,7 @@ def payload(spec: inference.ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         meta = inference.ensure_export(spec)
         return {"onnx": spec.onnx_path().read_bytes()}, meta
     resolved = inference._resolve(spec)
-    cpu = inference.TorchRunner(dataclasses.replace(spec, device="cpu"), resolved)
+    cpu = inference.TorchRunner(dataclasses.replace(spec, device="cpu", precision="fp32"), resolved)  # the weights only
     return {"state_dict": {k: v.cpu() for k, v in cpu.extractor.state_dict().items()}}, inference._weights_meta(
         resolved
     )

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tlfeat import cache, catalog
 
 from ..conftest import make_tree
-from .helpers import FAST, cli
+from .helpers import FAST, cli, env
 
 
 def test_same_command_twice_is_bit_identical(tmp_path: Path) -> None:
@@ -33,3 +34,20 @@ def test_same_command_twice_is_bit_identical(tmp_path: Path) -> None:
         assert np.array_equal(sets_a[split].X, sets_b[split].X)
     for a, b in zip(records_a, records_b, strict=True):
         assert a["metrics"] == b["metrics"] and a["params"] == b["params"], a["method"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_the_batch_size_does_not_change_a_bit(tmp_path: Path, backend: str) -> None:
+    """Images share a forward pass with other neighbours at each batch size (5: 5 + 5 + 2; 12: all at once);
+    the network still runs in fixed-size micro-batches, so every image's features are the same bits."""
+    tree = make_tree(tmp_path / "tree", per_class=4)
+    features = []
+    for batch in ("5", "12"):
+        cache_dir = tmp_path / f"batch{batch}"
+        args = ["extract", "--data", tree, "--model", "mobilenet_v2", "--untrained", "--image-size", "64"]
+        proc = cli(*args, "--workers", "0", "-q", "--split", "train", "--batch-size", batch, "--cache-dir", cache_dir,
+                   env=env(TLFEAT_BACKEND=backend))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        [entry] = catalog.scan(cache_dir)
+        features.append(cache.read(entry.path).X)
+    assert all(np.array_equal(features[0], other) for other in features[1:])

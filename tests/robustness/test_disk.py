@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from tlfeat import cache, catalog
 
 from ..conftest import make_tree
 from .helpers import FAST, assert_one_clear_line, cli, env
+from .tmpfs import Tmpfs, can_mount, tmpfs
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -50,29 +49,20 @@ def test_file_size_limit_while_writing_the_cache(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs (needs root with CAP_SYS_ADMIN, as in CI's container)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command; test_file_size_limit_while_writing_the_cache covers a full disk")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tlfeat-test", str(mnt)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); the file-size-limit test still runs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(tmp_path: Path) -> Iterator[Tmpfs]:
+    """A real 2 MiB tmpfs: mounted where the test may, else in a user namespace (no rights needed)."""
+    with tmpfs(tmp_path / "fs", "2m", "mount" if can_mount() else "userns") as fs:
+        yield fs
 
 
-def test_full_disk_keeps_earlier_files_and_resumes_when_space_is_freed(tmp_path: Path, small_fs: Path) -> None:
+def test_full_disk_keeps_earlier_files_and_resumes_when_space_is_freed(tmp_path: Path, small_fs: Tmpfs) -> None:
     tree = make_tree(tmp_path / "tree", per_class=8)
-    cache_dir = small_fs / "cache"
+    cache_dir = small_fs.path / "cache"
     args = ["extract", "--data", tree, *FAST, "--cache-dir", cache_dir]
     assert cli(*args, "--split", "test").returncode == 0
     before = _digest(cache_dir)
-    filler = small_fs / "filler"
-    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    filler = small_fs.path / "filler"
+    free = os.statvfs(small_fs.path).f_bavail * os.statvfs(small_fs.path).f_frsize
     filler.write_bytes(b"\0" * max(0, free - 120_000))  # room for the blocks, not for the assembled file
 
     proc = cli(*args, "--split", "train", env=env(TLFEAT_FLUSH_EVERY="4"))
@@ -91,13 +81,13 @@ def test_full_disk_keeps_earlier_files_and_resumes_when_space_is_freed(tmp_path:
     assert train.meta["resumed_from"] == 24
 
 
-def test_read_only_cache_and_results(tmp_path: Path, small_fs: Path) -> None:
+def test_read_only_cache_and_results(tmp_path: Path, small_fs: Tmpfs) -> None:
     tree = make_tree(tmp_path / "tree", per_class=8)
-    cache_dir, results = small_fs / "cache", small_fs / "results"
+    cache_dir, results = small_fs.path / "cache", small_fs.path / "results"
     args = ["extract", "--data", tree, *FAST, "--cache-dir", cache_dir]
     assert cli(*args).returncode == 0
     before = _digest(cache_dir)
-    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    small_fs.read_only()
 
     assert_one_clear_line(cli(*args, "--image-size", "48"), "cannot write", "read-only")
     fit = cli("fit", "--clf", "logreg", "--C", "1", "--cache-dir", cache_dir, "--results-dir", results)

@@ -146,3 +146,56 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_rows_reach_disk_in_synced_and_renamed_blocks_of_1024(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scikit-learn's 1347 training digits: one block of 1024 rows, then the rest. Each block is written
+    under a temporary name, fsynced, renamed into place, and the rename made durable (the folder fsynced)."""
+    from tlfeat import ExtractConfig, extract, inference
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", f"{Path(src).name} -> {Path(dst).name}"))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    # The subject is the writer: a network that returns each crop's first pixels keeps the test fast.
+    monkeypatch.setattr(inference, "load", lambda spec: (lambda batch: [batch.reshape(len(batch), -1)[:, :8]], {}))
+    cfg = ExtractConfig(model="resnet18", untrained=True, data="digits", splits=("train",), image_size=16,
+                        workers=0, cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
+    [fs] = extract(cfg)
+    assert len(fs) == 1347
+    partial, pid = str(fs.path) + ".partial", os.getpid()
+    renamed = [what for kind, what in events if kind == "replace" and what.endswith(".npz")]
+    assert renamed == [f".{n}.{pid}.tmp -> {n}" for n in ("0000000000-0000001024.npz", "0000001024-0000001347.npz")]
+    for name in ("0000000000-0000001024.npz", "0000001024-0000001347.npz"):
+        written = events.index(("fsync", os.path.join(partial, f".{name}.{pid}.tmp")))
+        moved = events.index(("replace", f".{name}.{pid}.tmp -> {name}"))
+        assert written < moved < events.index(("fsync", partial), moved), events  # synced, renamed, rename synced
+
+
+def test_a_block_cut_short_is_computed_again(tmp_path: Path) -> None:
+    """Resuming stops at the first unreadable block: its rows and every later block's are computed again."""
+    from tlfeat.writer import Listing, Writer, whole_blocks
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(10, 3)).astype(np.float32)
+    listing = Listing([str(i) for i in range(10)], np.zeros(10, np.int64), ["a"], np.zeros((10, 2), np.int64), "sig")
+    final = tmp_path / "f.h5"
+    first = Writer(final, "k", {}, listing, flush_every=3)
+    for row in X[:9]:
+        first.append(row[None])  # blocks 0-3, 3-6, 6-9
+    second = first.partial / "0000000003-0000000006.npz"
+    second.write_bytes(second.read_bytes()[:-50])  # cut short (a crash mid-write of a non-atomic writer)
+    assert [start for start, _, _ in whole_blocks(first.partial)] == [0]
+    again = Writer(final, "k", {}, listing, flush_every=3)
+    assert again.done == 3 and not second.exists()  # resumes after block 0; the later blocks are dropped
+    again.append(X[3:])
+    assert np.array_equal(cache.read(again.finish({})).X, X)

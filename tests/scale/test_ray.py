@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,33 +116,109 @@ def test_a_killed_driver_resumes_with_only_the_missing_blocks(tmp_path: Path) ->
     assert np.array_equal(resumed.X, reference.X) and resumed.ids == reference.ids
 
 
-# A cluster of a head and two worker nodes on this machine; one worker node is removed as soon as
-# the driver has received its first results. Prints OK when the features equal the local engine's.
+def test_a_killed_local_run_is_finished_by_ray(local_ray: object, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", per_class=8)
+    args: list[str | Path] = ["extract", "--data", tree, "--model", "resnet18", "--untrained", "--image-size", "32"]
+    args += ["--batch-size", "4", "--workers", "0", "-q", "--split", "train", "--cache-dir", tmp_path / "cache"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPING_CHILD, *map(str, args)], env=env(STOP_AFTER="2", TLFEAT_FLUSH_EVERY="4")
+    )
+    wait_until_stopped(proc.pid)
+    proc.kill()
+    proc.wait(timeout=60)
+    [partial] = catalog.scan(tmp_path / "cache")
+    assert partial.status == "partial" and int(partial.attrs["n_done"]) == 8, partial
+    [resumed] = extract(_cfg(tree, tmp_path / "cache", splits=("train",), engine="ray", num_workers=1))
+    [reference] = extract(_cfg(tree, tmp_path / "ref", splits=("train",)))
+    assert resumed.meta["engine"] == "ray" and resumed.meta["resumed_from"] == 8
+    assert resumed.meta["computed_rows"] == 16 and np.array_equal(resumed.X, reference.X)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_ray_workers_need_no_weights_file(
+    local_ray: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """Real MobileNetV2 weights from a --weights file (or its ONNX export), gone from disk once the
+    driver has loaded them: the replicas rebuild the network from the object store alone."""
+    from tlfeat import ray_engine, weights
+
+    weights_file = tmp_path / "mobilenet_v2.pth"
+    weights_file.write_bytes(weights.resolve("mobilenet_v2").path.read_bytes())  # type: ignore[union-attr]
+    tree = make_tree(tmp_path / "tree", per_class=4)
+    kw = dict(model="mobilenet_v2", untrained=False, weights_file=weights_file, backend=backend, splits=("train",))
+    [local] = extract(_cfg(tree, tmp_path / "local", **kw))
+    shutil.rmtree(tmp_path / "local")  # the export too: the Ray run makes its own
+
+    hidden = []
+    original = ray_engine.payload
+
+    def payload_then_hide(spec: object) -> object:
+        out = original(spec)  # type: ignore[arg-type]
+        for path in [
+            weights_file,
+            *(tmp_path / "ray").rglob("*.onnx"),
+            *Path(os.environ["TLFEAT_HOME"]).rglob("*.onnx"),
+        ]:
+            path.rename(path.with_name(path.name + ".hidden"))
+            hidden.append(path)
+        return out
+
+    monkeypatch.setattr(ray_engine, "payload", payload_then_hide)
+    [remote] = extract(_cfg(tree, tmp_path / "ray", engine="ray", num_workers=1, **kw))
+    assert weights_file in hidden and len(hidden) == (2 if backend == "onnxruntime" else 1), hidden
+    assert remote.meta["weights_sha256"] == local.meta["weights_sha256"] and remote.meta["pretrained"]
+    if backend == "onnxruntime":
+        assert np.array_equal(remote.X, local.X)
+    else:  # a replica runs torch on one thread (Ray's OMP_NUM_THREADS=1): MobileNetV2 moves by ~1e-5 relative
+        assert np.allclose(remote.X, local.X, rtol=1e-4, atol=1e-5 * np.abs(local.X).max())
+
+
+# A cluster of a head and two worker nodes on this machine. Each replica labels its rows with the
+# node it ran on (a subclass defined here, in __main__, which Ray ships to the actors by value); the
+# first worker node to deliver rows is removed at once, while rows are still outstanding. Prints OK
+# when that node had computed rows, rows were still to come, and the features equal the local engine's.
 NODE_LOSS = textwrap.dedent(
     """
     import sys
     import numpy as np
+    import ray
     from ray.cluster_utils import Cluster
     from tlfeat import ExtractConfig, extract, ray_engine
-    tree, cache = sys.argv[1], sys.argv[2]
+
+    class NodeEmbed(ray_engine.Embed):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            out["node"] = np.full(len(batch["row"]), ray.get_runtime_context().get_node_id())
+            return out
+
+    ray_engine.Embed = NodeEmbed
+    tree, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    workers = {node.node_id: node for node in (cluster.add_node(num_cpus=1) for _ in range(2))}
     cluster.wait_for_nodes()
-    removed = []
-    original = ray_engine._chunk
-    def chunk(run, pending):
-        if not removed:
-            cluster.remove_node(workers[0], allow_graceful=False)
-            removed.append(True)
-        return original(run, pending)
-    ray_engine._chunk = chunk
+    computed_on = {}  # row -> the node its features came from
+    removed = []  # (node id, rows received when it was removed)
+    original = ray_engine._iterate
+    def iterate(ds):
+        for batch in original(ds):
+            for row, node in zip(batch["row"], batch["node"]):
+                computed_on[int(row)] = str(node)
+            node = str(batch["node"][0])
+            if not removed and node in workers and len(computed_on) <= n - 2 * ray_engine.BATCH:
+                cluster.remove_node(workers[node], allow_graceful=False)
+                removed.append((node, len(computed_on)))
+            yield batch
+    ray_engine._iterate = iterate
     kw = dict(model="resnet18", data=tree, untrained=True, image_size=32, batch_size=4, progress=False, workers=0, splits=("train",))
     local = extract(ExtractConfig(**kw, cache_dir=cache + "/local"))[0]
     remote = extract(ExtractConfig(**kw, cache_dir=cache + "/ray", engine="ray", address=cluster.address, num_workers=2))[0]
-    assert removed, "no node was removed"
+    assert removed, "no worker node delivered rows early enough to be removed"
+    victim, received = removed[0]
+    held = sum(1 for node in computed_on.values() if node == victim)
+    assert held > 0, "the removed node had computed nothing"
+    assert received < len(remote) == n, "no rows were left when the node was removed"
     assert remote.ids == local.ids and np.array_equal(remote.X, local.X), "features differ"
-    print("OK", len(remote), flush=True)
-    import ray
+    print("OK", len(remote), "rows; the removed node had computed", held, "of the", received, "received before", flush=True)
     ray.shutdown()
     cluster.shutdown()
     """
@@ -149,15 +226,15 @@ NODE_LOSS = textwrap.dedent(
 
 
 def test_losing_a_node_mid_run_completes_with_equal_features(tmp_path: Path) -> None:
-    tree = make_tree(tmp_path / "tree", per_class=40)
+    tree = make_tree(tmp_path / "tree", per_class=80, size=32)
     proc = subprocess.run(
-        [sys.executable, "-c", NODE_LOSS, str(tree), str(tmp_path / "cache")],
+        [sys.executable, "-c", NODE_LOSS, str(tree), str(tmp_path / "cache"), "240"],
         capture_output=True,
         text=True,
         env=env(),
         timeout=600,
     )
-    assert proc.returncode == 0 and "OK 120" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0 and "OK 240 rows" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_ray_errors_are_one_line(local_ray: object, tmp_path: Path) -> None:
@@ -178,8 +255,9 @@ def test_ray_errors_are_one_line(local_ray: object, tmp_path: Path) -> None:
     nowhere = cli(*base, "--address", "127.0.0.1:9", "--cache-dir", tmp_path / "c1")
     assert_one_clear_line(nowhere, "cannot reach a Ray cluster at 127.0.0.1:9")
     assert not list((tmp_path / "c1").glob("*.h5"))
-    gpu = cli(*base, "--gpus-per-worker", "1", "--cache-dir", tmp_path / "c2")
-    assert_one_clear_line(gpu, "--gpus-per-worker 1 but the Ray cluster has 0 GPU(s)")
+    have = int(ray.cluster_resources().get("GPU", 0))  # what this machine's Ray sees: one more than that is missing
+    gpu = cli(*base, "--gpus-per-worker", str(have + 1), "--cache-dir", tmp_path / "c2")
+    assert_one_clear_line(gpu, f"--gpus-per-worker {have + 1} but the Ray cluster has {have} GPU(s)")
     blocked = (
         "import sys; sys.modules['ray'] = None; from tlfeat_cli.main import cli; cli(sys.argv[1:], prog_name='tlfeat')"
     )
