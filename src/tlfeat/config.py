@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tlfeat import classifier_specs
-from tlfeat.backbones.base import POOLS, parse_layers
+from tlfeat.backbones.base import PENULTIMATE, POOLS, parse_layers
 from tlfeat.constraints import Choice, Interval, NameList, Pattern, Positive, Text, key, setting, validate
 
 # --------------------------------------------------------------------------- environment
@@ -670,7 +670,7 @@ class AnalyzeConfig:
         cli="--model",
     )
     data: str = setting(help="Dataset the features were extracted from (as given to extract).", check=NAME)
-    layers: tuple[str, ...] = setting(("penultimate",), help="Cached layers to analyse.")
+    layers: tuple[str, ...] = setting((PENULTIMATE,), help="Cached layers to analyse.")
     split: str = setting("test", help="Split whose images are analysed.", check=NAME)
     images: int = setting(
         1000,

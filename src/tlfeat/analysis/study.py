@@ -21,6 +21,7 @@ import numpy as np
 
 from tlfeat import cache, datasets, fsio
 from tlfeat.analysis import plots, similarity
+from tlfeat.backbones.base import PENULTIMATE
 from tlfeat.errors import TlfeatError
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ def for_compare(cfg: CompareConfig, out: Path) -> dict[str, str]:
     folder = Path(out) / "analyses"
     failures: dict[str, str] = {}
     layers = [layer for layer in cfg.layers if "+" not in layer]  # in the order given: shallow to deep, usually
-    layers += [] if "penultimate" in layers else ["penultimate"]
+    layers += [] if PENULTIMATE in layers else [PENULTIMATE]
     for data in cfg.datas:
         reps: dict[str, list[Rep]] = {"test": [], "train": []}
         try:
@@ -368,6 +369,6 @@ def _compare_analysis(analysis: str, cfg: CompareConfig, reps: dict[str, list[Re
             write_embedding(here, ("pca", "tsne"), n, seed, folder, f"{model} on {name} (test)")
     elif analysis == "neighbours":
         for train, test in zip(reps["train"], reps["test"], strict=True):
-            if test.layer == "penultimate":
+            if test.layer == PENULTIMATE:
                 title = f"Nearest training images, {test.label} features, {name}"
                 write_neighbours(train, test, cfg.data_dir, 6, 5, seed, folder, title, n)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import stats
+from tlfeat.backbones.base import PENULTIMATE
 from tlfeat.report.plots import MODEL_KEY, Names, Palette, _legend, _plt, _save
 from tlfeat.report.rows import group, mean_sd
 
@@ -43,7 +44,7 @@ def whole_set(main: list[dict[str, Any]], dataset: str, model: str, method: str)
     runs = [
         r
         for r in main
-        if (r["dataset"], r["model"], r["method"]) == (dataset, model, method) and r["layer"] in ("penultimate", "-")
+        if (r["dataset"], r["model"], r["method"]) == (dataset, model, method) and r["layer"] in (PENULTIMATE, "-")
     ]
     if not runs:
         return None
@@ -121,7 +122,7 @@ def layer_order(layers: list[str], asked: list[str]) -> list[str]:
     def key(layer: str) -> tuple[int, int, list[Any]]:
         if "+" in layer:
             return (3, 0, _natural(layer))
-        if layer == "penultimate":
+        if layer == PENULTIMATE:
             return (2, 0, [])
         if layer in asked:
             return (0, asked.index(layer), [])

@@ -44,7 +44,7 @@ def summary_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summary_csv(items: list[dict[str, Any]]) -> str:
-    rows_ = summary_rows([r for r in items if r["layer"] in ("penultimate", "-")] or items)
+    rows_ = summary_rows(penultimate(items) or items)
     return csv_table(list(rows_[0]), rows_) if rows_ else ""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import datasets, fsio, stats
+from tlfeat.backbones.base import PENULTIMATE
 from tlfeat.errors import TlfeatError, printable
 from tlfeat.records import RUN_FOLDERS, Method, RunRecord, load_record, load_records, variants
 
@@ -288,7 +289,7 @@ def fmt_ms(values: list[float], digits: int = 4) -> str:
 
 
 def penultimate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in items if r["layer"] in ("penultimate", "-")]
+    return [r for r in items if r["layer"] in (PENULTIMATE, "-")]
 
 
 CONFIG = ("dataset", "model", "method", "variant")
