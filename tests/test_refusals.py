@@ -38,7 +38,7 @@ finally:
 
 CASES = {
     "unknown classifier": (["fit", "--clf", "foo"], ["--clf must be one of logreg, svm, linear"]),
-    "kernel of another classifier": (["fit", "--clf", "logreg", "--kernel", "rbf"], ["--kernel applies to --clf svm"]),
+    "kernel of another classifier": (["fit", "--clf", "logreg", "--kernel", "rbf"], ["--kernel rbf does not apply to --clf logreg"]),
     "weights only a download brings": (
         ["extract", "--model", "resnet50", "--data", "digits"],
         ["no weights for resnet50", "unreachable", "--weights FILE"],

@@ -142,12 +142,15 @@ def test_ray_workers_need_no_weights_file(
     driver has loaded them: the replicas rebuild the network from the object store alone."""
     from tlfeat import ray_engine, weights
 
+    models = tmp_path / "models"  # this test's own ONNX model cache, which it empties and hides
+    monkeypatch.setenv("TLFEAT_MODEL_CACHE", str(models))
     weights_file = tmp_path / "mobilenet_v2.pth"
     weights_file.write_bytes(weights.resolve("mobilenet_v2").path.read_bytes())  # type: ignore[union-attr]
     tree = make_tree(tmp_path / "tree", per_class=4)
     kw = dict(model="mobilenet_v2", untrained=False, weights_file=weights_file, backend=backend, splits=("train",))
     [local] = extract(_cfg(tree, tmp_path / "local", **kw))
-    shutil.rmtree(tmp_path / "local")  # the export too: the Ray run makes its own
+    shutil.rmtree(tmp_path / "local")
+    shutil.rmtree(models, ignore_errors=True)  # the export too: the Ray run makes its own
 
     hidden = []
     original = ray_engine.payload
@@ -157,7 +160,7 @@ def test_ray_workers_need_no_weights_file(
         for path in [
             weights_file,
             *(tmp_path / "ray").rglob("*.onnx"),
-            *Path(os.environ["TLFEAT_HOME"]).rglob("*.onnx"),
+            *models.rglob("*.onnx"),
         ]:
             path.rename(path.with_name(path.name + ".hidden"))
             hidden.append(path)

@@ -41,7 +41,8 @@ def test_compare_extracts_fits_and_fine_tunes_every_source(world: dict[str, Any]
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "failures.json").read_text())["failures"] == {}
-    records = [json.loads(p.read_text()) for p in (out / "results").rglob("record.json")]
+    listed = json.loads((out / "compare.json").read_text())["records"]  # in the one result store
+    records = [json.loads((out / p).read_text()) for p in listed]
     assert {(r["model"], r["method"]) for r in records} == {
         (m, k) for m in MODELS for k in ("logreg", "finetune:freeze:1")
     }

@@ -78,13 +78,16 @@ def test_torchvision_cache_file_names_and_keys_are_unchanged(
     assert name in [t.path.name for t in targets if t.split == split]
 
 
-def test_finetune_run_folders_of_torchvision_models_are_unchanged(tmp_path: Path) -> None:
+def test_finetune_run_folders_of_torchvision_models_are_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name the code before backbone sources gave. The images' signature is pinned: it holds the
+    path and time of scikit-learn's digits file, which differ from one installation to the next."""
     from tlfeat import finetune
 
+    monkeypatch.setattr(finetune, "images_signature", lambda cfg: "0" * 64)
     cfg = FinetuneConfig(
         model="mobilenet_v2", data="digits", strategy="head", epochs=1, image_size=32, limit=100, results_dir=tmp_path
     )
-    assert finetune.run_dir(cfg)[0].name == "mobilenet_v2__digits__finetune-head__seed0__c8532de1d83cc734"
+    assert finetune.run_dir(cfg)[0].name == "mobilenet_v2__digits__finetune-head__seed0__64bebe1eb7383c92"
 
 
 def test_names_split_into_source_and_variant_without_ambiguity() -> None:
