@@ -343,6 +343,8 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
         "environment": environment(),
         "started": _now(),
         "results_dir": str(runs_dir),  # the records below (relative to this folder) lie in it or in this folder
+        "results_dir_relative": os.path.relpath(runs_dir, os.path.realpath(out)),  # a project moved as a whole
+        "records": [],  # the runs done so far: a comparison stopped midway still has a report of those
     }
     fsio.atomic_write(out / "compare.json", json.dumps(meta, indent=2))
     failures: dict[str, str] = {}
@@ -363,6 +365,7 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
             record = run_cell(cfg, cell)
             if record.path is not None:
                 done.append(os.path.relpath(os.path.realpath(record.path), os.path.realpath(out)))
+                fsio.atomic_write(out / "compare.json", json.dumps({**meta, "records": done}, indent=2))
         except Exception as exc:  # one failed cell (a missing weights file, a bug) never stops the others
             failures[cell.label()] = f"{type(exc).__name__}: {first_line(exc)}"
             log.warning("cell failed: %s: %s", cell.label(), exc)

@@ -208,9 +208,15 @@ def test_item6_no_path_read_from_a_record_or_compare_json_leads_outside(
     meta = json.loads((copy / "compare.json").read_text())
     meta["records"] = [str(elsewhere / "record.json"), "../elsewhere/fits/x/record.json"]
     (copy / "compare.json").write_text(json.dumps(meta))
+    before = (copy / "report.md").read_text()
+    with pytest.raises(TlfeatError, match="no run of the report .* could be read.*nothing in it was changed"):
+        build(copy)  # nothing but those two: the report there is kept, not emptied
+    assert (copy / "report.md").read_text() == before
+    meta["records"].append(os.path.relpath(fit, copy))
+    (copy / "compare.json").write_text(json.dumps(meta))
     build(copy)
     md = (copy / "report.md").read_text()
-    assert "Runs left out (2)" in md and "No completed runs yet" in md
+    assert "Runs left out (2)" in md and "leads outside" not in md and md.count("missing (looked in") == 1
 
     # a classifier entry naming a file outside its run's folder is never loaded
     from tlfeat.fitting import load_classifier
@@ -222,6 +228,43 @@ def test_item6_no_path_read_from_a_record_or_compare_json_leads_outside(
     fit.write_text(json.dumps(data))
     with pytest.raises(TlfeatError, match="leads outside|not a relative path"):
         load_classifier(fit)
+
+
+def test_item5_a_report_moved_copied_or_damaged_keeps_its_runs_or_is_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runs lie in the project's one result store (./results), not in the report folder."""
+    project = tmp_path / "project"
+    tree = make_tree(project / "tree", per_class=3)
+    project.joinpath("cache").mkdir()
+    made = run(
+        "compare", "--models", "resnet18:untrained", "--data", tree, "--methods", "logreg,svm",
+        "--image-size", "16", "--out", "report", "--cache-dir", "cache", "--results-dir", "results", "-q", cwd=project,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert not (project / "report" / "results").exists() and (project / "results").is_dir()
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    project.rename(moved)  # the whole project, report and result store together
+    rebuilt = run("report", moved / "report", cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert len(rows(moved / "report")) == 2 and "Runs left out" not in (moved / "report" / "report.md").read_text()
+
+    alone = tmp_path / "alone"
+    shutil.copytree(moved / "report", alone)  # the report folder alone: its runs are nowhere it can see
+    kept = {p.name: p.read_bytes() for p in alone.rglob("*") if p.is_file()}
+    assert_one_clear_line(run("report", alone, cwd=tmp_path), "no run of the report", "TLFEAT_RESULTS_DIR")
+    assert {p.name: p.read_bytes() for p in alone.rglob("*") if p.is_file()} == kept  # not one file touched
+    found = run("report", alone, cwd=tmp_path, TLFEAT_RESULTS_DIR=str(moved / "results"))
+    assert found.returncode == 0, found.stderr
+    monkeypatch.setenv("TLFEAT_RESULTS_DIR", str(moved / "results"))
+    assert len(rows(alone)) == 2
+    monkeypatch.undo()
+
+    (alone / "compare.json").write_text("{")  # damaged: no list of runs, and none under alone/results
+    kept = {p.name: p.read_bytes() for p in alone.rglob("*") if p.is_file()}
+    assert_one_clear_line(run("report", alone, cwd=tmp_path), "no run of the report", "compare.json is unreadable")
+    assert {p.name: p.read_bytes() for p in alone.rglob("*") if p.is_file()} == kept
 
 
 # --------------------------------------------------------------------------- item 4: outputs outside the data

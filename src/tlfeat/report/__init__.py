@@ -143,6 +143,13 @@ def build(out: Path) -> Path:
     if not isinstance(failures, dict):
         failures = {}
     failures = {str(k): str(v) for k, v in failures.items()}
+    if not items and not failures:  # an empty report would replace the one there: keep it, say why
+        why = "; ".join(printable(p) for p in left_out[:2]) or "none is saved"
+        raise TlfeatError(
+            f"no run of the report in {printable(str(out))} could be read ({why}{'; ...' if len(left_out) > 2 else ''}); "
+            "nothing in it was changed. If its results moved, run `tlfeat report` from the project folder or set "
+            "TLFEAT_RESULTS_DIR to the folder holding fits/ and finetunes/"
+        )
     items, shot_items = [r for r in items if r["shots"] is None], [r for r in items if r["shots"] is not None]
     names = plots.Names()
     made = make_plots(out, items, names)

@@ -118,42 +118,64 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
                 out / "results",
             )
             listed = None
+    if isinstance(listed, list) and isinstance(meta, dict) and "finished" not in meta:
+        log.warning(
+            "%s: that comparison has not finished (or was stopped): the report covers its %d run(s) done",
+            index,
+            len(listed),
+        )
     if listed is None:
         return _consistent(_newest(load_records(out / "results", problems=problems)), problems)
     found = []
+    stores = result_stores(out, meta)
     for name in dict.fromkeys(listed):  # a path listed twice is one run
         try:
-            path = _listed_path(out, meta, name)
+            path = _listed_path(out, stores, name)
         except TlfeatError as exc:
             log.warning("%s lists %s; the report leaves that run out", index.name, exc)
             if problems is not None:
                 problems.append(str(exc))
             continue
-        record = load_record(path, problems)
+        record = load_record(path, problems) if path is not None else None
         if record is not None:
             found.append(record)
-        elif not path.is_file():
+        elif path is None or not path.is_file():
             log.warning("%s lists %s, which is missing; the report leaves that run out", index.name, name)
             if problems is not None:
-                problems.append(f"{name}: missing")
+                problems.append(f"{printable(name)[:120]}: missing (looked in {', '.join(map(str, stores))})")
     return _consistent(found, problems)
 
 
-def _listed_path(out: Path, meta: dict[str, Any], name: Any) -> Path:
-    """Where a run `compare.json` lists is (relative to the report folder): a `record.json` in the report
-    folder or in the results folder that compare saved its runs to, or TlfeatError."""
+def result_stores(out: Path, meta: dict[str, Any]) -> list[Path]:
+    """The result stores a run `compare.json` lists may lie in, first match first: the one compare saved
+    to, seen from the report folder (so a project moved or copied as a whole still reads); the report
+    folder's own results/; that store where it was; the current one (TLFEAT_RESULTS_DIR, default ./results)."""
+    from tlfeat.config import default_results_dir
+
     config: dict[str, Any] = meta["config"] if isinstance(meta.get("config"), dict) else {}
+    relative = meta.get("results_dir_relative")
     given = [meta.get("results_dir"), config.get("results_dir")]  # this version's, an earlier one's
-    roots = [Path(os.path.realpath(out))]
-    roots += [Path(os.path.realpath(g)) for g in given if isinstance(g, str) and os.path.isabs(g)]
+    candidates = [out / relative] if isinstance(relative, str) and not os.path.isabs(relative) else []
+    candidates += [out / "results", *(Path(g) for g in given if isinstance(g, str) and os.path.isabs(g))]
+    candidates += [default_results_dir()]
+    stores = [Path(os.path.realpath(c)) for c in candidates if "\0" not in str(c)]
+    return list(dict.fromkeys(s for s in stores if s.is_dir()))
+
+
+def _listed_path(out: Path, stores: list[Path], name: Any) -> Path | None:
+    """Where a run `compare.json` lists is: `<store>/<kind>/<run>/record.json` in the first store that
+    has it (the name's last three parts say which run; a link out of the store is not followed), None
+    when no store has it, TlfeatError when the name is not a run's record relative to the report folder."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\0" in name:
         raise TlfeatError(f"{printable(repr(name))[:120]} is not a path relative to the report folder")
-    path = Path(os.path.realpath(out / name))
-    if not any(path == r or r in path.parents for r in roots):
-        raise TlfeatError(f"{printable(name)[:120]} leads outside the results folder")
-    if path.name != "record.json" or path.parent.parent.name not in RUN_FOLDERS:
+    parts = Path(name).parts
+    if len(parts) < 3 or parts[-1] != "record.json" or parts[-3] not in RUN_FOLDERS or parts[-2] in ("..", "."):
         raise TlfeatError(f"{printable(name)[:120]} is not a run's record.json")
-    return path
+    for store in stores:
+        path = Path(os.path.realpath(store.joinpath(*parts[-3:])))
+        if path.parent.parent.parent == store and path.is_file():
+            return path
+    return None
 
 
 def _newest(records: list[RunRecord]) -> list[RunRecord]:
