@@ -145,3 +145,14 @@ def test_a_stale_export_names_the_command_that_updates_it(made: tuple[Path, Path
     assert run(*command[1:]).returncode == 0  # the command it names updates the features
     proc = export(copy, cache_copy, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- item 7: the kNN caption
+
+
+def test_the_knn_caption_names_the_k_its_table_shows() -> None:
+    from tlfeat.report.findings import knn_caption
+
+    small = knn_caption(["10", "20", "30"])  # 30 training images: 100 and 200 capped at 30
+    assert "k = 10, 20, 30:" in small and "capped" in small and "four" not in small
+    assert "capped" not in knn_caption(["5", "10", "20", "100", "200"])
