@@ -20,8 +20,8 @@ import pytest
 from tlfeat import ExtractConfig, extract
 
 from ..conftest import make_tree
-from .test_hostile_outputs import run
 from .helpers import assert_one_clear_line
+from .test_hostile_outputs import run
 
 LATIN1 = os.fsdecode(b"caf\xe9")  # a folder name that is not UTF-8, kept by surrogateescape
 CLASSES = ("=1+2", r"$\nope^$", LATIN1)
