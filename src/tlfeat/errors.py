@@ -74,3 +74,11 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:
         raw = text.encode("utf-8", "backslashreplace")
     return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def formula_safe(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading quote."""
+    return "'" + text if text.startswith(_FORMULA) else text

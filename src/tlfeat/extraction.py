@@ -456,10 +456,8 @@ def load_features(
         subset_seed=subset_seed if split == "train" else None,  # only --limit subsets have one
         backend=backend,
     )
-    if not allow_stale:
-        freshness.require_fresh(
-            [catalog.Entry(path, cache.read_attrs(path), "ok")], allow_stale_hint="allow_stale=True"
-        )
+    if not allow_stale:  # the hint names the command that updates them (export and analyze have no --allow-stale)
+        freshness.require_fresh([catalog.Entry(path, cache.read_attrs(path), "ok")], allow_stale_hint=None)
     return cache.read(path, lazy=lazy)
 
 

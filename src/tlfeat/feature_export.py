@@ -5,7 +5,15 @@ label, class). `parquet`: `{split}.parquet` with columns id, label, class, f0000
 block). `csv`: `{split}.csv` with the same columns. Rows are read from the HDF5 file a block at a time
 (`FeatureSet.iter_batches` on a lazy set) and written as they come, so a set larger than memory
 exports in flat memory. Each file is written under a temporary name and renamed when whole; `meta.json`
-records where the features came from (model, layer, weights, dataset, checksums, class names).
+records where the features came from (model, layer, weights, dataset, checksums, class names; `limit`
+null for a whole split).
+
+`--out` is a new or empty folder, or one an earlier export or analysis made (it carries tlfeat's
+marker, which lists the files tlfeat wrote there); a file of the same name that tlfeat did not write
+is never replaced. Names are kept exactly: in CSV, a cell of `id` or `class` that a spreadsheet would
+run as a formula (it starts with = + - @, a tab or CR) gets a leading `'`, as in the report's CSVs;
+a folder name that is not valid UTF-8 is written as its own bytes (CSV), or, in Parquet, makes its
+column `binary` (the name's bytes) instead of `string`.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlfeat import cache, catalog, datasets, fsio
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, formula_safe
 
 if TYPE_CHECKING:
     from tlfeat.config import ExportConfig
@@ -41,8 +49,12 @@ def export(cfg: ExportConfig) -> list[Path]:
             f"no cached features of {cfg.model} on {datasets.short_name(dataset)} in {cfg.cache_dir}; "
             f"run `tlfeat extract --model {cfg.model} --data {cfg.data}` first"
         )
+    from tlfeat.extraction import refuse_inside
+
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_inside(dataset, out, "--out")
+    names = [name.format(split=split) for split in splits for name in FILES[cfg.format]]
+    fsio.take(out, [*names, "meta.json"], "tlfeat export")
     written: list[Path] = []
     meta: dict[str, Any] = {"format": cfg.format, "splits": {}}
     for split in splits:
@@ -51,13 +63,16 @@ def export(cfg: ExportConfig) -> list[Path]:
             image_size=cfg.image_size, limit=cfg.limit, test_limit=cfg.test_limit, subset_seed=cfg.subset_seed,
             lazy=True,
         )  # fmt: skip
-        written += WRITERS[cfg.format](fs, out, split, cfg.block_rows)
+        paths = [out / name.format(split=split) for name in FILES[cfg.format]]
+        WRITERS[cfg.format](fs, paths, cfg.block_rows)
+        written += paths
         meta["splits"][split] = {
             "rows": len(fs),
             "features": int(fs.X.shape[1]),
             "source": str(fs.path),
             "sha256": fs.sha256,
-            **{k: fs.meta.get(k) for k in ("model", "layer", "weights_id", "dataset", "image_size", "limit")},
+            **{k: fs.meta.get(k) for k in ("model", "layer", "weights_id", "dataset", "image_size")},
+            "limit": fs.meta.get("limit") or None,  # stored as 0 in the cache: the whole split
         }
         meta["class_names"] = list(fs.class_names)
     fsio.atomic_write(out / "meta.json", json.dumps(meta, indent=2, default=str))
@@ -69,9 +84,9 @@ def _names(d: int) -> list[str]:
     return [f"f{i:0{width}d}" for i in range(d)]
 
 
-def _npy(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
+def _npy(fs: cache.FeatureSet, paths: list[Path], block: int) -> None:
     n, d = len(fs), int(fs.X.shape[1])
-    features, labels, ids = out / f"{split}_features.npy", out / f"{split}_labels.npy", out / f"{split}_ids.csv"
+    features, labels, ids = paths
     with fsio.atomic_path(features) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d))
         start = 0
@@ -83,7 +98,6 @@ def _npy(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
     with fsio.atomic_path(labels) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.asarray(fs.y, dtype=np.int64))
     _ids_csv(fs, ids)
-    return [features, labels, ids]
 
 
 def _ids_csv(fs: cache.FeatureSet, path: Path) -> None:
@@ -91,11 +105,11 @@ def _ids_csv(fs: cache.FeatureSet, path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["id", "label", "class"])
         for i, label in zip(fs.ids, fs.y.tolist(), strict=True):
-            writer.writerow([i, label, fs.class_names[label]])
+            writer.writerow([formula_safe(i), label, formula_safe(fs.class_names[label])])
 
 
-def _csv(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
-    path = out / f"{split}.csv"
+def _csv(fs: cache.FeatureSet, paths: list[Path], block: int) -> None:
+    (path,) = paths
     d = int(fs.X.shape[1])
     with fsio.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
@@ -105,21 +119,40 @@ def _csv(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
             text = np.char.mod("%.9g", X)  # 9 significant digits give back the same float32
             for i, row in enumerate(text):
                 label = int(y[i])
-                writer.writerow([fs.ids[start + i], label, fs.class_names[label], *row])
+                writer.writerow([formula_safe(fs.ids[start + i]), label, formula_safe(fs.class_names[label]), *row])
             start += len(X)
-    return [path]
 
 
-def _parquet(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Path]:
+def _utf8(values: list[str]) -> bool:
+    """Are these names valid UTF-8 (not file-name bytes kept by surrogateescape)?"""
+    try:
+        "".join(values).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_column(values: list[str], as_bytes: bool) -> Any:
+    import pyarrow as pa
+
+    if as_bytes:  # the name's own bytes, exactly as the file system holds them
+        return pa.array([v.encode("utf-8", "surrogateescape") for v in values], pa.binary())
+    return pa.array(values, pa.string())
+
+
+def _parquet(fs: cache.FeatureSet, paths: list[Path], block: int) -> None:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise TlfeatError("--format parquet needs pyarrow: pip install 'tlfeat[parquet]' (or use npy or csv)") from None
-    path = out / f"{split}.parquet"
+    (path,) = paths
     names = _names(int(fs.X.shape[1]))
+    ids_bytes, classes_bytes = not _utf8(list(fs.ids)), not _utf8(list(fs.class_names))
+    text = {True: pa.binary(), False: pa.string()}
     schema = pa.schema(
-        [("id", pa.string()), ("label", pa.int64()), ("class", pa.string())] + [(n, pa.float32()) for n in names]
+        [("id", text[ids_bytes]), ("label", pa.int64()), ("class", text[classes_bytes])]
+        + [(n, pa.float32()) for n in names]
     )
     with fsio.atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
@@ -127,14 +160,18 @@ def _parquet(fs: cache.FeatureSet, out: Path, split: str, block: int) -> list[Pa
             for X, y in fs.iter_batches(block):
                 ids = fs.ids[start : start + len(X)]
                 columns = [
-                    pa.array(ids, pa.string()),
+                    _text_column(list(ids), ids_bytes),
                     pa.array(y, pa.int64()),
-                    pa.array([fs.class_names[v] for v in y.tolist()], pa.string()),
+                    _text_column([fs.class_names[v] for v in y.tolist()], classes_bytes),
                 ]
                 columns += [pa.array(X[:, j]) for j in range(X.shape[1])]
                 writer.write_table(pa.Table.from_arrays(columns, schema=schema))
                 start += len(X)
-    return [path]
 
 
+FILES = {
+    "npy": ("{split}_features.npy", "{split}_labels.npy", "{split}_ids.csv"),
+    "csv": ("{split}.csv",),
+    "parquet": ("{split}.parquet",),
+}
 WRITERS = {"npy": _npy, "csv": _csv, "parquet": _parquet}

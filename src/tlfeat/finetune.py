@@ -415,10 +415,9 @@ def _json(obj: Any) -> str:
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     """Loss curves and metric curves per epoch, as one PNG with two panels."""
-    import matplotlib
+    from tlfeat.analysis.plots import label, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -438,7 +437,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
         if len(epochs) <= 2:  # one or two epochs: ticks at those epochs, not at fractions between them
             ax.set_xticks(epochs)
             ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-    fig.suptitle(title)
+    fig.suptitle(label(title))
     with fsio.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -72,9 +72,12 @@ def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: b
 
 
 def require_fresh(
-    entries: list[catalog.Entry], data_dir: Path | None = None, allow_stale_hint: str = "--allow-stale"
+    entries: list[catalog.Entry], data_dir: Path | None = None, allow_stale_hint: str | None = "--allow-stale"
 ) -> None:
-    """Raise StaleFeatures for the first entry whose images changed since it was extracted."""
+    """Raise StaleFeatures for the first entry whose images changed since it was extracted, naming the exact
+    `tlfeat extract` command that updates it (and `allow_stale_hint`, where the caller has such an option)."""
+    from tlfeat.extraction import extract_command
+
     seen: set[Path] = set()
     for entry in entries:
         if entry.path in seen:
@@ -82,9 +85,9 @@ def require_fresh(
         seen.add(entry.path)
         found = status(entry, data_dir)
         if found.state == "stale" and found.changes is not None:
-            a = entry.attrs
+            command = extract_command(entry.attrs, str(entry.attrs.get("split")), cache_dir=entry.path.parent)
             raise StaleFeatures(
                 f"the images behind {entry.path.name} changed since it was extracted ({found.changes.summary()}); "
-                f"run `tlfeat extract --model {a.get('model')} --data {printable(str(a.get('dataset')))} ...` "
-                f"with the same options to update the features (or pass {allow_stale_hint})"
+                f"run `{command}` to update the features"
+                + (f" (or pass {allow_stale_hint})" if allow_stale_hint else "")
             )

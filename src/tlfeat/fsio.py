@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tlfeat.errors import WriteFailed
 
@@ -68,7 +69,8 @@ def atomic_path(path: Path, mkdir: bool = True) -> Iterator[Path]:
 
 def atomic_write(path: Path, data: bytes | str) -> Path:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
-    payload = data.encode() if isinstance(data, str) else data
+    # Text holding a file name that is not UTF-8 (kept by surrogateescape) is written as its own bytes.
+    payload = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(payload)
     return Path(path)
@@ -241,3 +243,72 @@ def inside(base: Path, relative: object) -> Path:
     if target != root and root not in target.parents:
         raise TlfeatError(f"{printable(relative)[:120]} leads outside {printable(str(base))}")
     return target
+
+
+# --------------------------------------------------------------------------- folders tlfeat owns
+
+MARKER = ".tlfeat-report"  # in every output folder tlfeat made: compare/report, export, analyze
+
+
+def owned(out: Path) -> bool:
+    """Does `out` carry tlfeat's marker (a regular file, not a link)?"""
+    marker = Path(out) / MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+def read_marker(out: Path) -> dict[str, Any]:
+    """The marker's JSON object (`{}` when missing, unreadable or not an object)."""
+    import json
+
+    try:
+        data = json.loads((Path(out) / MARKER).read_text()) if owned(out) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_marker(out: Path, data: dict[str, Any]) -> None:
+    import json
+
+    atomic_write(Path(out) / MARKER, json.dumps(data, indent=2))
+
+
+def claim(out: Path, made_by: str = "tlfeat compare", option: str = "--out") -> None:
+    """Make `out` a folder tlfeat may write into: a new or empty folder gets the marker; a folder that has
+    one is tlfeat's already; any other folder is refused (nothing of the user's is touched)."""
+    from tlfeat.errors import TlfeatError, printable
+
+    out = Path(out)
+    if owned(out):
+        return
+    if out.exists() and not out.is_dir():
+        raise TlfeatError(f"{option} {printable(str(out))} is a file, not a folder; choose a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise TlfeatError(
+            f"{option} {printable(str(out))} is a folder tlfeat did not make (no {MARKER} in it) and is not empty; "
+            f"choose a new or empty folder (a folder of an earlier tlfeat: create {MARKER} in it)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, {"made_by": made_by, "plots": [], "files": []})
+
+
+def take(out: Path, names: list[str], made_by: str, option: str = "--out") -> list[Path]:
+    """Claim `out` (see `claim`) and the files `names` in it: a file already there that the marker does
+    not list as tlfeat's is refused, so no file of the user's is ever replaced. The names are listed
+    before they are written (a run killed in between leaves a listed name and no file: harmless)."""
+    from tlfeat.errors import TlfeatError, printable
+
+    out = Path(out)
+    claim(out, made_by, option)
+    marker = read_marker(out)
+    listed = marker.get("files")
+    ours = {n for n in listed if isinstance(n, str)} if isinstance(listed, list) else set()
+    theirs = [n for n in names if n not in ours and os.path.lexists(out / n)]
+    if theirs:
+        raise TlfeatError(
+            f"{option} {printable(str(out))} already holds {printable(theirs[0])}, which tlfeat did not write; "
+            "move it away or choose another folder (tlfeat never replaces a file of yours)"
+        )
+    if not set(names) <= ours:
+        write_marker(out, {**marker, "files": sorted(ours | set(names))})
+    return [out / n for n in names]

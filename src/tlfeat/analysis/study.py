@@ -4,6 +4,11 @@ Each reads feature sets from the cache (nothing is extracted here), puts the ima
 one order (by id, so two models' files of the same split line up whatever order they were written
 in), takes a stratified sample of at most `images` of them (by a hash of the ids), and writes PNG
 and CSV files plus `index.json`, the list a report reads to show them.
+
+`--out` is a new or empty folder, or one tlfeat made (it carries tlfeat's marker, which lists the
+files tlfeat wrote there), and never inside the dataset folder; a file of the same name that tlfeat did
+not write is never replaced. In the CSVs, an id or class name that a spreadsheet would run as a
+formula gets a leading `'` (as in the report's CSVs).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from tlfeat import cache, datasets, fsio
 from tlfeat.analysis import plots, similarity
 from tlfeat.backbones.base import PENULTIMATE
-from tlfeat.errors import TlfeatError
+from tlfeat.errors import TlfeatError, formula_safe
 
 if TYPE_CHECKING:
     from tlfeat.config import AnalyzeConfig, CompareConfig
@@ -107,6 +112,11 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")[:80]
 
 
+def _take(folder: Path, *names: str) -> None:
+    """The files an analysis writes, claimed in `folder` before anything is written (see fsio.take)."""
+    fsio.take(folder, [*names, INDEX], "tlfeat analyze")
+
+
 def add_to_index(folder: Path, entry: dict[str, Any]) -> None:
     """List a written analysis in `folder/index.json` (an entry with the same png replaces the old one)."""
     path = Path(folder) / INDEX
@@ -140,7 +150,7 @@ def write_similarity(
     stem = _slug(
         f"{measure}-{datasets.short_name(str(reps[0].fs.meta.get('dataset')))}-{'-'.join(dict.fromkeys(r.model for r in reps))}"
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    _take(folder, f"{stem}.png", f"{stem}.csv")
     png = plots.heatmap(values, labels, f"{title}\n{what}, {len(y)} images", folder / f"{stem}.png", measure.upper())
     rows = [
         [reps[i].model, reps[i].layer, reps[j].model, reps[j].layer, f"{values[i, j]:.6f}"]
@@ -172,14 +182,14 @@ def write_embedding(
     stem = _slug(
         f"embed-{datasets.short_name(str(reps[0].fs.meta.get('dataset')))}-{'-'.join(dict.fromkeys(r.model for r in reps))}"
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    _take(folder, *(f"{stem}-{m}{suffix}" for m in methods for suffix in (".png", ".csv")))
     entries = []
     for method in methods:
         panels = [(r.label, project(x, method, seed)) for r, x in zip(reps, X, strict=True)]
         png = plots.embeddings(
             panels, y, names, f"{title}: {method.upper()}, {len(y)} images", folder / f"{stem}-{method}.png"
         )
-        rows = [[r.model, r.layer, method, i, names[int(c)], f"{p[0]:.5g}", f"{p[1]:.5g}"] for r, (_, pts) in zip(reps, panels, strict=True) for i, c, p in zip(ids, y, pts, strict=True)]  # fmt: skip
+        rows = [[r.model, r.layer, method, formula_safe(i), formula_safe(names[int(c)]), f"{p[0]:.5g}", f"{p[1]:.5g}"] for r, (_, pts) in zip(reps, panels, strict=True) for i, c, p in zip(ids, y, pts, strict=True)]  # fmt: skip
         fsio.atomic_write(
             folder / f"{stem}-{method}.csv", _csv(["model", "layer", "method", "id", "class", "x", "y"], rows)
         )
@@ -249,10 +259,13 @@ def write_neighbours(
                     "same": label == qlabel,
                 }
             )
-            table.append([qid, names[qlabel], rank, train.fs.ids[j], names[label], f"{s:.5f}", int(label == qlabel)])
+            table.append(
+                [formula_safe(qid), formula_safe(names[qlabel]), rank, formula_safe(train.fs.ids[j]),
+                 formula_safe(names[label]), f"{s:.5f}", int(label == qlabel)]
+            )  # fmt: skip
         rows.append({"image": images.get(test.fs.split, qid), "label": names[qlabel], "neighbours": found})
     stem = _slug(f"neighbours-{datasets.short_name(str(test.fs.meta.get('dataset')))}-{test.model}-{test.layer}")
-    folder.mkdir(parents=True, exist_ok=True)
+    _take(folder, f"{stem}.png", f"{stem}.csv")
     png = plots.gallery(
         rows,
         f"{title}\n{purity:.1%} of the {k} nearest training images share the test image's class ({len(picked)} test images)",
@@ -290,7 +303,15 @@ class _Images:
 # --------------------------------------------------------------------------- the commands
 
 
+def refuse_inside(cfg: AnalyzeConfig) -> None:
+    """An --out inside the dataset folder: its PNGs would be read as a class of the dataset next time."""
+    from tlfeat.extraction import refuse_inside
+
+    refuse_inside(datasets.canonical(cfg.data), Path(cfg.out), "--out")
+
+
 def similarity_command(cfg: AnalyzeConfig, measure: str) -> dict[str, Any]:
+    refuse_inside(cfg)
     reps = load(cfg)
     options = {"kernel": cfg.kernel, "debiased": cfg.debiased, "threshold": cfg.threshold, "distance": cfg.distance}
     title = f"{measure.upper()} on {datasets.short_name(datasets.canonical(cfg.data))} ({cfg.split})"
@@ -298,12 +319,14 @@ def similarity_command(cfg: AnalyzeConfig, measure: str) -> dict[str, Any]:
 
 
 def embed_command(cfg: AnalyzeConfig) -> list[dict[str, Any]]:
+    refuse_inside(cfg)
     reps = load(cfg)
     title = f"{', '.join(cfg.models)} on {datasets.short_name(datasets.canonical(cfg.data))} ({cfg.split})"
     return write_embedding(reps, cfg.methods, cfg.images, cfg.seed, Path(cfg.out), title)
 
 
 def neighbours_command(cfg: AnalyzeConfig) -> list[dict[str, Any]]:
+    refuse_inside(cfg)
     tests, trains = load(cfg, cfg.split), load(cfg, "train")
     out = []
     for test, train in zip(tests, trains, strict=True):

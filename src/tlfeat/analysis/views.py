@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlfeat import backbones, images
+from tlfeat import backbones, fsio, images
 from tlfeat.analysis import plots
 from tlfeat.errors import TlfeatError
 
@@ -112,13 +112,13 @@ def layer_views(cfg: LayerViewConfig) -> Views:
 
     backbones.check_model(cfg.model)
     pixels = crop(cfg)
+    out = Path(cfg.out)  # claimed before the network is built: a folder of the user's is refused at once
+    fsio.take(out, [f"{cfg.model}-filters.png", f"{cfg.model}-activations.png"], "tlfeat analyze")
     model, resolved = network(cfg)
     prep = backbones.preprocessing(cfg.model, cfg.weights_id, cfg.image_size)
     mean, std = np.asarray(prep.mean).reshape(3, 1, 1), np.asarray(prep.std).reshape(3, 1, 1)
     x = torch.from_numpy(((pixels / 255.0 - mean) / std).astype(np.float32))[None]
     weights = "untrained (random)" if not resolved.pretrained else resolved.weights_id
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     conv_name, w = first_conv(model)
     filters = plots.filters(
         w, f"{cfg.model} ({weights}): the {len(w)} filters of {conv_name}, {w.shape[2]}x{w.shape[3]}",

@@ -24,7 +24,8 @@ from tlfeat.report.sections import recommendation, sections
 
 __all__ = ["MARKER", "build", "claim", "recommendation", "rows"]
 
-MARKER = ".tlfeat-report"
+MARKER = fsio.MARKER
+claim = fsio.claim  # compare's report folder: made by tlfeat, or new or empty
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +39,7 @@ def _json(path: Path, default: dict[str, Any]) -> dict[str, Any]:
     return data if isinstance(data, dict) else default
 
 
-def claim(out: Path) -> None:
-    """Make `out` a report folder tlfeat may write into: a new or empty folder gets the marker; a folder
-    that has one is tlfeat's already; any other folder is refused (nothing of the user's is touched)."""
-    out = Path(out)
-    if _ours(out):
-        return
-    if out.exists() and not out.is_dir():
-        raise TlfeatError(f"--out {printable(str(out))} is a file, not a folder; choose a new folder for the report")
-    if out.is_dir() and any(out.iterdir()):
-        raise TlfeatError(
-            f"--out {printable(str(out))} is a folder tlfeat did not make (no {MARKER} in it) and is not empty; "
-            f"choose a new or empty folder (a report folder of an earlier tlfeat: create {MARKER} in it)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    fsio.atomic_write(out / MARKER, json.dumps({"made_by": "tlfeat compare", "plots": []}, indent=2))
-
-
-def _ours(out: Path) -> bool:
-    marker = out / MARKER
-    return marker.is_file() and not marker.is_symlink()
+_ours = fsio.owned
 
 
 def _made_plots(out: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """The report's sections on probes, statistics and analyses, as blocks (kind, payload) like `sections`:
-which differences from the best survive a multiple-comparison correction, the kNN probe at DINO's four
-ks, how C was chosen, the papers' protocols, k-shot curves, the layer-wise probe, overfitting in the
+which differences from the best survive a multiple-comparison correction, the kNN probe at DINO's k
+(the caption lists the k shown), how C was chosen, the papers' protocols, k-shot curves, the layer-wise probe, overfitting in the
 fine-tuning curves, multi-stage transfer with its times per stage, and the representation analyses
 `compare --analyses` wrote."""
 
@@ -123,11 +123,20 @@ def knn_probe(main: list[dict[str, Any]]) -> list[Block]:
         (
             "p",
             "Cosine similarity on L2-normalised features; each of the k nearest training images votes for its class "
-            "with weight exp(similarity / T). Test accuracy at DINO's four k (the run's own k is its accuracy elsewhere "
-            "in this report).",
+            "with weight exp(similarity / T). " + knn_caption(ks),
         ),
         ("table", (["dataset", "model", "layer", "T", *[f"k = {k}" for k in ks]], body)),
     ]
+
+
+def knn_caption(ks: list[str]) -> str:
+    """What the kNN table's columns are, said from the k values it shows (never a fixed count)."""
+    from tlfeat.knn import KS
+
+    text = f"Test accuracy at k = {', '.join(ks)}: DINO's k = {', '.join(map(str, KS))} and the run's own --k"
+    if any(str(k) not in ks for k in KS):  # proba_by_k caps k at the training set's size
+        text += ", each capped at the number of training images"
+    return text + " (the run's own k is its accuracy elsewhere in this report)."
 
 
 def c_search(main: list[dict[str, Any]]) -> list[Block]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tlfeat import fsio
+from tlfeat.analysis.plots import pyplot
 from tlfeat.classifier_specs import SPECS
 from tlfeat.errors import TlfeatError, printable
 from tlfeat.records import Method
@@ -46,15 +47,7 @@ class Palette:
         return self.markers.get(model, "o")
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # Names are data: a `$` in a dataset or class name is text, never the start of a formula.
-    matplotlib.rcParams["text.parse_math"] = False
-    import matplotlib.pyplot as plt
-
-    return plt
+_plt = pyplot  # names are data: a `$` in a dataset or class name is text, never the start of a formula
 
 
 def _short(text: str, limit: int = 24) -> str:

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tlfeat.errors import printable
+from tlfeat.errors import formula_safe, printable
 
 _BOLD, _CODE, _EM = "\x02", "\x03", "\x04"
 _MARKS = {_BOLD: ("**", "<b>", "</b>"), _CODE: ("`", "<code>", "</code>"), _EM: ("*", "<i>", "</i>")}
@@ -202,15 +202,10 @@ def page(sections: list[tuple[str, Any]], title: str) -> str:
 
 # --------------------------------------------------------------------------- CSV and LaTeX
 
-_FORMULA = ("=", "+", "-", "@", "\t", "\r")
-
 
 def csv_cell(value: Any) -> Any:
-    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading quote."""
-    if isinstance(value, str):
-        text = printable(value)
-        return "'" + text if text.startswith(_FORMULA) else text
-    return value
+    """A CSV cell a spreadsheet shows as text, on one line (`formula_safe` of the printable text)."""
+    return formula_safe(printable(value)) if isinstance(value, str) else value
 
 
 def csv_table(fields: list[str], rows_: list[dict[str, Any]]) -> str:
