@@ -15,7 +15,7 @@ FIELDS = (
     "models", "datas", "methods", "repeats", "resample", "layers", "shots", "shot_draws", "analyses", "analysis_images",
     "epochs", "scratch_epochs", "lr", "batch_size",
     "optimizer", "augment", "C", "image_size", "limit", "test_limit", "label_field", "seed", "on_error", "workers", "out",
-    "results_dir", "cache_dir", "data_dir",
+    "replace", "results_dir", "cache_dir", "data_dir",
 )  # fmt: skip
 
 

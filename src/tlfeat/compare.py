@@ -19,14 +19,14 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tlfeat import backbones, cache, catalog, concat, datasets, fsio
 from tlfeat.config import CompareConfig, ExtractConfig, FinetuneConfig, FitConfig
-from tlfeat.errors import TlfeatError, first_line
+from tlfeat.errors import TlfeatError, first_line, printable
 from tlfeat.records import Method, RunRecord
 
 log = logging.getLogger(__name__)
@@ -329,6 +329,7 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     check(cfg)
     out = Path(cfg.out)
     claim(out)
+    same_comparison(cfg, out)
     runs_dir = Path(os.path.realpath(cfg.runs_dir))
     plan = [(cell, planned(cfg, cell)) for cell in cells(cfg)]
     counts: dict[str, int] = {}
@@ -430,6 +431,36 @@ def environment() -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# What a rerun into the same --out may add to (the report then covers the earlier cells and the new);
+# any other difference makes it another comparison, whose report would silently replace the one there.
+GROWS = ("models", "datas", "methods", "layers", "shots")
+
+
+def same_comparison(cfg: CompareConfig, out: Path) -> None:
+    """Refuse to replace the report in `out` with that of a different comparison, unless --replace."""
+    from tlfeat import constraints
+
+    try:
+        earlier = json.loads((out / "compare.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return  # no comparison there yet, or none that can be read: nothing to keep
+    if cfg.replace or not isinstance(earlier, dict):
+        return
+    now = _jsonable(asdict(cfg))
+    for f in fields(cfg):
+        if constraints.role(f) != "key" or f.name not in earlier or earlier[f.name] == now[f.name]:
+            continue
+        before, after = earlier[f.name], now[f.name]
+        if f.name in GROWS and isinstance(before, list) and set(map(str, before)) <= set(map(str, after)):
+            continue
+        shown = {name: printable(json.dumps(v))[:80] for name, v in (("there", before), ("here", after))}
+        raise TlfeatError(
+            f"--out {printable(str(out))} holds the report of another comparison ({constraints.option_name(f)} "
+            f"{shown['there']} there, {shown['here']} here); choose another --out, or add --replace to replace "
+            "that report (its runs stay in the result store)"
+        )
 
 
 def _jsonable(obj: Any) -> Any:

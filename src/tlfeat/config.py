@@ -597,6 +597,10 @@ class CompareConfig:
         1000, help="Test images the --analyses use at most (stratified).", check=Interval(int, 10, 20_000)
     )
     out: Path = setting(Path("reports/run"), help="Report folder (its report points to the runs in --results-dir).")
+    replace: bool = setting(
+        False,
+        help="Let this comparison replace the report of a different one in --out (its runs stay in the result store).",
+    )
     results_dir: Path = setting(
         help="Where runs are saved, beside every fit and fine-tune (env TLFEAT_RESULTS_DIR).",
         factory=default_results_dir,

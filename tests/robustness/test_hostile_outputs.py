@@ -267,6 +267,23 @@ def test_item5_a_report_moved_copied_or_damaged_keeps_its_runs_or_is_left_as_it_
     assert {p.name: p.read_bytes() for p in alone.rglob("*") if p.is_file()} == kept
 
 
+def test_item5_a_rerun_into_the_same_out_adds_to_its_report_and_never_silently_replaces_it(tmp_path: Path) -> None:
+    tree = str(make_tree(tmp_path / "tree", per_class=3))
+    quiet: Any = lambda _line: None  # noqa: E731
+    compare(_cfg(tmp_path, (tree,), ("logreg",)), echo=quiet)
+    report = tmp_path / "report" / "report.md"
+    first = report.read_text()
+    with pytest.raises(
+        TlfeatError, match=r"holds the report of another comparison \(--limit null there, 4 here\).*--replace"
+    ):
+        compare(_cfg(tmp_path, (tree,), ("logreg",), limit=4), echo=quiet)
+    assert report.read_text() == first
+    compare(_cfg(tmp_path, (tree,), ("logreg", "svm")), echo=quiet)  # a method added: the report covers both
+    assert {r["method"] for r in rows(tmp_path / "report")} == {"logreg", "svm"}
+    compare(_cfg(tmp_path, (tree,), ("logreg",), limit=4, replace=True), echo=quiet)
+    assert [(r["method"], r["n_train"]) for r in rows(tmp_path / "report")] == [("logreg", 4)]
+
+
 # --------------------------------------------------------------------------- item 4: outputs outside the data
 
 
