@@ -379,3 +379,41 @@ def test_item13_a_shard_member_over_the_size_limit_is_skipped_like_any_unreadabl
     proc = run("extract", *common, "--on-error", "skip", TLFEAT_MAX_IMAGE_MB="0.05")
     assert proc.returncode == 0 and "skipped 1 unreadable" in proc.stdout, proc.stderr
     assert "above the limit of 0.05 MB per image" in proc.stdout
+
+
+# --------------------------------------------------------------------------- round 3: train/test overlap
+
+
+def _record(results: Path) -> dict[str, Any]:
+    import json
+
+    (path,) = results.glob("fits/*/record.json")
+    return dict(json.loads(path.read_text()))
+
+
+def test_round3_a_test_set_inside_train_is_refused_and_a_partial_overlap_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    samples = [(f"k{i:02d}", _png_bytes(20 * i), str(i % 2).encode()) for i in range(12)]
+    a = _tar(tmp_path / "a.tar", samples[:8])
+    b = _tar(tmp_path / "b.tar", samples[6:])  # k06 and k07 are in both
+    cache = ["--cache-dir", tmp_path / "cache"]
+    tree = make_tree(tmp_path / "tree", per_class=2, splits=("train",))
+    import shutil
+
+    shutil.copytree(tree / "train", tree / "test")  # a folder copied into both splits: other ids, same bytes
+    for data, needle in ((f"train={a},test={a}", "same ids"), (str(tree), "same image bytes")):
+        assert run("extract", "--data", data, *FAST, *cache).returncode == 0
+        proc = run("fit", "--data", data, "--model", "resnet18", *cache)
+        assert_one_clear_line(proc, "every test image", "is also a training image", needle, "not in train")
+    data = f"train={a},test={b}"
+    assert run("extract", "--data", data, *FAST, *cache).returncode == 0
+    proc = run("fit", "--data", data, "--model", "resnet18", *cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 6 test images" in proc.stderr and "also training images" in proc.stderr
+    assert _record(tmp_path / "results")["details"]["train_test_overlap"] == {
+        "test_images_in_train": 2,
+        "test_images_checked": 6,
+        "same_ids": 2,
+    }
