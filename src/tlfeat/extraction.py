@@ -216,7 +216,7 @@ def extract_command(
     import shlex
 
     weights = str(attrs.get("weights_id") or "")
-    args = ["tlfeat", "extract", "--model", str(attrs.get("model")), "--data", str(attrs.get("dataset"))]
+    args = ["tlfeat", "extract", "--model", str(attrs.get("model")), "--data", datasets.data_of(str(attrs.get("dataset")))]
     if weights.startswith("untrained:seed"):
         args += ["--untrained", "--seed", weights.removeprefix("untrained:seed")]
     elif weights.startswith("file:"):

@@ -58,7 +58,7 @@ def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: b
     split = str(attrs.get("split"))
     try:
         images = datasets.load_split(
-            str(attrs["dataset"]),
+            datasets.data_of(str(attrs["dataset"])),
             split,
             data_dir or (Path(attrs["data_dir"]) if attrs.get("data_dir") else None),
             int(attrs.get("limit") or 0) or None,
@@ -85,6 +85,6 @@ def require_fresh(
             a = entry.attrs
             raise StaleFeatures(
                 f"the images behind {entry.path.name} changed since it was extracted ({found.changes.summary()}); "
-                f"run `tlfeat extract --model {a.get('model')} --data {printable(str(a.get('dataset')))} ...` "
+                f"run `tlfeat extract --model {a.get('model')} --data {printable(datasets.data_of(str(a.get('dataset'))))} ...` "
                 f"with the same options to update the features (or pass {allow_stale_hint})"
             )

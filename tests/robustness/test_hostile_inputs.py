@@ -417,3 +417,25 @@ def test_round3_a_test_set_inside_train_is_refused_and_a_partial_overlap_counted
         "test_images_checked": 6,
         "same_ids": 2,
     }
+
+
+# --------------------------------------------------------------------------- round 3: a folder named like a dataset
+
+
+def test_round3_a_folder_named_digits_leaves_the_named_digits_cache_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tlfeat
+    from tlfeat import ExtractConfig, catalog, extract, freshness
+
+    cache = tmp_path / "cache"
+    extract(ExtractConfig(model="resnet18", data="digits", untrained=True, image_size=16, limit=30, test_limit=20,
+                          workers=0, cache_dir=cache, progress=False))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    make_tree(tmp_path / "digits", per_class=3, classes=("a", "b"), splits=("",))  # `digits` here is this folder
+    entries = [e for e in catalog.scan(cache) if e.status == "ok"]
+    assert len(entries) == 2
+    assert {freshness.status(e).state for e in entries} == {"fresh"}
+    assert len(tlfeat.load_features("resnet18", "named:digits", "train", cache_dir=cache, limit=30)) == 30
+    proc = run("ls", "--cache-dir", cache)
+    assert proc.returncode == 0 and "digits" in proc.stdout and "STALE" not in proc.stdout, proc.stdout

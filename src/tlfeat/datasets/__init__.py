@@ -75,6 +75,16 @@ def canonical(data: str) -> str:
     )
 
 
+def data_of(dataset_id: str) -> str:
+    """The `--data` value that names exactly the dataset of a stored id (a cache file's `dataset`).
+
+    Folder ids are absolute paths and shard ids start with `shards:`, so they name themselves; a
+    named dataset's id is its bare name, which a folder of that name in the current directory
+    would take over, so it is given as `named:NAME`.
+    """
+    return NAMED_PREFIX + dataset_id if dataset_id in named_datasets() else dataset_id
+
+
 def _exists(path: Path) -> bool:
     try:
         return path.exists()
@@ -225,6 +235,7 @@ __all__ = [
     "ImageSplit",
     "NamedDataset",
     "canonical",
+    "data_of",
     "dataset_slug",
     "default_data_dir",
     "display_names",
