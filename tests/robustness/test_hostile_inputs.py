@@ -439,3 +439,39 @@ def test_round3_a_folder_named_digits_leaves_the_named_digits_cache_fresh(
     assert len(tlfeat.load_features("resnet18", "named:digits", "train", cache_dir=cache, limit=30)) == 30
     proc = run("ls", "--cache-dir", cache)
     assert proc.returncode == 0 and "digits" in proc.stdout and "STALE" not in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------- round 3: truncated shards, tar labels
+
+
+def test_round3_a_truncated_tar_shard_is_refused_naming_it(tmp_path: Path) -> None:
+    shard = _tar(tmp_path / "whole.tar", [(f"k{i}", _png_bytes(20 * i), str(i % 2).encode()) for i in range(8)])
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    assert len(datasets.load_split(str(shard), "train")) + len(datasets.load_split(str(shard), "test")) == 8
+    cuts = {
+        "boundary": members[6].offset,  # at a member's header: tarfile alone reads 3 samples and stops
+        "header": members[6].offset + 100,  # inside a header
+        "member": members[5].offset_data + 10,  # inside an image
+        "no end block": members[-1].offset_data + 512,  # every member, but no end-of-archive block
+    }
+    for name, cut in cuts.items():
+        cut_shard = tmp_path / f"{name.replace(' ', '_')}.tar"
+        cut_shard.write_bytes(data[:cut])
+        with pytest.raises(TlfeatError, match=f"{cut_shard.name} is truncated.*copy the shard again"):
+            datasets.load_split(str(cut_shard), "train")
+    proc = run("extract", "--data", tmp_path / "boundary.tar", *FAST, "--cache-dir", tmp_path / "cache")
+    assert_one_clear_line(proc, "boundary.tar is truncated")
+
+
+def test_round3_tar_labels_follow_the_parquet_rules(tmp_path: Path) -> None:
+    png = _png_bytes(50)
+    for label, needle in ((b"nan", "label is nan"), (b"-inf", "label is -inf"), (b"0.5", "is a fraction")):
+        shard = _tar(tmp_path / "bad.tar", [("a", png, b"0"), ("b", png, label)])
+        with pytest.raises(TlfeatError, match=f"sample b.*{needle}"):
+            datasets.load_split(str(shard), "train")
+    shard = _tar(tmp_path / "mixed.tar", [(str(i), png, [b"1", b"1.0", b"0", b"0.0"][i % 4]) for i in range(8)])
+    assert datasets.load_split(str(shard), "train").class_names == ("0", "1")
+    path = _parquet(tmp_path / "mixed.parquet", ["1", "1.0", "0", "0.00"])
+    assert datasets.load_split(str(path), "train").class_names == ("0", "1")

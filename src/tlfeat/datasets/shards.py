@@ -128,7 +128,13 @@ def _tar_samples(path: str, label_field: str) -> list[tuple[str, Any, int, int]]
                     labels[key] = class_label(fh.read() if fh else b"", f"{where}.{ext}")
                 if ext in IMAGE_MEMBERS:
                     seen_ext.setdefault(key, ext)
+            _check_complete(path, tar.fileobj, tar.offset)
     except (OSError, tarfile.TarError, EOFError) as exc:
+        if "unexpected end of data" in str(exc):  # a member's bytes run past the end of the file
+            raise TlfeatError(
+                f"{printable(path)} is truncated: a member runs past its end (a copy or download cut short); "
+                "copy the shard again"
+            ) from exc
         raise TlfeatError(f"{printable(path)} is not a readable tar shard ({exc})") from exc
     missing = [k for k in order if k not in labels]
     if missing:
@@ -137,6 +143,18 @@ def _tar_samples(path: str, label_field: str) -> list[tuple[str, Any, int, int]]
             f"({len(missing)} of {len(order)} samples); choose the label member with --label-field"
         )
     return [(k, labels[k], *images[k]) for k in order]
+
+
+def _check_complete(path: str, fh: Any, end: int) -> None:
+    """Refuse a shard cut short: a tar ends with a zero block after its last member, so a copy that
+    stopped at a member's boundary (or inside a header, which tarfile takes for the end) lacks it."""
+    size = os.fstat(fh.fileno()).st_size
+    fh.seek(end)
+    if size < end + tarfile.BLOCKSIZE or fh.read(tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
+        raise TlfeatError(
+            f"{printable(path)} is truncated: it stops after {size:,} bytes without the end-of-archive block "
+            "(a copy or download cut short); copy the shard again"
+        )
 
 
 def _list(pattern: str, label_field: str) -> tuple[list[str], list[Any], list[Any], np.ndarray, str]:
