@@ -23,7 +23,7 @@ from tlfeat.backbones import Backbone, layer_name
 from tlfeat.backbones.base import Store
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
-from tlfeat.errors import CacheDamaged, CacheMismatch, ExportFailed, StaleFeatures, TlfeatError, first_line, printable
+from tlfeat.errors import CacheDamaged, CacheMismatch, ExportFailed, StaleFeatures, TlfeatError, did_you_mean, first_line, printable
 from tlfeat.preprocess import Preprocessing
 from tlfeat.targets import State, Target
 
@@ -142,7 +142,10 @@ def plan(cfg: ExtractConfig) -> list[Target]:
     available = datasets.splits(cfg.data)
     for split in cfg.splits or available:
         if split not in available:
-            raise TlfeatError(f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}")
+            raise TlfeatError(
+                f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}."
+                + did_you_mean(split, list(available))
+            )
     prep = bb.preprocessing(cfg.weights_id, cfg.image_size, cfg.fast_decode)
     wid = weights_id(cfg)
 

@@ -475,3 +475,47 @@ def test_round3_tar_labels_follow_the_parquet_rules(tmp_path: Path) -> None:
     assert datasets.load_split(str(shard), "train").class_names == ("0", "1")
     path = _parquet(tmp_path / "mixed.parquet", ["1", "1.0", "0", "0.00"])
     assert datasets.load_split(str(path), "train").class_names == ("0", "1")
+
+
+# --------------------------------------------------------------------------- round 3: messages that say what happened
+
+
+def test_round3_brace_steps_and_letter_ranges_expand_as_in_bash() -> None:
+    from tlfeat.datasets.spec import braceexpand, count
+
+    cases = {
+        "s{0..10..2}": ["s0", "s2", "s4", "s6", "s8", "s10"],
+        "s{10..0..3}": ["s10", "s7", "s4", "s1"],
+        "{00..10..5}.tar": ["00.tar", "05.tar", "10.tar"],
+        "{a..c}.tar": ["a.tar", "b.tar", "c.tar"],
+        "{E..A..2}": ["E", "C", "A"],
+        "x{1..2}{a..b}": ["x1a", "x1b", "x2a", "x2b"],
+    }
+    for pattern, names in cases.items():
+        assert braceexpand(pattern) == names and count(pattern) == len(names), pattern
+    with pytest.raises(TlfeatError, match="within one case"):
+        braceexpand("{a..C}")
+
+
+def test_round3_misleading_input_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shard = _tar(tmp_path / "a.tar", [(f"k{i}", _png_bytes(20 * i), str(i % 2).encode()) for i in range(6)])
+    with pytest.raises(TlfeatError, match="the pattern matches no file"):
+        datasets.load_split(str(tmp_path / "none" / "*.tar"), "train")
+    with pytest.raises(TlfeatError, match="1 of 2 file.s. missing"):
+        datasets.load_split(str(tmp_path / "{a,b}.tar"), "train")
+    with pytest.raises(TlfeatError, match="unknown split 'tset'. Did you mean test"):
+        datasets.canonical(f"train={shard},tset={shard}")
+    for data in ("digits", f"train={shard},test={shard}", str(make_tree(tmp_path / "tree", per_class=2))):
+        with pytest.raises(TlfeatError, match="no (split )?'tset'( split)?.*Did you mean test"):
+            datasets.load_split(data, "tset")
+    import gzip
+
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    for data in ("a.tar.gz", f"train={shard},test=a.tar.gz", "sh/*.tgz"):
+        with pytest.raises(TlfeatError, match="compressed tar files.*decompress them to .tar"):
+            datasets.canonical(data)
+    for bad in ("abc", "-1", "0", "nan"):
+        proc = run("extract", "--data", shard, *FAST, "--cache-dir", tmp_path / "cache", TLFEAT_MAX_IMAGE_MB=bad)
+        assert_one_clear_line(proc, f"TLFEAT_MAX_IMAGE_MB='{bad}' is not a positive number")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))

@@ -54,6 +54,7 @@ def canonical(data: str) -> str:
         return key
     if data.startswith("shards:"):
         return _shards.canonical(data.removeprefix("shards:"))
+    _shards.refuse_compressed(data)
     path = Path(data).expanduser()
     if _exists(path):
         if path.is_dir():
@@ -134,13 +135,16 @@ def load_split(
     label_field: str = "cls",
 ) -> ImageSplit:
     """Load one split of a dataset (a name, a folder or shards), optionally a stratified subset."""
+    config.max_image_bytes()  # a bad TLFEAT_MAX_IMAGE_MB is one line here, not an error per image later
     ds = canonical(data)
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     named = named_datasets()
     if ds in named:
         spec = named[ds]
         if split not in spec.splits:
-            raise TlfeatError(f"{ds} has no split {split!r}; valid: {', '.join(spec.splits)}")
+            raise TlfeatError(
+                f"{ds} has no split {split!r}; valid: {', '.join(spec.splits)}.{did_you_mean(split, list(spec.splits))}"
+            )
         out = spec.load(split, data_dir)
     elif ds.startswith("shards:"):
         out = load_shards(ds, split, label_field)

@@ -24,12 +24,26 @@ from tlfeat.datasets import parquet
 from tlfeat.datasets.base import SPLIT_SEED, ImageSplit, stratified_split
 from tlfeat.datasets.labels import MAX_LABEL, class_label, class_names
 from tlfeat.datasets.spec import braceexpand, parts
-from tlfeat.errors import DatasetNotFound, TlfeatError, printable
+from tlfeat.errors import DatasetNotFound, TlfeatError, did_you_mean, printable
 from tlfeat.images import file_kind
 
 SHARD_SUFFIXES = (".tar", ".parquet")
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
 FLAT_TEST_FRACTION = 0.2
+
+
+COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def refuse_compressed(data: str) -> None:
+    """Compressed tar shards cannot be read in place by byte range: one line that says what to do."""
+    found = [p for p in parts(data).values() if p.lower().endswith(COMPRESSED)]
+    if found:
+        raise TlfeatError(
+            f"shards {printable(found[0][:200])} are compressed tar files, which cannot be read in place; "
+            "decompress them to .tar (e.g. `gunzip -k`, `xz -dk`) and give those"
+        )
 
 
 def is_shard_spec(data: str) -> bool:
@@ -46,6 +60,9 @@ def canonical(data: str) -> str:
         raise TlfeatError(
             f"shards {printable(data[:200])!r}: {empty[0]} is empty; give a pattern such as sh/{{0..9}}.tar"
         )
+    for split in found:
+        if split and split not in SPLIT_NAMES and (close := did_you_mean(split, list(SPLIT_NAMES))):
+            raise TlfeatError(f"shards {printable(data[:200])}: unknown split {split!r}.{close}")
     absolute = {k: os.path.abspath(os.path.expanduser(v)) for k, v in found.items()}
     if "val" in absolute and "test" not in absolute:  # as in folder trees: val is the evaluation split
         absolute["test"] = absolute.pop("val")
@@ -67,11 +84,15 @@ def _files(pattern: str) -> list[str]:
         found = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
         files.extend(found)
     missing = [f for f in files if not os.path.exists(f)]
-    if not files or missing:
+    if not files or len(missing) == len(files):
         raise DatasetNotFound(
-            f"shards {printable(pattern)}: {len(missing) if files else 'no'} file(s) missing"
-            + (f" (first: {printable(missing[0])})" if missing else "")
-            + "; check the pattern (braces like {00000..00127} and globs are expanded)"
+            f"shards {printable(pattern)}: the pattern matches no file; check it (braces like {{00000..00127}} "
+            "and globs are expanded)"
+        )
+    if missing:
+        raise DatasetNotFound(
+            f"shards {printable(pattern)}: {len(missing)} of {len(files)} file(s) missing (first: "
+            f"{printable(missing[0])}); check the pattern (braces like {{00000..00127}} and globs are expanded)"
         )
     for f in files:
         mode = os.stat(f).st_mode
@@ -210,7 +231,9 @@ def load_shards(dataset_id: str, split: str, label_field: str = "cls") -> ImageS
     found = patterns(dataset_id)
     flat = "" in found
     if not flat and split not in found:
-        raise TlfeatError(f"{printable(spec)} has no {split!r} split; it has {', '.join(found)}")
+        raise TlfeatError(
+            f"{printable(spec)} has no {split!r} split; it has {', '.join(found)}.{did_you_mean(split, list(found))}"
+        )
     train_pattern = found[""] if flat else found.get("train", next(iter(found.values())))
     ids, raw, refs, stats, kind = _listed(found[""] if flat else found[split], label_field)
     train_raw = raw if flat or split == "train" else _listed(train_pattern, label_field)[1]
