@@ -519,3 +519,24 @@ def test_round3_misleading_input_messages(tmp_path: Path, monkeypatch: pytest.Mo
         proc = run("extract", "--data", shard, *FAST, "--cache-dir", tmp_path / "cache", TLFEAT_MAX_IMAGE_MB=bad)
         assert_one_clear_line(proc, f"TLFEAT_MAX_IMAGE_MB='{bad}' is not a positive number")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
+
+
+# --------------------------------------------------------------------------- round 3: Parquet columns and ids
+
+
+def test_round3_parquet_ids_are_relative_paths_and_two_image_columns_are_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        _parquet(tmp_path / where / "x.parquet", [0, 1, 0, 1])
+    both = datasets.load_split(str(tmp_path / "{a,b}" / "x.parquet"), "train")
+    one = datasets.load_split(str(tmp_path / "a" / "x.parquet"), "train")
+    every = both.ids + datasets.load_split(str(tmp_path / "{a,b}" / "x.parquet"), "test").ids
+    assert sorted(every) == sorted(f"{w}/x.parquet/0/{r}" for w in "ab" for r in range(4))
+    assert all(i.startswith("x.parquet/0/") for i in one.ids)  # ids of one folder are as before: caches stay valid
+    table = pa.table({"png": [_png_bytes(1)] * 4, "image": [_png_bytes(2)] * 4, "cls": [0, 1, 0, 1]})
+    pq.write_table(table, tmp_path / "two.parquet")
+    with pytest.raises(TlfeatError, match=r"2 columns that could hold the images \(png, image\)"):
+        datasets.load_split(str(tmp_path / "two.parquet"), "train")

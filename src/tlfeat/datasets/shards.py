@@ -76,6 +76,17 @@ def patterns(dataset_id: str) -> dict[str, str]:
     return parts(dataset_id.removeprefix("shards:"))
 
 
+def fixed_folder(pattern: str) -> str:
+    """The folder a pattern starts from: its path up to the first component with a brace or glob."""
+    parts = pattern.split(os.sep)
+    static = []
+    for part in parts[:-1]:  # the file name itself is never the folder
+        if any(ch in part for ch in "{*?["):
+            break
+        static.append(part)
+    return os.sep.join(static) or os.sep
+
+
 def _files(pattern: str) -> list[str]:
     files: list[str] = []
     if os.path.isfile(pattern):  # `a[1].tar` or `{x}.tar` that exists is that file, not a pattern
@@ -189,7 +200,7 @@ def _list(pattern: str, label_field: str) -> tuple[list[str], list[Any], list[An
         mtime = os.stat(path).st_mtime_ns
         if path.endswith(".parquet"):
             kinds.add("parquet")
-            for key, label, ref, size in parquet.samples(path, label_field):
+            for key, label, ref, size in parquet.samples(path, label_field, fixed_folder(pattern)):
                 ids.append(key)
                 labels.append(label)
                 refs.append(ref)
