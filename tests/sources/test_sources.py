@@ -78,7 +78,9 @@ def test_torchvision_cache_file_names_and_keys_are_unchanged(
     assert name in [t.path.name for t in targets if t.split == split]
 
 
-def test_finetune_run_folders_of_torchvision_models_are_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finetune_run_folders_of_torchvision_models_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The name the code before backbone sources gave. The images' signature is pinned: it holds the
     path and time of scikit-learn's digits file, which differ from one installation to the next."""
     from tlfeat import finetune
