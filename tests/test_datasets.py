@@ -99,3 +99,24 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path: Path)
     Image.fromarray(levels).save(tmp_path / "deep.png")
     rgb = np.asarray(decode((tmp_path / "deep.png").read_bytes(), "deep.png"))
     assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 100, 255, 7] and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_mnist_is_converted_from_the_registry_csv_without_deleting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlfeat import offline
+    from tlfeat.datasets import named
+
+    rows = np.zeros((3, 785), dtype=np.uint8)
+    rows[:, 0] = [7, 1, 4]
+    rows[1, 1 + 28 * 5 + 9] = 200
+    csv = tmp_path / "shared-registry" / "mnist_train.csv"
+    csv.parent.mkdir()
+    np.savetxt(csv, rows, fmt="%d", delimiter=",", header="label," + ",".join(["px"] * 784), comments="")
+    before = csv.read_bytes()
+    monkeypatch.setattr(offline, "fetch", lambda rf: csv)  # a file of the shared registry folder
+    npz = named._mnist_from_registry(tmp_path / "data", "train")
+    assert csv.read_bytes() == before  # tlfeat did not write it, so it is never deleted
+    with np.load(npz) as got:
+        assert got["labels"].tolist() == [7, 1, 4] and got["images"].shape == (3, 28, 28)
+        assert got["images"][1, 5, 9] == 200

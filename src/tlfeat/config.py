@@ -7,6 +7,7 @@ or result key) or not (`setting`), its bounds and its help text. The CLI turns t
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,11 +106,19 @@ MAX_IMAGE_MB = 256  # a larger file is no photo PIL would decode (its bomb limit
 
 def max_image_bytes() -> int:
     """The largest image file (or shard member) read, in bytes (TLFEAT_MAX_IMAGE_MB, default 256)."""
+    text = env("TLFEAT_MAX_IMAGE_MB", str(MAX_IMAGE_MB))
     try:
-        mb = float(env("TLFEAT_MAX_IMAGE_MB", str(MAX_IMAGE_MB)))
+        mb = float(text)
     except ValueError:
-        mb = MAX_IMAGE_MB
-    return int(max(mb, 0.001) * 2**20)
+        mb = math.nan
+    if not (0 < mb < 2**40):  # NaN, infinite, zero or negative: refused, never silently the default
+        from tlfeat.errors import TlfeatError, printable
+
+        raise TlfeatError(
+            f"TLFEAT_MAX_IMAGE_MB={printable(text[:40])!r} is not a positive number of megabytes; set it to one "
+            f"such as {MAX_IMAGE_MB} (the default), or unset it"
+        )
+    return max(int(mb * 2**20), 1)
 
 
 def pin_malloc() -> bool:

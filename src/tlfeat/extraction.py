@@ -23,7 +23,16 @@ from tlfeat.backbones import Backbone, layer_name
 from tlfeat.backbones.base import Store
 from tlfeat.config import ExtractConfig
 from tlfeat.datasets import ImageSplit
-from tlfeat.errors import CacheDamaged, CacheMismatch, ExportFailed, StaleFeatures, TlfeatError, first_line, printable
+from tlfeat.errors import (
+    CacheDamaged,
+    CacheMismatch,
+    ExportFailed,
+    StaleFeatures,
+    TlfeatError,
+    did_you_mean,
+    first_line,
+    printable,
+)
 from tlfeat.preprocess import Preprocessing
 from tlfeat.targets import State, Target
 
@@ -142,7 +151,10 @@ def plan(cfg: ExtractConfig) -> list[Target]:
     available = datasets.splits(cfg.data)
     for split in cfg.splits or available:
         if split not in available:
-            raise TlfeatError(f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}")
+            raise TlfeatError(
+                f"{printable(cfg.data)} has no split {split!r}; valid: {', '.join(available)}."
+                + did_you_mean(split, list(available))
+            )
     prep = bb.preprocessing(cfg.weights_id, cfg.image_size, cfg.fast_decode)
     wid = weights_id(cfg)
 
@@ -216,7 +228,14 @@ def extract_command(
     import shlex
 
     weights = str(attrs.get("weights_id") or "")
-    args = ["tlfeat", "extract", "--model", str(attrs.get("model")), "--data", str(attrs.get("dataset"))]
+    args = [
+        "tlfeat",
+        "extract",
+        "--model",
+        str(attrs.get("model")),
+        "--data",
+        datasets.data_of(str(attrs.get("dataset"))),
+    ]
     if weights.startswith("untrained:seed"):
         args += ["--untrained", "--seed", weights.removeprefix("untrained:seed")]
     elif weights.startswith("file:"):

@@ -33,6 +33,7 @@ from tlfeat import (
     freshness,
     fsio,
     metrics,
+    overlap,
     progress,
     selection,
 )
@@ -316,6 +317,8 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
     """Fit one pair, or reuse its saved result."""
     train_sha, test_sha = str(pair.train.attrs.get("sha256")), str(pair.test.attrs.get("sha256"))
     path = record_path(cfg, pair.attrs, train_sha, test_sha)
+    first = pair.parts[0] if pair.parts else pair  # concatenated layers: every part holds the same images
+    shared = overlap.check(first.train.path, first.test.path, datasets.short_name(str(pair.attrs.get("dataset"))))
     if not cfg.refit and (record := load_record(path)) is not None:
         return FitResult(record, path, reused=True)
     if cfg.refit and path.is_file():  # --refit: keep the earlier result, write a new one beside it
@@ -330,7 +333,7 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
         if not cfg.refit and (record := load_record(path)) is not None:
             return FitResult(record, path, reused=True)
         fsio.sweep_temps(path.parent)
-        return FitResult(_fit_and_save(cfg, train, test, path, route), path)
+        return FitResult(_fit_and_save(cfg, train, test, path, route, shared), path)
 
 
 def _shots(train: cache.FeatureSet, shots: int, draw: int) -> cache.FeatureSet:
@@ -397,7 +400,9 @@ def _evaluate(
     return out, seconds
 
 
-def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, path: Path, route: str) -> RunRecord:
+def _fit_and_save(
+    cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSet, path: Path, route: str, shared: overlap.Overlap
+) -> RunRecord:
     load_start, cpus = load_now()
     pipeline, cv, fit_seconds = _train(cfg, train, route)
     result_metrics, predict_seconds = _evaluate(pipeline, train, test, route)
@@ -423,6 +428,7 @@ def _fit_and_save(cfg: FitConfig, train: cache.FeatureSet, test: cache.FeatureSe
         n_skipped={fs.split: len(fs.meta.get("skipped") or []) for fs in (train, test)},
         classes_without_training_images=[train.class_names[i] for i in absent],
         n_features=int(train.X.shape[1]),
+        train_test_overlap=shared.as_details(),
     )
     if cfg.protocol:
         record.details["protocol"] = cv.pop("protocol")

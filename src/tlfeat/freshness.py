@@ -58,7 +58,7 @@ def status(entry: catalog.Entry, data_dir: Path | None = None, verify_content: b
     split = str(attrs.get("split"))
     try:
         images = datasets.load_split(
-            str(attrs["dataset"]),
+            datasets.data_of(str(attrs["dataset"])),
             split,
             data_dir or (Path(attrs["data_dir"]) if attrs.get("data_dir") else None),
             int(attrs.get("limit") or 0) or None,

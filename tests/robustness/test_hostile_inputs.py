@@ -379,3 +379,164 @@ def test_item13_a_shard_member_over_the_size_limit_is_skipped_like_any_unreadabl
     proc = run("extract", *common, "--on-error", "skip", TLFEAT_MAX_IMAGE_MB="0.05")
     assert proc.returncode == 0 and "skipped 1 unreadable" in proc.stdout, proc.stderr
     assert "above the limit of 0.05 MB per image" in proc.stdout
+
+
+# --------------------------------------------------------------------------- round 3: train/test overlap
+
+
+def _record(results: Path) -> dict[str, Any]:
+    import json
+
+    (path,) = results.glob("fits/*/record.json")
+    return dict(json.loads(path.read_text()))
+
+
+def test_round3_a_test_set_inside_train_is_refused_and_a_partial_overlap_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    samples = [(f"k{i:02d}", _png_bytes(20 * i), str(i % 2).encode()) for i in range(12)]
+    a = _tar(tmp_path / "a.tar", samples[:8])
+    b = _tar(tmp_path / "b.tar", samples[6:])  # k06 and k07 are in both
+    cache = ["--cache-dir", tmp_path / "cache"]
+    tree = make_tree(tmp_path / "tree", per_class=2, splits=("train",))
+    import shutil
+
+    shutil.copytree(tree / "train", tree / "test")  # a folder copied into both splits: other ids, same bytes
+    for data, needle in ((f"train={a},test={a}", "same ids"), (str(tree), "same image bytes")):
+        assert run("extract", "--data", data, *FAST, *cache).returncode == 0
+        proc = run("fit", "--data", data, "--model", "resnet18", *cache)
+        assert_one_clear_line(proc, "every test image", "is also a training image", needle, "not in train")
+    data = f"train={a},test={b}"
+    assert run("extract", "--data", data, *FAST, *cache).returncode == 0
+    proc = run("fit", "--data", data, "--model", "resnet18", *cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 6 test images" in proc.stderr and "also training images" in proc.stderr
+    assert _record(tmp_path / "results")["details"]["train_test_overlap"] == {
+        "test_images_in_train": 2,
+        "test_images_checked": 6,
+        "same_ids": 2,
+    }
+
+
+# --------------------------------------------------------------------------- round 3: a folder named like a dataset
+
+
+def test_round3_a_folder_named_digits_leaves_the_named_digits_cache_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tlfeat
+    from tlfeat import ExtractConfig, catalog, extract, freshness
+
+    cache = tmp_path / "cache"
+    extract(ExtractConfig(model="resnet18", data="digits", untrained=True, image_size=16, limit=30, test_limit=20,
+                          workers=0, cache_dir=cache, progress=False))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    make_tree(tmp_path / "digits", per_class=3, classes=("a", "b"), splits=("",))  # `digits` here is this folder
+    entries = [e for e in catalog.scan(cache) if e.status == "ok"]
+    assert len(entries) == 2
+    assert {freshness.status(e).state for e in entries} == {"fresh"}
+    assert len(tlfeat.load_features("resnet18", "named:digits", "train", cache_dir=cache, limit=30)) == 30
+    proc = run("ls", "--cache-dir", cache)
+    assert proc.returncode == 0 and "digits" in proc.stdout and "STALE" not in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------- round 3: truncated shards, tar labels
+
+
+def test_round3_a_truncated_tar_shard_is_refused_naming_it(tmp_path: Path) -> None:
+    shard = _tar(tmp_path / "whole.tar", [(f"k{i}", _png_bytes(20 * i), str(i % 2).encode()) for i in range(8)])
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    assert len(datasets.load_split(str(shard), "train")) + len(datasets.load_split(str(shard), "test")) == 8
+    cuts = {
+        "boundary": members[6].offset,  # at a member's header: tarfile alone reads 3 samples and stops
+        "header": members[6].offset + 100,  # inside a header
+        "member": members[5].offset_data + 10,  # inside an image
+        "no end block": members[-1].offset_data + 512,  # every member, but no end-of-archive block
+    }
+    for name, cut in cuts.items():
+        cut_shard = tmp_path / f"{name.replace(' ', '_')}.tar"
+        cut_shard.write_bytes(data[:cut])
+        with pytest.raises(TlfeatError, match=f"{cut_shard.name} is truncated.*copy the shard again"):
+            datasets.load_split(str(cut_shard), "train")
+    proc = run("extract", "--data", tmp_path / "boundary.tar", *FAST, "--cache-dir", tmp_path / "cache")
+    assert_one_clear_line(proc, "boundary.tar is truncated")
+
+
+def test_round3_tar_labels_follow_the_parquet_rules(tmp_path: Path) -> None:
+    png = _png_bytes(50)
+    for label, needle in ((b"nan", "label is nan"), (b"-inf", "label is -inf"), (b"0.5", "is a fraction")):
+        shard = _tar(tmp_path / "bad.tar", [("a", png, b"0"), ("b", png, label)])
+        with pytest.raises(TlfeatError, match=f"sample b.*{needle}"):
+            datasets.load_split(str(shard), "train")
+    shard = _tar(tmp_path / "mixed.tar", [(str(i), png, [b"1", b"1.0", b"0", b"0.0"][i % 4]) for i in range(8)])
+    assert datasets.load_split(str(shard), "train").class_names == ("0", "1")
+    path = _parquet(tmp_path / "mixed.parquet", ["1", "1.0", "0", "0.00"])
+    assert datasets.load_split(str(path), "train").class_names == ("0", "1")
+
+
+# --------------------------------------------------------------------------- round 3: messages that say what happened
+
+
+def test_round3_brace_steps_and_letter_ranges_expand_as_in_bash() -> None:
+    from tlfeat.datasets.spec import braceexpand, count
+
+    cases = {
+        "s{0..10..2}": ["s0", "s2", "s4", "s6", "s8", "s10"],
+        "s{10..0..3}": ["s10", "s7", "s4", "s1"],
+        "{00..10..5}.tar": ["00.tar", "05.tar", "10.tar"],
+        "{a..c}.tar": ["a.tar", "b.tar", "c.tar"],
+        "{E..A..2}": ["E", "C", "A"],
+        "x{1..2}{a..b}": ["x1a", "x1b", "x2a", "x2b"],
+    }
+    for pattern, names in cases.items():
+        assert braceexpand(pattern) == names and count(pattern) == len(names), pattern
+    with pytest.raises(TlfeatError, match="within one case"):
+        braceexpand("{a..C}")
+
+
+def test_round3_misleading_input_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shard = _tar(tmp_path / "a.tar", [(f"k{i}", _png_bytes(20 * i), str(i % 2).encode()) for i in range(6)])
+    with pytest.raises(TlfeatError, match="the pattern matches no file"):
+        datasets.load_split(str(tmp_path / "none" / "*.tar"), "train")
+    with pytest.raises(TlfeatError, match="1 of 2 file.s. missing"):
+        datasets.load_split(str(tmp_path / "{a,b}.tar"), "train")
+    with pytest.raises(TlfeatError, match="unknown split 'tset'. Did you mean test"):
+        datasets.canonical(f"train={shard},tset={shard}")
+    for data in ("digits", f"train={shard},test={shard}", str(make_tree(tmp_path / "tree", per_class=2))):
+        with pytest.raises(TlfeatError, match="no (split )?'tset'( split)?.*Did you mean test"):
+            datasets.load_split(data, "tset")
+    import gzip
+
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    for data in ("a.tar.gz", f"train={shard},test=a.tar.gz", "sh/*.tgz"):
+        with pytest.raises(TlfeatError, match="compressed tar files.*decompress them to .tar"):
+            datasets.canonical(data)
+    for bad in ("abc", "-1", "0", "nan"):
+        proc = run("extract", "--data", shard, *FAST, "--cache-dir", tmp_path / "cache", TLFEAT_MAX_IMAGE_MB=bad)
+        assert_one_clear_line(proc, f"TLFEAT_MAX_IMAGE_MB='{bad}' is not a positive number")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
+
+
+# --------------------------------------------------------------------------- round 3: Parquet columns and ids
+
+
+def test_round3_parquet_ids_are_relative_paths_and_two_image_columns_are_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        _parquet(tmp_path / where / "x.parquet", [0, 1, 0, 1])
+    both = datasets.load_split(str(tmp_path / "{a,b}" / "x.parquet"), "train")
+    one = datasets.load_split(str(tmp_path / "a" / "x.parquet"), "train")
+    every = both.ids + datasets.load_split(str(tmp_path / "{a,b}" / "x.parquet"), "test").ids
+    assert sorted(every) == sorted(f"{w}/x.parquet/0/{r}" for w in "ab" for r in range(4))
+    assert all(i.startswith("x.parquet/0/") for i in one.ids)  # ids of one folder are as before: caches stay valid
+    table = pa.table({"png": [_png_bytes(1)] * 4, "image": [_png_bytes(2)] * 4, "cls": [0, 1, 0, 1]})
+    pq.write_table(table, tmp_path / "two.parquet")
+    with pytest.raises(TlfeatError, match=r"2 columns that could hold the images \(png, image\)"):
+        datasets.load_split(str(tmp_path / "two.parquet"), "train")

@@ -143,7 +143,7 @@ def test_shard_errors_are_one_line(tree_and_shards: tuple[Path, Path], tmp_path:
     runner = CliRunner()
     base = ["extract", "--model", "resnet18", "--untrained", "-q", "--cache-dir", str(tmp_path / "c")]
     missing = runner.invoke(cli, [*base, "--data", str(root / "wds" / "train" / "{00000..00009}.tar")])
-    assert missing.exit_code == 2 and "8 file(s) missing" in missing.output
+    assert missing.exit_code == 2 and "8 of 10 file(s) missing" in missing.output
     no_label = runner.invoke(cli, [*base, "--data", str(bad / "00000.tar")])
     assert no_label.exit_code == 2 and "has no .cls member" in no_label.output and "--label-field" in no_label.output
     relabelled = runner.invoke(

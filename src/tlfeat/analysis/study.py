@@ -292,7 +292,7 @@ class _Images:
 
     def get(self, split: str, image_id: str, size: int = 96) -> np.ndarray:
         if split not in self.splits:
-            images = datasets.load_split(self.dataset, split, self.data_dir)
+            images = datasets.load_split(datasets.data_of(self.dataset), split, self.data_dir)
             self.splits[split] = (images, {i: k for k, i in enumerate(images.ids)})
         images, where = self.splits[split]
         img = images.image(where[image_id])

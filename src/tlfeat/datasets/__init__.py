@@ -54,6 +54,7 @@ def canonical(data: str) -> str:
         return key
     if data.startswith("shards:"):
         return _shards.canonical(data.removeprefix("shards:"))
+    _shards.refuse_compressed(data)
     path = Path(data).expanduser()
     if _exists(path):
         if path.is_dir():
@@ -73,6 +74,16 @@ def canonical(data: str) -> str:
         f"unknown dataset {printable(data)!r}: not a named dataset ({', '.join(named)}), no folder at "
         f"{printable(str(path.resolve()))}, and not shards (*.tar, *.parquet).{did_you_mean(key, list(named))}"
     )
+
+
+def data_of(dataset_id: str) -> str:
+    """The `--data` value that names exactly the dataset of a stored id (a cache file's `dataset`).
+
+    Folder ids are absolute paths and shard ids start with `shards:`, so they name themselves; a
+    named dataset's id is its bare name, which a folder of that name in the current directory
+    would take over, so it is given as `named:NAME`.
+    """
+    return NAMED_PREFIX + dataset_id if dataset_id in named_datasets() else dataset_id
 
 
 def _exists(path: Path) -> bool:
@@ -124,13 +135,16 @@ def load_split(
     label_field: str = "cls",
 ) -> ImageSplit:
     """Load one split of a dataset (a name, a folder or shards), optionally a stratified subset."""
+    config.max_image_bytes()  # a bad TLFEAT_MAX_IMAGE_MB is one line here, not an error per image later
     ds = canonical(data)
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     named = named_datasets()
     if ds in named:
         spec = named[ds]
         if split not in spec.splits:
-            raise TlfeatError(f"{ds} has no split {split!r}; valid: {', '.join(spec.splits)}")
+            raise TlfeatError(
+                f"{ds} has no split {split!r}; valid: {', '.join(spec.splits)}.{did_you_mean(split, list(spec.splits))}"
+            )
         out = spec.load(split, data_dir)
     elif ds.startswith("shards:"):
         out = load_shards(ds, split, label_field)
@@ -225,6 +239,7 @@ __all__ = [
     "ImageSplit",
     "NamedDataset",
     "canonical",
+    "data_of",
     "dataset_slug",
     "default_data_dir",
     "display_names",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tlfeat.datasets.base import SPLIT_SEED, ImageSplit, stratified_split
-from tlfeat.errors import TlfeatError, printable
+from tlfeat.errors import TlfeatError, did_you_mean, printable
 from tlfeat.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,10 @@ def load_folder(root: Path, split: str) -> ImageSplit:
     root = Path(os.path.abspath(root))
     splits = layout(root)
     if split not in splits:
-        raise TlfeatError(f"{printable(str(root))} has no {split!r} split; it has {', '.join(splits)}")
+        raise TlfeatError(
+            f"{printable(str(root))} has no {split!r} split; it has {', '.join(splits)}."
+            + did_you_mean(split, list(splits))
+        )
     train_dir = splits["train"]
     if train_dir is not None:
         folders = {s: f for s, f in splits.items() if f is not None}

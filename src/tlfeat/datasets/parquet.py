@@ -8,6 +8,7 @@ floats, booleans and text are labels; lists, structs, maps, decimals and dates a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,11 @@ def _key_type_ok(kind: Any) -> bool:
     return bool(t.is_integer(kind) or t.is_string(kind) or t.is_large_string(kind) or str(kind) == "string_view")
 
 
-def samples(path: str, label_field: str) -> list[tuple[str, Any, Any, int]]:
-    """(key, label, ref, size) of every row of one Parquet file; ref is (path, row group, row, column)."""
+def samples(path: str, label_field: str, root: str = "") -> list[tuple[str, Any, Any, int]]:
+    """(key, label, ref, size) of every row of one Parquet file; ref is (path, row group, row, column).
+
+    Rows without a key column are keyed by the file's path relative to `root` (the folder its
+    pattern starts from), row group and row: unique across files of one name in different folders."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -57,9 +61,15 @@ def samples(path: str, label_field: str) -> list[tuple[str, Any, Any, int]]:
         raise TlfeatError(f"{name} is not a readable Parquet file ({exc})") from exc
     names = schema.names
     shown = printable(", ".join(names)[:300])
-    column = next((c for c in IMAGE_COLUMNS if c in names), None)
-    if column is None:
+    candidates = [c for c in IMAGE_COLUMNS if c in names]
+    if not candidates:
         raise TlfeatError(f"{name} has no image column (looked for {', '.join(IMAGE_COLUMNS)}; it has {shown})")
+    if len(candidates) > 1:  # never a silent pick: the other column may hold the images meant
+        raise TlfeatError(
+            f"{name} has {len(candidates)} columns that could hold the images ({', '.join(candidates)}); "
+            "write the file with one of them (tlfeat has no option to choose yet)"
+        )
+    column = candidates[0]
     field = label_field if label_field in names else ("label" if "label" in names and label_field == "cls" else None)
     if field is None:
         raise TlfeatError(
@@ -73,13 +83,14 @@ def samples(path: str, label_field: str) -> list[tuple[str, Any, Any, int]]:
         )
     key_column = next((c for c in KEY_COLUMNS if c in names and _key_type_ok(schema.field(c).type)), None)
     out = []
+    where_in = os.path.relpath(path, root) if root else Path(path).name
     try:
         for group in range(pf.num_row_groups):
             table = pf.read_row_group(group, columns=[field] + ([key_column] if key_column else []))
             labels = table.column(field).to_pylist()
             keys = table.column(key_column).to_pylist() if key_column else None
             for row, label in enumerate(labels):
-                key = keys[row] if keys else f"{Path(path).name}/{group}/{row}"
+                key = keys[row] if keys else f"{where_in}/{group}/{row}"
                 where = f"{name}: row {row} of row group {group}"
                 if key is None or not str(key).strip():
                     raise TlfeatError(f"{where} has no {key_column} (sample id); give every row one")

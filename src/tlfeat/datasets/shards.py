@@ -24,12 +24,26 @@ from tlfeat.datasets import parquet
 from tlfeat.datasets.base import SPLIT_SEED, ImageSplit, stratified_split
 from tlfeat.datasets.labels import MAX_LABEL, class_label, class_names
 from tlfeat.datasets.spec import braceexpand, parts
-from tlfeat.errors import DatasetNotFound, TlfeatError, printable
+from tlfeat.errors import DatasetNotFound, TlfeatError, did_you_mean, printable
 from tlfeat.images import file_kind
 
 SHARD_SUFFIXES = (".tar", ".parquet")
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
 FLAT_TEST_FRACTION = 0.2
+
+
+COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def refuse_compressed(data: str) -> None:
+    """Compressed tar shards cannot be read in place by byte range: one line that says what to do."""
+    found = [p for p in parts(data).values() if p.lower().endswith(COMPRESSED)]
+    if found:
+        raise TlfeatError(
+            f"shards {printable(found[0][:200])} are compressed tar files, which cannot be read in place; "
+            "decompress them to .tar (e.g. `gunzip -k`, `xz -dk`) and give those"
+        )
 
 
 def is_shard_spec(data: str) -> bool:
@@ -46,6 +60,9 @@ def canonical(data: str) -> str:
         raise TlfeatError(
             f"shards {printable(data[:200])!r}: {empty[0]} is empty; give a pattern such as sh/{{0..9}}.tar"
         )
+    for split in found:
+        if split and split not in SPLIT_NAMES and (close := did_you_mean(split, list(SPLIT_NAMES))):
+            raise TlfeatError(f"shards {printable(data[:200])}: unknown split {split!r}.{close}")
     absolute = {k: os.path.abspath(os.path.expanduser(v)) for k, v in found.items()}
     if "val" in absolute and "test" not in absolute:  # as in folder trees: val is the evaluation split
         absolute["test"] = absolute.pop("val")
@@ -59,6 +76,17 @@ def patterns(dataset_id: str) -> dict[str, str]:
     return parts(dataset_id.removeprefix("shards:"))
 
 
+def fixed_folder(pattern: str) -> str:
+    """The folder a pattern starts from: its path up to the first component with a brace or glob."""
+    parts = pattern.split(os.sep)
+    static = []
+    for part in parts[:-1]:  # the file name itself is never the folder
+        if any(ch in part for ch in "{*?["):
+            break
+        static.append(part)
+    return os.sep.join(static) or os.sep
+
+
 def _files(pattern: str) -> list[str]:
     files: list[str] = []
     if os.path.isfile(pattern):  # `a[1].tar` or `{x}.tar` that exists is that file, not a pattern
@@ -67,11 +95,15 @@ def _files(pattern: str) -> list[str]:
         found = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
         files.extend(found)
     missing = [f for f in files if not os.path.exists(f)]
-    if not files or missing:
+    if not files or len(missing) == len(files):
         raise DatasetNotFound(
-            f"shards {printable(pattern)}: {len(missing) if files else 'no'} file(s) missing"
-            + (f" (first: {printable(missing[0])})" if missing else "")
-            + "; check the pattern (braces like {00000..00127} and globs are expanded)"
+            f"shards {printable(pattern)}: the pattern matches no file; check it (braces like {{00000..00127}} "
+            "and globs are expanded)"
+        )
+    if missing:
+        raise DatasetNotFound(
+            f"shards {printable(pattern)}: {len(missing)} of {len(files)} file(s) missing (first: "
+            f"{printable(missing[0])}); check the pattern (braces like {{00000..00127}} and globs are expanded)"
         )
     for f in files:
         mode = os.stat(f).st_mode
@@ -128,7 +160,13 @@ def _tar_samples(path: str, label_field: str) -> list[tuple[str, Any, int, int]]
                     labels[key] = class_label(fh.read() if fh else b"", f"{where}.{ext}")
                 if ext in IMAGE_MEMBERS:
                     seen_ext.setdefault(key, ext)
+            _check_complete(path, tar.fileobj, tar.offset)
     except (OSError, tarfile.TarError, EOFError) as exc:
+        if "unexpected end of data" in str(exc):  # a member's bytes run past the end of the file
+            raise TlfeatError(
+                f"{printable(path)} is truncated: a member runs past its end (a copy or download cut short); "
+                "copy the shard again"
+            ) from exc
         raise TlfeatError(f"{printable(path)} is not a readable tar shard ({exc})") from exc
     missing = [k for k in order if k not in labels]
     if missing:
@@ -137,6 +175,18 @@ def _tar_samples(path: str, label_field: str) -> list[tuple[str, Any, int, int]]
             f"({len(missing)} of {len(order)} samples); choose the label member with --label-field"
         )
     return [(k, labels[k], *images[k]) for k in order]
+
+
+def _check_complete(path: str, fh: Any, end: int) -> None:
+    """Refuse a shard cut short: a tar ends with a zero block after its last member, so a copy that
+    stopped at a member's boundary (or inside a header, which tarfile takes for the end) lacks it."""
+    size = os.fstat(fh.fileno()).st_size
+    fh.seek(end)
+    if size < end + tarfile.BLOCKSIZE or fh.read(tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
+        raise TlfeatError(
+            f"{printable(path)} is truncated: it stops after {size:,} bytes without the end-of-archive block "
+            "(a copy or download cut short); copy the shard again"
+        )
 
 
 def _list(pattern: str, label_field: str) -> tuple[list[str], list[Any], list[Any], np.ndarray, str]:
@@ -150,7 +200,7 @@ def _list(pattern: str, label_field: str) -> tuple[list[str], list[Any], list[An
         mtime = os.stat(path).st_mtime_ns
         if path.endswith(".parquet"):
             kinds.add("parquet")
-            for key, label, ref, size in parquet.samples(path, label_field):
+            for key, label, ref, size in parquet.samples(path, label_field, fixed_folder(pattern)):
                 ids.append(key)
                 labels.append(label)
                 refs.append(ref)
@@ -192,7 +242,9 @@ def load_shards(dataset_id: str, split: str, label_field: str = "cls") -> ImageS
     found = patterns(dataset_id)
     flat = "" in found
     if not flat and split not in found:
-        raise TlfeatError(f"{printable(spec)} has no {split!r} split; it has {', '.join(found)}")
+        raise TlfeatError(
+            f"{printable(spec)} has no {split!r} split; it has {', '.join(found)}.{did_you_mean(split, list(found))}"
+        )
     train_pattern = found[""] if flat else found.get("train", next(iter(found.values())))
     ids, raw, refs, stats, kind = _listed(found[""] if flat else found[split], label_field)
     train_raw = raw if flat or split == "train" else _listed(train_pattern, label_field)[1]

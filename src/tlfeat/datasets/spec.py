@@ -1,6 +1,7 @@
 """The text of a `--data` value: brace patterns, split mappings, and lists of datasets.
 
-Braces expand as in bash and WebDataset (`{00000..00127}`, `{a,b}`, nested, descending ranges),
+Braces expand as in bash and WebDataset (`{00000..00127}`, `{a,b}`, nested, descending ranges,
+steps `{0..10..2}`, letters `{a..e}`),
 bounded: a pattern that names more than `MAX_NAMES` files is refused before anything is
 expanded. Commas inside braces belong to the pattern, so `'sh/{a,b}.tar'` is one dataset and
 `train=sh/{a,b}.tar,test=sh/c.tar` one dataset with two splits.
@@ -18,23 +19,33 @@ from typing import Any
 from tlfeat.errors import TlfeatError, printable
 
 MAX_NAMES = 1_000_000  # names one brace pattern may expand to
-_RANGE = re.compile(r"(-?\d{1,18})\.\.(-?\d{1,18})")
+_RANGE = re.compile(r"(-?\d{1,18})\.\.(-?\d{1,18})(?:\.\.(-?\d{1,18}))?")
+_LETTERS = re.compile(r"([a-zA-Z])\.\.([a-zA-Z])(?:\.\.(-?\d{1,18}))?")
 _MAPPED = re.compile(r"^\s*(\w+)=")
 
 
 @dataclass(frozen=True)
 class _Range:
+    """`{lo..hi}` or `{lo..hi..step}` as bash expands it: numbers (zero-padded to `width`) or letters."""
+
     lo: int
     hi: int
     width: int
+    step: int = 1  # its sign is ignored, as in bash: the direction is lo to hi
+    letters: bool = False
 
     def __len__(self) -> int:
-        return abs(self.hi - self.lo) + 1
+        return abs(self.hi - self.lo) // (abs(self.step) or 1) + 1
 
     def __iter__(self) -> Iterator[str]:
-        step = 1 if self.hi >= self.lo else -1
-        for i in range(self.lo, self.hi + step, step):
-            yield (f"-{str(-i).zfill(self.width - 1)}" if i < 0 else str(i).zfill(self.width)) if self.width else str(i)
+        step = (abs(self.step) or 1) * (1 if self.hi >= self.lo else -1)
+        for i in range(self.lo, self.hi + (1 if step > 0 else -1), step):
+            if self.letters:
+                yield chr(i)
+            elif self.width:
+                yield f"-{str(-i).zfill(self.width - 1)}" if i < 0 else str(i).zfill(self.width)
+            else:
+                yield str(i)
 
 
 # A parsed pattern: literal text, and groups of alternatives (each a parsed pattern) or ranges.
@@ -83,7 +94,12 @@ def _parse(text: str, lo: int, hi: int, match: dict[int, int], depth: int = 0) -
             continue
         cuts = _top_commas(text, i + 1, end, match)
         ranged = _RANGE.fullmatch(text, i + 1, end)
-        if not cuts and ranged is None:  # `{a}` is literal text, as in bash
+        letters = _LETTERS.fullmatch(text, i + 1, end)
+        if letters is not None and letters.group(1).islower() != letters.group(2).islower():
+            raise TlfeatError(
+                f"the pattern {printable(text[:200])}: a letter range goes within one case ({{a..z}} or {{A..Z}})"
+            )
+        if not cuts and ranged is None and letters is None:  # `{a}` is literal text, as in bash
             literal.append(text[i])
             i += 1
             continue
@@ -91,9 +107,11 @@ def _parse(text: str, lo: int, hi: int, match: dict[int, int], depth: int = 0) -
             parts.append("".join(literal))
             literal = []
         if ranged is not None:
-            a, b = ranged.group(1), ranged.group(2)
+            a, b, step = ranged.group(1), ranged.group(2), int(ranged.group(3) or 1)
             padded = any(len(v.lstrip("-")) > 1 and v.lstrip("-").startswith("0") for v in (a, b))
-            parts.append(_Range(int(a), int(b), max(len(a), len(b)) if padded else 0))
+            parts.append(_Range(int(a), int(b), max(len(a), len(b)) if padded else 0, step))
+        elif letters is not None:
+            parts.append(_Range(ord(letters.group(1)), ord(letters.group(2)), 0, int(letters.group(3) or 1), True))
         else:
             bounds = [i + 1, *[c + 1 for c in cuts]], [*cuts, end]
             parts.append([_parse(text, s, e, match, depth + 1) for s, e in zip(*bounds, strict=True)])

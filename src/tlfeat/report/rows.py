@@ -278,6 +278,7 @@ def _row(r: RunRecord, out: Path, variant: str, dataset: str) -> dict[str, Any]:
         "n_train": r.n_train,
         "n_test": r.n_test,
         "n_skipped": sum((r.details.get("n_skipped") or {}).values()),
+        "test_in_train": (r.details.get("train_test_overlap") or {}).get("test_images_in_train") or 0,
         "image_size": r.image_size,
         "limit": r.limit,
         "test_limit": r.test_limit,

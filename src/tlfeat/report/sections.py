@@ -134,6 +134,13 @@ def notes(items: list[dict[str, Any]]) -> list[Block]:
     out: list[Block] = []
     chance = [c for c in configs(items) if c.near_chance]
     busy = [r for r in items if r["busy"]]
+    shared = {(r["model"], r["dataset"]): (r["test_in_train"], r["n_test"]) for r in items if r.get("test_in_train")}
+    if shared:
+        out.append(("h2", "Test images that are also training images"))
+        out += [
+            ("li", f"{model} on {dataset}: {n} of {n_test} test image(s) are training images too; accuracy reads high")
+            for (model, dataset), (n, n_test) in shared.items()
+        ]
     if chance:
         out.append(("h2", "Runs no better than chance"))
         out += [("li", f"{c.dataset}: {c.label()} — {c.near_chance} (accuracy {c.accuracy:.4f})") for c in chance]
