@@ -143,14 +143,28 @@ def test_decoding_starts_while_the_export_is_made(tmp_path: Path, monkeypatch: p
         decoded.set()
         return out
 
+    joined = threading.Event()
+
+    class Thread(threading.Thread):  # the first batch has begun to wait for the export
+        def join(self, timeout: float | None = None) -> None:
+            if self.name == "tlfeat-onnx-export":
+                joined.set()
+            super().join(timeout)
+
     def export_elsewhere(spec: inference.ModelSpec, path: Path) -> dict[str, Any]:
         if not decoded.wait(timeout=300):
             raise AssertionError("nothing was decoded while the export was being made")
+        joined.wait(timeout=300)
+        threading.Event().wait(0.3)  # the batch waits at least this long: kept out of the extraction's time
         return original_export(spec, path)
 
     monkeypatch.setattr(pool, "decode_batch", decode_batch)
     monkeypatch.setattr(inference, "export_elsewhere", export_elsewhere)
-    train, _ = extract(_cfg(tree, tmp_path / "c"))
+    monkeypatch.setattr(inference.threading, "Thread", Thread)
+    train, test = extract(_cfg(tree, tmp_path / "c"))
+    waited = train.meta["onnx_export_wait_seconds"]
+    assert waited >= 0.3 and "onnx_export_wait_seconds" not in test.meta  # paid once, by the first split
+    assert train.meta["extract_seconds"] == train.meta["run_seconds"]  # the extraction's own time, not the export's
     assert train.meta["backend"] == "onnxruntime" and train.meta["weights_id"] == "untrained:seed0"
     [export] = _exports(config.model_cache_dir())
     assert train.meta["weights_source"] == "untrained" and train.meta["onnx_export"] == export.name

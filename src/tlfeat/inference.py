@@ -14,6 +14,7 @@ import contextlib
 import importlib.metadata
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,6 +268,15 @@ def export_elsewhere(spec: ModelSpec, path: Path) -> dict[str, Any]:
         return pool.submit(_export, spec, path).result()
 
 
+def take_export_wait(runner: Any) -> float:
+    """Seconds the first batch of `runner` waited for the model's ONNX export, reported once (the
+    runner serves every split of a run, and only the first paid for the export)."""
+    waited = float(getattr(runner, "export_wait", 0.0))
+    if waited:
+        runner.export_wait = 0.0
+    return waited
+
+
 class PendingOnnxRunner:
     """An ONNX Runtime runner whose export is being made (in another process, by a thread of this one).
 
@@ -281,6 +291,7 @@ class PendingOnnxRunner:
         self.weights: dict[str, Any] = {}  # filled in before the first batch is computed
         self.runner: OnnxRunner | None = None
         self.error: BaseException | None = None
+        self.export_wait = 0.0  # how long the first batch waited for the export, once
         self.thread = threading.Thread(target=self._export, name="tlfeat-onnx-export", daemon=True)
         self.thread.start()
 
@@ -292,7 +303,9 @@ class PendingOnnxRunner:
 
     def ready(self) -> OnnxRunner:
         if self.runner is None:
+            t0 = time.perf_counter()
             self.thread.join()
+            self.export_wait = time.perf_counter() - t0
             if self.error is not None:
                 raise self.error
             self.runner = OnnxRunner(self.spec.onnx_path(), self.weights)
