@@ -67,6 +67,7 @@ def main() -> None:
             ExtractConfig(model="mobilenet_v2", data=data, layer=LAYERS, image_size=size, limit=args.limit, cache_dir=cache_dir, progress=False)
         )  # fmt: skip
         extract_s = time.perf_counter() - t0
+        print(f"{data}: extraction (3 layers, one pass) {extract_s:.0f} s", flush=True)
         by = {(fs.split, str(fs.meta["layer"])): fs for fs in found}
         old = old_default(by[("train", "penultimate")], by[("test", "penultimate")])
         table.append([data, "logreg, earlier default (3-fold CV on 3,000)", "penultimate", f"C={old['C']:g}", old["accuracy"], old["search_s"], old["fit_s"]])  # fmt: skip
@@ -97,8 +98,8 @@ def main() -> None:
             table.append(
                 [data, name, layer, how, r.metrics["accuracy"], r.timings.search_seconds, r.timings.train_seconds]
             )
+            print(f"{data} | {name} | {layer} | {how} | {r.metrics['accuracy']:.4f} | search {r.timings.search_seconds:.1f} s | fit {r.timings.train_seconds:.1f} s", flush=True)  # fmt: skip
             records[f"{data}/{name}/{layer}"] = json.loads(r.to_json())
-        print(f"{data}: extraction (3 layers, one pass) {extract_s:.0f} s", flush=True)
     lines = [
         "| dataset | method | features | chosen | test accuracy | search s | fit s |",
         "|---|---|---|---|---|---|---|",
