@@ -153,7 +153,7 @@ def key_attrs(name: str) -> dict[str, Any]:
 
 
 # Options that narrow down which cached set to load, and their attribute names.
-SELECTORS = ("layer", "weights_id", "image_size", "limit", "subset_seed", "backend")
+SELECTORS = ("layer", "pooling", "weights_id", "image_size", "limit", "subset_seed", "backend")
 
 
 def matches(attrs: dict[str, Any], **selectors: Any) -> bool:

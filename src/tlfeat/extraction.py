@@ -438,6 +438,7 @@ def load_features(
     test_limit: int | None = None,
     subset_seed: int | None = None,
     backend: str | None = None,
+    pooling: str | None = None,
     lazy: bool = False,
     allow_stale: bool = False,
 ) -> cache.FeatureSet:
@@ -445,7 +446,8 @@ def load_features(
 
     With no selectors, the penultimate-layer set is loaded if exactly one matches; `layer`,
     `weights_id`, `image_size`, `limit` (of the training split) / `test_limit` (of the others),
-    `subset_seed` and `backend` choose among several. `lazy=True` leaves the features on disk:
+    `subset_seed`, `backend` and `pooling` (as stored: "cls", "mean", "cls+mean" for `--pool`, or the
+    source's own, e.g. "global-average") choose among several. `lazy=True` leaves the features on disk:
     `fs.X` reads rows on demand and `fs.iter_batches(n)` streams them.
 
     Where the images are still there, they are compared with the file's fingerprints first: features
@@ -474,6 +476,7 @@ def load_features(
         limit=limit if split == "train" else test_limit,
         subset_seed=subset_seed if split == "train" else None,  # only --limit subsets have one
         backend=backend,
+        pooling=pooling,
     )
     if not allow_stale:  # the hint names the command that updates them (export and analyze have no --allow-stale)
         freshness.require_fresh([catalog.Entry(path, cache.read_attrs(path), "ok")], allow_stale_hint=None)

@@ -415,7 +415,7 @@ def configuration(record: RunRecord) -> dict[str, Any]:
     )
     features = (record.provenance.get("features") or {}).get("train") or {}
     key_fields = features.get("key_fields") or {}
-    for name in ("backend", "precision", "device", "label_field"):
+    for name in ("backend", "precision", "device", "label_field", "pooling"):
         if name in key_fields:
             out[name] = key_fields[name]
     if isinstance(key_fields.get("preprocessing"), dict):
