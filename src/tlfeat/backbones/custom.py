@@ -78,7 +78,8 @@ class CustomSource(Source):
     def convert(self, name: str, state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         if any(k.startswith("base.") for k in state):
             return state  # a tlfeat checkpoint of this model (fine-tuned): its own names
-        _check_fits(name, state, model.base.state_dict())  # type: ignore[operator]
+        base: Any = model.base
+        _check_fits(name, state, base.state_dict())
         return {"base." + k: v for k, v in state.items()}
 
     def build(self, name: str, device: str = "cpu", num_classes: int | None = None) -> nn.Module:
