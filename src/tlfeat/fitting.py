@@ -10,6 +10,7 @@ edited are never matched with an old result.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import platform
@@ -98,7 +99,9 @@ def _concat_pairs(cfg: FitConfig) -> list[Pair]:
     found = [pairs(with_changes(cfg, layer=part)) for part in concat.parts(layer)]
 
     def variant(p: Pair) -> str:
-        fields = {k: p.train.attrs.get(k) for k in PAIR_FIELDS if k != "layer"}
+        # The pooling belongs to each part (a timm stage pools by global average, its penultimate
+        # layer is the pre-logits): compared within a part, never across parts.
+        fields = {k: p.train.attrs.get(k) for k in PAIR_FIELDS if k not in ("layer", "pooling")}
         fields.update(limit=p.train.attrs.get("limit"), subset=p.train.attrs.get("subset_seed"))
         return json.dumps({**fields, "test_limit": p.test.attrs.get("limit")}, sort_keys=True, default=str)
 
@@ -108,7 +111,11 @@ def _concat_pairs(cfg: FitConfig) -> list[Pair]:
             f"no extraction holds every layer of --layer {layer}; extract them in one pass with "
             f"`tlfeat extract ... --layer {layer}`"
         )
-    return [concatenated(layer, [next(p for p in group if variant(p) == v) for group in found]) for v in sorted(common)]
+    return [
+        concatenated(layer, list(combo))
+        for v in sorted(common)
+        for combo in itertools.product(*([p for p in group if variant(p) == v] for group in found))
+    ]
 
 
 @dataclass

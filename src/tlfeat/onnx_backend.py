@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -43,6 +44,25 @@ def available() -> bool:
 def require() -> None:
     if not available():
         raise TlfeatError(f"--backend onnxruntime needs the onnxruntime and onnx packages; {INSTALL_HINT}")
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why no export can be written under `folder` (TLFEAT_MODEL_CACHE's `onnx/`), found without
+    writing anything; None where one can."""
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"{probe} is on a read-only filesystem"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
 
 
 def export_path(

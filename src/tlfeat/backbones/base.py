@@ -307,6 +307,12 @@ class Source:
                     f"Run `tlfeat models --layers {backbone.spec}` to list them."
                 )
 
+    def check_request(self, backbone: Backbone, image_size: int, pool: str | None) -> None:
+        """Refuse, before any work, what the network cannot run: `--pool` where it outputs feature maps
+        (its extractor says so, built on the meta device)."""
+        if pool is not None and self.tokens:
+            self.extractor(backbone.build(device="meta"), backbone.name, [None], pool)
+
     def blocks(self, model: nn.Module, name: str) -> list[list[str]]:
         """The blocks before the head in forward order (what `freeze:k` and discriminative rates count)."""
         from tlfeat.backbones import cut
@@ -428,6 +434,9 @@ class Backbone:
 
     def layer_names(self, model: nn.Module | None = None, nodes: bool = False) -> list[str]:
         return self.source.layer_names(model if model is not None else self.build(device="meta"), self.name, nodes)
+
+    def check_request(self, image_size: int, pool: str | None) -> None:
+        self.source.check_request(self, image_size, pool)
 
     def check_layers(self, layers: list[str]) -> None:
         self.source.check_layers(self, layers)
