@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import platform
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ import numpy as np
 
 from tlfeat import (
     __version__,
+    backbones,
     cache,
     catalog,
     classifier_specs,
@@ -139,7 +141,7 @@ def pairs(cfg: FitConfig) -> list[Pair]:
     entries = [
         e
         for e in catalog.scan(cfg.cache_dir)
-        if (not cfg.model or e.attrs.get("model") == cfg.model)
+        if (not cfg.model or backbones.selects(cfg.model, e.attrs.get("model"), e.attrs.get("weights_id")))
         and (not dataset_id or e.attrs.get("dataset") == dataset_id)
         and catalog.matches(e.attrs, **wanted)
     ]
@@ -151,7 +153,10 @@ def pairs(cfg: FitConfig) -> list[Pair]:
     if not ok:
         if damaged:
             raise CacheDamaged(damaged[0].problem)
-        hint = f"tlfeat extract --model {cfg.model or 'mobilenet_v2'} --data {cfg.data or 'digits'}"
+        name, untrained = backbones.split_variant(cfg.model or "mobilenet_v2")
+        hint = shlex.join(
+            ["tlfeat", "extract", "--model", name, "--data", cfg.data or "digits", *(["--untrained"] if untrained else [])]
+        )
         raise TlfeatError(f"no cached features{' for ' + what if what else ''} in {cfg.cache_dir}; run `{hint}` first")
     groups: dict[str, dict[str, list[catalog.Entry]]] = {}
     for e in ok:

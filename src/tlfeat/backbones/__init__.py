@@ -24,6 +24,7 @@ from tlfeat.backbones.base import (
     slug,
     source,
     split_source,
+    selects,
     split_variant,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "slug",
     "source",
     "split_source",
+    "selects",
     "split_variant",
     "weights_entry",
 ]

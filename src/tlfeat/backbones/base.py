@@ -66,6 +66,15 @@ def split_variant(spec: str) -> tuple[str, bool]:
     return spec, False
 
 
+def selects(spec: str, model: object, weights_id: object) -> bool:
+    """Does `--model spec` (MODEL or MODEL:untrained) select what was computed by `model` with
+    `weights_id`? MODEL:untrained selects MODEL's random-weights features and results only."""
+    name, untrained = split_variant(spec)
+    if model == spec:
+        return True
+    return model == name and (not untrained or str(weights_id or "").startswith(UNTRAINED + ":"))
+
+
 def slug(spec: str) -> str:
     """A model name fit for a file name: torchvision's names unchanged, `/` and `:` as `-`, no `__`
     (which separates the parts of a cache file's name)."""
