@@ -77,8 +77,9 @@ class TimmSource(Source):
                 f"unknown model 'timm:{name}'.{did_you_mean(arch, self.names())} "
                 "Run `tlfeat models --source timm --filter PATTERN` to list the valid names."
             )
-        if tag and name not in set(self.pretrained()):
-            tags = [p.split(".", 1)[1] for p in self.pretrained() if p.split(".", 1)[0] == arch]
+        offline_tags = [t for (a, t) in REGISTRY if a == arch]  # what `tlfeat models` shows too
+        if tag and tag not in offline_tags and name not in set(self.pretrained()):
+            tags = offline_tags + [p.split(".", 1)[1] for p in self.pretrained() if p.split(".", 1)[0] == arch]
             raise TlfeatError(
                 f"timm has no weights {tag!r} for {arch}; valid: {', '.join(tags) or 'none (use --untrained)'}"
             )
@@ -162,6 +163,9 @@ class TimmSource(Source):
         import timm
         import torch
 
+        arch, _, tag = name.partition(".")
+        if (arch, tag) in REGISTRY:  # an offline entry: the network of the timm tag it was converted to
+            name = f"{arch}.{REGISTRY[arch, tag][1]}"
         kwargs: dict[str, Any] = {"pretrained": False}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
