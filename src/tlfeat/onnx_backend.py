@@ -11,6 +11,7 @@ neither torch nor torchvision.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -93,17 +94,29 @@ def verified(path: Path, repair: bool = False) -> dict[str, Any] | None:
     """
     if not path.is_file():
         return None
+    why = "failed its checksum"
     try:
         meta = json.loads(sidecar(path).read_text())
         expected = meta["sha256"]
+    except FileNotFoundError:
+        meta, expected, why = {}, None, f"has no sidecar ({sidecar(path).name} is missing)"
     except (OSError, ValueError, KeyError, TypeError):
-        meta, expected = {}, None
+        meta, expected, why = {}, None, f"has a damaged sidecar ({sidecar(path).name})"
     if expected is not None and offline.sha256_file(path) == expected:
         return meta
     if repair:
+        older = sorted(path.parent.glob(glob.escape(path.name) + ".damaged*"))
+        for old in older:  # one set-aside copy per export: exports are remade, never data
+            old.unlink(missing_ok=True)
         aside = fsio.set_aside(path)
         sidecar(path).unlink(missing_ok=True)
-        log.warning("the ONNX export %s failed its checksum; moved it to %s and exporting again", path.name, aside.name)
+        log.warning(
+            "the ONNX export %s %s; moved it to %s%s and exporting again",
+            path.name,
+            why,
+            aside.name,
+            f" (deleted {len(older)} older damaged cop{'y' if len(older) == 1 else 'ies'})" if older else "",
+        )
     return None
 
 

@@ -467,5 +467,23 @@ def resolve(spec: str) -> Backbone:
     if not name:
         raise TlfeatError(f"model name {spec!r} names no model; e.g. resnet50 or timm:convnext_tiny")
     src = source(prefix)
-    src.check(name)
+    try:
+        src.check(name)
+    except TlfeatError as exc:
+        raise _unknown_source(str(spec).strip()) or exc from None
     return Backbone(spec, name, src)
+
+
+def _unknown_source(spec: str) -> TlfeatError | None:
+    """`Timm:resnet18`, `foo:bar`: a prefix that is no source (and no torchvision model either)."""
+    head, sep, rest = spec.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", head) or head in source(DEFAULT_SOURCE).names():
+        return None
+    others = [p for p in SOURCES if p != DEFAULT_SOURCE]
+    if head.lower() in SOURCES:
+        return TlfeatError(f"unknown model source {head!r} (source names are lower case); use {head.lower()}:{rest}")
+    return TlfeatError(
+        f"unknown model source {head!r}; valid: {', '.join(others)} (PREFIX:NAME), or a torchvision name "
+        "without a prefix."
+        + did_you_mean(head, others)
+    )

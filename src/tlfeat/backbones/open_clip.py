@@ -17,7 +17,7 @@ import logging
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from tlfeat import config, offline
+from tlfeat import config, offline, progress
 from tlfeat.backbones import hub
 from tlfeat.backbones.base import Backbone, Located, ModelInfo, Source, Store, WeightsInfo
 from tlfeat.errors import TlfeatError, did_you_mean
@@ -52,6 +52,7 @@ class OpenClipSource(Source):
         if isinstance(found, list):
             return found
         self.require()
+        progress.status(f"reading open_clip's model list (once per open_clip version: {self.version()})")
         import open_clip
 
         found = [f"{arch}/{tag}" for arch, tag in open_clip.list_pretrained()]

@@ -21,7 +21,7 @@ from dataclasses import replace
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from tlfeat import config, offline
+from tlfeat import config, offline, progress
 from tlfeat.backbones import hub
 from tlfeat.backbones.base import Backbone, Located, ModelInfo, Source, Store, WeightsInfo
 from tlfeat.errors import TlfeatError, did_you_mean
@@ -59,7 +59,7 @@ class TimmSource(Source):
         self.require()
         import timm
 
-        log.info("reading timm %s's model list once", self.version())
+        progress.status(f"reading timm's model list (once per timm version: {self.version()})")
         found = {"models": sorted(timm.list_models()), "pretrained": sorted(timm.list_pretrained())}
         store.put("catalog", "all", found)
         return found
