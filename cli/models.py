@@ -41,7 +41,7 @@ def command(
     if src.prefix == "custom":
         click.echo(
             "custom models are not listed: name one as custom:MODULE:FUNCTION, a function of an importable "
-            "module that returns the network (e.g. custom:mypkg.nets:small_cnn; see the README)."
+            "module returning (model, preprocessing dict), e.g. custom:mypackage.models:make (see the README)."
         )
         return
     if src.prefix == "torchvision":

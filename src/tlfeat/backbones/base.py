@@ -470,6 +470,8 @@ def resolve(spec: str) -> Backbone:
     try:
         src.check(name)
     except TlfeatError as exc:
+        if prefix != DEFAULT_SOURCE:
+            raise
         raise _unknown_source(str(spec).strip()) or exc from None
     return Backbone(spec, name, src)
 
