@@ -155,7 +155,15 @@ def pairs(cfg: FitConfig) -> list[Pair]:
             raise CacheDamaged(damaged[0].problem)
         name, untrained = backbones.split_variant(cfg.model or "mobilenet_v2")
         hint = shlex.join(
-            ["tlfeat", "extract", "--model", name, "--data", cfg.data or "digits", *(["--untrained"] if untrained else [])]
+            [
+                "tlfeat",
+                "extract",
+                "--model",
+                name,
+                "--data",
+                cfg.data or "digits",
+                *(["--untrained"] if untrained else []),
+            ]
         )
         raise TlfeatError(f"no cached features{' for ' + what if what else ''} in {cfg.cache_dir}; run `{hint}` first")
     groups: dict[str, dict[str, list[catalog.Entry]]] = {}

@@ -30,7 +30,9 @@ def test_layers_of_different_poolings_concatenate(tmp_path: Path) -> None:
     model = ["--model", "timm:resnet18", "--untrained"]
     extracted = cli("extract", *model, *SMALL, "--layer", "layer3,penultimate", "--cache-dir", tmp_path / "cache")
     assert extracted.returncode == 0, extracted.stderr[-2000:]
-    fitted = cli("fit", "--clf", "logreg", "--C", "1", "--model", "timm:resnet18", "--layer", "layer3+penultimate", *where)
+    fitted = cli(
+        "fit", "--clf", "logreg", "--C", "1", "--model", "timm:resnet18", "--layer", "layer3+penultimate", *where
+    )
     assert fitted.returncode == 0, fitted.stderr[-2000:]
     [record] = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("record.json")]
     assert record["layer"] == "layer3+penultimate"

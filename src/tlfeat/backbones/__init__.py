@@ -21,10 +21,10 @@ from tlfeat.backbones.base import (
     layer_name,
     parse_layers,
     resolve,
+    selects,
     slug,
     source,
     split_source,
-    selects,
     split_variant,
 )
 

@@ -486,6 +486,5 @@ def _unknown_source(spec: str) -> TlfeatError | None:
         return TlfeatError(f"unknown model source {head!r} (source names are lower case); use {head.lower()}:{rest}")
     return TlfeatError(
         f"unknown model source {head!r}; valid: {', '.join(others)} (PREFIX:NAME), or a torchvision name "
-        "without a prefix."
-        + did_you_mean(head, others)
+        "without a prefix." + did_you_mean(head, others)
     )
