@@ -38,6 +38,12 @@ def command(
         click.echo(json.dumps(names) if as_json else "\n".join(names))
         return
     src = backbones.source(source_name)
+    if src.prefix == "custom":
+        click.echo(
+            "custom models are not listed: name one as custom:MODULE:FUNCTION, a function of an importable "
+            "module returning (model, preprocessing dict), e.g. custom:mypackage.models:make (see the README)."
+        )
+        return
     if src.prefix == "torchvision":
         names = list(backbones.available_models() if show_all or pattern else backbones.STUDIED)
     else:
@@ -46,6 +52,12 @@ def command(
     if pattern:
         glob = any(c in pattern for c in "*?[")
         names = [n for n in names if (fnmatch.fnmatch(n, pattern) if glob else pattern.lower() in n.lower())]
+    if not names:
+        if as_json:
+            click.echo("[]")
+            return
+        click.echo(_none_found(src.prefix, pattern))
+        return
     rows = [_row(name) for name in names] if len(names) <= DETAILED or src.prefix == "torchvision" else []
     if as_json:
         click.echo(json.dumps(rows or [{"model": n} for n in names], indent=2))
@@ -62,8 +74,19 @@ def command(
         click.echo(f"table: {backbones.models_origin()}")
         others = ", ".join(p for p in backbones.SOURCES if p != "torchvision")
         click.echo(f"other sources: {others} (`tlfeat models --source timm --filter convnext`).")
-    elif not names:
-        click.echo(f"no {src.prefix} models found{f' matching {pattern!r}' if pattern else ''}.")
+
+
+def _none_found(prefix: str, pattern: str | None) -> str:
+    """The one line `tlfeat models` prints when nothing is listed."""
+    from tlfeat import config
+
+    matching = f" matching {pattern!r}" if pattern else ""
+    if prefix == "hf":
+        return (
+            f"no hf models{matching} in the Hugging Face cache at {config.hf_hub_cache()}; name a hub id "
+            "(hf:ORG/NAME, fetched once with internet) or a folder written by save_pretrained (hf:PATH)."
+        )
+    return f"no {prefix} models{matching}; a substring or a glob (*, ?, [abc]) matches names."
 
 
 def _row(name: str) -> dict[str, object]:

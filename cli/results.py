@@ -21,7 +21,7 @@ from tlfeat_cli.options import from_config, json_option, table
 @user_errors()
 def command(model: str | None, data: str | None, method: str | None, as_json: bool, **options: Any) -> None:
     """List saved results (fits and fine-tunes), filtered; malformed records are skipped with a warning."""
-    from tlfeat import config
+    from tlfeat import backbones, config
     from tlfeat.records import Method, load_records
 
     results_dir = options.pop("results_dir") or config.default_results_dir()
@@ -29,7 +29,7 @@ def command(model: str | None, data: str | None, method: str | None, as_json: bo
     records = [
         r
         for r in load_records(results_dir)
-        if (not model or r.model == model)
+        if (not model or backbones.selects(model, r.model, r.weights_id))
         and (wanted is None or r.method == wanted)
         and (not data or data in (r.dataset, Path(r.dataset).name))
         and all(v is None or str(getattr(r, k)) == str(v) for k, v in options.items())

@@ -43,13 +43,15 @@ def combined_sha(shas: list[str]) -> str:
 
 
 def combined_attrs(layer: str, attrs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The attributes a concatenation shows (the first part's, its own layer, width and checksum)."""
+    """The attributes a concatenation shows (the first part's, its own layer, poolings, width and checksum)."""
     out = dict(attrs[0])
+    pools = [str(a.get("pooling")) for a in attrs]
     out.update(
         layer=layer,
+        pooling=pools[0] if len(set(pools)) == 1 else SEP.join(pools),  # each part's own, in order
         n_features=sum(int(a.get("n_features") or 0) for a in attrs),
         sha256=combined_sha([str(a.get("sha256")) for a in attrs]),
-        parts=[{"layer": a.get("layer"), "sha256": a.get("sha256")} for a in attrs],
+        parts=[{"layer": a.get("layer"), "pooling": a.get("pooling"), "sha256": a.get("sha256")} for a in attrs],
     )
     return out
 

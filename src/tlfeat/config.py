@@ -261,6 +261,12 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         _paths(self, "weights_file", "cache_dir", "data_dir")
+        from tlfeat.backbones.base import split_variant
+
+        name, untrained = split_variant(self.model)
+        if untrained:  # compare's MODEL:untrained is MODEL with --untrained
+            object.__setattr__(self, "model", name)
+            object.__setattr__(self, "untrained", True)
         if self.splits is not None:  # --split train --split train asks for one split
             object.__setattr__(self, "splits", tuple(dict.fromkeys(self.splits)))
         validate(self)

@@ -126,14 +126,34 @@ def choose_backend(cfg: ExtractConfig, image_size: int | None = None) -> str:
                 f"--precision {cfg.precision} is GPU autocast in torch; use --backend torch with --device cuda"
             )
         return "torch"
+    problem = onnx_backend.folder_problem(config.model_cache_dir() / "onnx")
     if cfg.backend == "onnxruntime":
         onnx_backend.require()
         if not cpu:
             raise TlfeatError(f"--backend onnxruntime runs on the CPU; use --backend torch with --device {cfg.device}")
+        if problem:
+            raise TlfeatError(
+                f"--backend onnxruntime keeps its exports in TLFEAT_MODEL_CACHE, and {problem}; "
+                "set TLFEAT_MODEL_CACHE to a writable folder, or use --backend torch"
+            )
         return "onnxruntime"
     if image_size is not None and _export_memo().get("failed", _export_id(cfg, image_size)):
         return "torch"
-    return "onnxruntime" if cpu and onnx_backend.available() else "torch"
+    if not (cpu and onnx_backend.available()):
+        return "torch"
+    if problem:
+        if problem not in _WARNED:
+            _WARNED.add(problem)
+            log.warning(
+                "no ONNX export can be written into TLFEAT_MODEL_CACHE (%s): this extraction runs on torch; "
+                "set TLFEAT_MODEL_CACHE to a writable folder for the faster ONNX Runtime",
+                problem,
+            )
+        return "torch"
+    return "onnxruntime"
+
+
+_WARNED: set[str] = set()  # model cache problems already said in this process
 
 
 def weights_id(cfg: ExtractConfig) -> str:
@@ -170,8 +190,10 @@ def plan(cfg: ExtractConfig) -> list[Target]:
 
     out = targets(_backend(cfg, targets, prep.crop_size))
     named = [layer for layer in cfg.layers() if layer is not None]
-    if named and not all(t.path.is_file() for t in out):
-        bb.check_layers(named)  # raises, naming the valid layers, before any work
+    if not all(t.path.is_file() for t in out):  # before any work; a cache hit imports no torch
+        bb.check_request(prep.crop_size, cfg.pool)
+        if named:
+            bb.check_layers(named)  # raises, naming the valid layers
     return out
 
 

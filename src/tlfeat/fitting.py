@@ -10,9 +10,11 @@ edited are never matched with an old result.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import platform
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -23,6 +25,7 @@ import numpy as np
 
 from tlfeat import (
     __version__,
+    backbones,
     cache,
     catalog,
     classifier_specs,
@@ -98,7 +101,9 @@ def _concat_pairs(cfg: FitConfig) -> list[Pair]:
     found = [pairs(with_changes(cfg, layer=part)) for part in concat.parts(layer)]
 
     def variant(p: Pair) -> str:
-        fields = {k: p.train.attrs.get(k) for k in PAIR_FIELDS if k != "layer"}
+        # The pooling belongs to each part (a timm stage pools by global average, its penultimate
+        # layer is the pre-logits): compared within a part, never across parts.
+        fields = {k: p.train.attrs.get(k) for k in PAIR_FIELDS if k not in ("layer", "pooling")}
         fields.update(limit=p.train.attrs.get("limit"), subset=p.train.attrs.get("subset_seed"))
         return json.dumps({**fields, "test_limit": p.test.attrs.get("limit")}, sort_keys=True, default=str)
 
@@ -108,7 +113,11 @@ def _concat_pairs(cfg: FitConfig) -> list[Pair]:
             f"no extraction holds every layer of --layer {layer}; extract them in one pass with "
             f"`tlfeat extract ... --layer {layer}`"
         )
-    return [concatenated(layer, [next(p for p in group if variant(p) == v) for group in found]) for v in sorted(common)]
+    return [
+        concatenated(layer, list(combo))
+        for v in sorted(common)
+        for combo in itertools.product(*([p for p in group if variant(p) == v] for group in found))
+    ]
 
 
 @dataclass
@@ -132,7 +141,7 @@ def pairs(cfg: FitConfig) -> list[Pair]:
     entries = [
         e
         for e in catalog.scan(cfg.cache_dir)
-        if (not cfg.model or e.attrs.get("model") == cfg.model)
+        if (not cfg.model or backbones.selects(cfg.model, e.attrs.get("model"), e.attrs.get("weights_id")))
         and (not dataset_id or e.attrs.get("dataset") == dataset_id)
         and catalog.matches(e.attrs, **wanted)
     ]
@@ -144,7 +153,18 @@ def pairs(cfg: FitConfig) -> list[Pair]:
     if not ok:
         if damaged:
             raise CacheDamaged(damaged[0].problem)
-        hint = f"tlfeat extract --model {cfg.model or 'mobilenet_v2'} --data {cfg.data or 'digits'}"
+        name, untrained = backbones.split_variant(cfg.model or "mobilenet_v2")
+        hint = shlex.join(
+            [
+                "tlfeat",
+                "extract",
+                "--model",
+                name,
+                "--data",
+                cfg.data or "digits",
+                *(["--untrained"] if untrained else []),
+            ]
+        )
         raise TlfeatError(f"no cached features{' for ' + what if what else ''} in {cfg.cache_dir}; run `{hint}` first")
     groups: dict[str, dict[str, list[catalog.Entry]]] = {}
     for e in ok:

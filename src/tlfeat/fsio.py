@@ -180,30 +180,51 @@ def lock(final: Path) -> Iterator[None]:
 
     A second process waits here, then finds the finished output and reuses it. The lock is a POSIX
     record lock on `<final>.lock`: the kernel drops it when its process dies, and processes forked
-    from the holder (decoding workers) never hold it, so a killed run leaves no lock behind.
+    from the holder (decoding workers) never hold it, so a killed run leaves no lock behind. A block
+    that fails removes the lock file (a waiter that then holds a removed file's lock takes the lock
+    again on the current file), so failed attempts leave no `.lock` files behind.
     """
     lock_path = final.with_name(final.name + ".lock")
     with writing(lock_path):
         final.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
     try:
         import fcntl
     except ImportError:  # no POSIX locks on this platform: run unlocked
-        with fh:
-            yield
+        yield
         return
-    with fh:
+    waited = False
+    while True:
+        with writing(lock_path):
+            fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
         try:
             fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                fh.close()
                 raise
-            log.warning("another tlfeat process is computing %s; waiting for it", final.name)
+            if not waited:
+                log.warning("another tlfeat process is computing %s; waiting for it", final.name)
+                waited = True
             fcntl.lockf(fh, fcntl.LOCK_EX)
+        if _same_file(fh, lock_path):
+            break
+        fh.close()  # its holder failed and removed it: lock the file now in its place
+    with fh:
         try:
             yield
+        except BaseException:
+            lock_path.unlink(missing_ok=True)  # while held: a waiter finds it gone and locks anew
+            raise
         finally:
             fcntl.lockf(fh, fcntl.LOCK_UN)
+
+
+def _same_file(fh: Any, path: Path) -> bool:
+    """Is the open file `fh` still the file at `path` (not removed nor replaced)?"""
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def set_aside(path: Path, suffix: str = ".damaged") -> Path:

@@ -11,9 +11,11 @@ neither torch nor torchvision.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -45,6 +47,25 @@ def require() -> None:
         raise TlfeatError(f"--backend onnxruntime needs the onnxruntime and onnx packages; {INSTALL_HINT}")
 
 
+def folder_problem(folder: Path) -> str | None:
+    """Why no export can be written under `folder` (TLFEAT_MODEL_CACHE's `onnx/`), found without
+    writing anything; None where one can."""
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"{probe} is on a read-only filesystem"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def export_path(
     folder: Path,
     model: str,
@@ -73,17 +94,29 @@ def verified(path: Path, repair: bool = False) -> dict[str, Any] | None:
     """
     if not path.is_file():
         return None
+    why = "failed its checksum"
     try:
         meta = json.loads(sidecar(path).read_text())
         expected = meta["sha256"]
+    except FileNotFoundError:
+        meta, expected, why = {}, None, f"has no sidecar ({sidecar(path).name} is missing)"
     except (OSError, ValueError, KeyError, TypeError):
-        meta, expected = {}, None
+        meta, expected, why = {}, None, f"has a damaged sidecar ({sidecar(path).name})"
     if expected is not None and offline.sha256_file(path) == expected:
         return meta
     if repair:
+        older = sorted(path.parent.glob(glob.escape(path.name) + ".damaged*"))
+        for old in older:  # one set-aside copy per export: exports are remade, never data
+            old.unlink(missing_ok=True)
         aside = fsio.set_aside(path)
         sidecar(path).unlink(missing_ok=True)
-        log.warning("the ONNX export %s failed its checksum; moved it to %s and exporting again", path.name, aside.name)
+        log.warning(
+            "the ONNX export %s %s; moved it to %s%s and exporting again",
+            path.name,
+            why,
+            aside.name,
+            f" (deleted {len(older)} older damaged cop{'y' if len(older) == 1 else 'ies'})" if older else "",
+        )
     return None
 
 

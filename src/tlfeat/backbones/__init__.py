@@ -21,6 +21,7 @@ from tlfeat.backbones.base import (
     layer_name,
     parse_layers,
     resolve,
+    selects,
     slug,
     source,
     split_source,
@@ -62,6 +63,7 @@ __all__ = [
     "slug",
     "source",
     "split_source",
+    "selects",
     "split_variant",
     "weights_entry",
 ]

@@ -66,6 +66,15 @@ def split_variant(spec: str) -> tuple[str, bool]:
     return spec, False
 
 
+def selects(spec: str, model: object, weights_id: object) -> bool:
+    """Does `--model spec` (MODEL or MODEL:untrained) select what was computed by `model` with
+    `weights_id`? MODEL:untrained selects MODEL's random-weights features and results only."""
+    name, untrained = split_variant(spec)
+    if model == spec:
+        return True
+    return model == name and (not untrained or str(weights_id or "").startswith(UNTRAINED + ":"))
+
+
 def slug(spec: str) -> str:
     """A model name fit for a file name: torchvision's names unchanged, `/` and `:` as `-`, no `__`
     (which separates the parts of a cache file's name)."""
@@ -307,6 +316,12 @@ class Source:
                     f"Run `tlfeat models --layers {backbone.spec}` to list them."
                 )
 
+    def check_request(self, backbone: Backbone, image_size: int, pool: str | None) -> None:
+        """Refuse, before any work, what the network cannot run: `--pool` where it outputs feature maps
+        (its extractor says so, built on the meta device)."""
+        if pool is not None and self.tokens:
+            self.extractor(backbone.build(device="meta"), backbone.name, [None], pool)
+
     def blocks(self, model: nn.Module, name: str) -> list[list[str]]:
         """The blocks before the head in forward order (what `freeze:k` and discriminative rates count)."""
         from tlfeat.backbones import cut
@@ -429,6 +444,9 @@ class Backbone:
     def layer_names(self, model: nn.Module | None = None, nodes: bool = False) -> list[str]:
         return self.source.layer_names(model if model is not None else self.build(device="meta"), self.name, nodes)
 
+    def check_request(self, image_size: int, pool: str | None) -> None:
+        self.source.check_request(self, image_size, pool)
+
     def check_layers(self, layers: list[str]) -> None:
         self.source.check_layers(self, layers)
 
@@ -449,5 +467,24 @@ def resolve(spec: str) -> Backbone:
     if not name:
         raise TlfeatError(f"model name {spec!r} names no model; e.g. resnet50 or timm:convnext_tiny")
     src = source(prefix)
-    src.check(name)
+    try:
+        src.check(name)
+    except TlfeatError as exc:
+        if prefix != DEFAULT_SOURCE:
+            raise
+        raise _unknown_source(str(spec).strip()) or exc from None
     return Backbone(spec, name, src)
+
+
+def _unknown_source(spec: str) -> TlfeatError | None:
+    """`Timm:resnet18`, `foo:bar`: a prefix that is no source (and no torchvision model either)."""
+    head, sep, rest = spec.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", head) or head in source(DEFAULT_SOURCE).names():
+        return None
+    others = [p for p in SOURCES if p != DEFAULT_SOURCE]
+    if head.lower() in SOURCES:
+        return TlfeatError(f"unknown model source {head!r} (source names are lower case); use {head.lower()}:{rest}")
+    return TlfeatError(
+        f"unknown model source {head!r}; valid: {', '.join(others)} (PREFIX:NAME), or a torchvision name "
+        "without a prefix." + did_you_mean(head, others)
+    )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tlfeat import config, offline
 from tlfeat.backbones import hub
 from tlfeat.backbones.base import Located, ModelInfo, Source, WeightsInfo
-from tlfeat.errors import TlfeatError, first_line
+from tlfeat.errors import TlfeatError, WeightsNotFound, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,7 +80,13 @@ class HFSource(Source):
     def locate(self, name: str, entry: WeightsInfo, verify: bool = True) -> Located | None:
         local = Path(name).expanduser()
         if local.is_dir():
-            return hub.find(name, WEIGHT_FILES, folder=local)
+            found = hub.find(name, WEIGHT_FILES, folder=local)
+            if found is None:  # a local folder: nothing to download, nowhere else to look
+                raise WeightsNotFound(
+                    f"{local} has no weights file ({' or '.join(WEIGHT_FILES)}); save_pretrained writes one, "
+                    "or give one with --weights FILE (or use --untrained for random weights)"
+                )
+            return found
         return hub.find(name, WEIGHT_FILES)
 
     def download(self, name: str, entry: WeightsInfo) -> Located:
@@ -99,6 +105,7 @@ class HFSource(Source):
 
         if not is_safetensors(path) and _holds_wrapper(path):
             return None  # a tlfeat fine-tune (best.pt): loaded as a state dict
+        _check_readable(name, path)
         with tempfile.TemporaryDirectory(prefix="tlfeat-hf-") as tmp:
             for extra in ("config.json",):
                 (Path(tmp) / extra).symlink_to((folder(name) / extra).resolve())
@@ -274,6 +281,23 @@ def _entry(wid: str, proc: dict[str, Any], url: str) -> WeightsInfo:
         antialias=True,
         squash=squash,
     )
+
+
+def _check_readable(name: str, path: Path) -> None:
+    """A damaged safetensors file (cut short, an edited header) as one line, before transformers reads it."""
+    from tlfeat.weights import is_safetensors
+
+    if not is_safetensors(path):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: one line
+        local = Path(name).expanduser().is_dir()
+        fix = "write it again (save_pretrained)" if local else f"delete {hub.repo_folder(name)} and fetch it again"
+        raise TlfeatError(f"{path} is damaged ({first_line(exc)}); {fix}") from exc
 
 
 def _stack_layers(model: nn.Module) -> list[tuple[str, Any]]:

@@ -17,9 +17,9 @@ import logging
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from tlfeat import config, offline
+from tlfeat import config, offline, progress
 from tlfeat.backbones import hub
-from tlfeat.backbones.base import Located, ModelInfo, Source, Store, WeightsInfo
+from tlfeat.backbones.base import Backbone, Located, ModelInfo, Source, Store, WeightsInfo
 from tlfeat.errors import TlfeatError, did_you_mean
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class OpenClipSource(Source):
         if isinstance(found, list):
             return found
         self.require()
+        progress.status(f"reading open_clip's model list (once per open_clip version: {self.version()})")
         import open_clip
 
         found = [f"{arch}/{tag}" for arch, tag in open_clip.list_pretrained()]
@@ -154,6 +155,17 @@ class OpenClipSource(Source):
 
     def head(self, model: nn.Module, name: str) -> str:
         return "head"
+
+    def check_request(self, backbone: Backbone, image_size: int, pool: str | None) -> None:
+        """open_clip's towers take their own image size only: the position embedding is fixed (open_clip
+        resamples it only when loading a checkpoint into a tower built for another size)."""
+        native = backbone.weights_entry().crop_size
+        if image_size != native:
+            raise TlfeatError(
+                f"open_clip:{backbone.name} takes {native}x{native} images only (its position embedding is "
+                f"fixed); use --image-size {native} or leave --image-size out"
+            )
+        super().check_request(backbone, image_size, pool)
 
     def layer_names(self, model: nn.Module, name: str, nodes: bool = False) -> list[str]:
         visual: Any = model.base  # type: ignore[union-attr]

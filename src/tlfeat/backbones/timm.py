@@ -21,7 +21,7 @@ from dataclasses import replace
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from tlfeat import config, offline
+from tlfeat import config, offline, progress
 from tlfeat.backbones import hub
 from tlfeat.backbones.base import Backbone, Located, ModelInfo, Source, Store, WeightsInfo
 from tlfeat.errors import TlfeatError, did_you_mean
@@ -59,7 +59,7 @@ class TimmSource(Source):
         self.require()
         import timm
 
-        log.info("reading timm %s's model list once", self.version())
+        progress.status(f"reading timm's model list (once per timm version: {self.version()})")
         found = {"models": sorted(timm.list_models()), "pretrained": sorted(timm.list_pretrained())}
         store.put("catalog", "all", found)
         return found
@@ -77,8 +77,9 @@ class TimmSource(Source):
                 f"unknown model 'timm:{name}'.{did_you_mean(arch, self.names())} "
                 "Run `tlfeat models --source timm --filter PATTERN` to list the valid names."
             )
-        if tag and name not in set(self.pretrained()):
-            tags = [p.split(".", 1)[1] for p in self.pretrained() if p.split(".", 1)[0] == arch]
+        offline_tags = [t for (a, t) in REGISTRY if a == arch]  # what `tlfeat models` shows too
+        if tag and tag not in offline_tags and name not in set(self.pretrained()):
+            tags = offline_tags + [p.split(".", 1)[1] for p in self.pretrained() if p.split(".", 1)[0] == arch]
             raise TlfeatError(
                 f"timm has no weights {tag!r} for {arch}; valid: {', '.join(tags) or 'none (use --untrained)'}"
             )
@@ -162,6 +163,9 @@ class TimmSource(Source):
         import timm
         import torch
 
+        arch, _, tag = name.partition(".")
+        if (arch, tag) in REGISTRY:  # an offline entry: the network of the timm tag it was converted to
+            name = f"{arch}.{REGISTRY[arch, tag][1]}"
         kwargs: dict[str, Any] = {"pretrained": False}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
