@@ -126,7 +126,14 @@ def choose_backend(cfg: ExtractConfig, image_size: int | None = None) -> str:
                 f"--precision {cfg.precision} is GPU autocast in torch; use --backend torch with --device cuda"
             )
         return "torch"
-    problem = onnx_backend.folder_problem(config.model_cache_dir() / "onnx")
+    exports = config.model_cache_dir() / "onnx"
+    problem = onnx_backend.folder_problem(exports)
+    if (
+        problem
+        and exports.is_dir()
+        and any(exports.glob(f"{backbones.slug(cfg.model)}__{image_size or '*'}px__*.onnx"))
+    ):
+        problem = None  # a model cache that cannot be written still serves the exports it holds
     if cfg.backend == "onnxruntime":
         onnx_backend.require()
         if not cpu:

@@ -124,6 +124,9 @@ def test_an_unwritable_model_cache_runs_on_torch_with_one_warning(
     monkeypatch.setattr(onnx_backend.os, "statvfs", lambda p: SimpleNamespace(f_flag=os.ST_RDONLY))
     assert "read-only" in str(onnx_backend.folder_problem(config.model_cache_dir() / "onnx"))
     assert choose_backend(cfg) == "torch"
+    (folder / "onnx").mkdir()  # a read-only model cache that holds this model's export still serves it
+    (folder / "onnx" / "mobilenet_v2__224px__0123456789abcdef.onnx").write_bytes(b"an export")
+    assert choose_backend(cfg, 224) == "onnxruntime" and choose_backend(cfg, 112) == "torch"
 
 
 def test_damaged_exports_keep_one_copy_and_a_missing_sidecar_is_named(
