@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="training images (default: all 60,000)")
     parser.add_argument("--quick", action="store_true", help="digits at 64 px")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated words: runs whose name or features contain one are left out"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/probes"))
     args = parser.parse_args()
     datas = ["digits"] if args.quick else args.data.split(",")
@@ -71,6 +74,7 @@ def main() -> None:
         by = {(fs.split, str(fs.meta["layer"])): fs for fs in found}
         old = old_default(by[("train", "penultimate")], by[("test", "penultimate")])
         table.append([data, "logreg, earlier default (3-fold CV on 3,000)", "penultimate", f"C={old['C']:g}", old["accuracy"], old["search_s"], old["fit_s"]])  # fmt: skip
+        print(" | ".join(map(str, table[-1])), flush=True)
         runs = [
             ("logreg, new default", "penultimate", {}),
             ("logreg, C = 0.03 given", "penultimate", {"C": 0.03}),
@@ -82,7 +86,8 @@ def main() -> None:
             ("logreg, new default", "features.13", {}),
             ("logreg, new default", "features.17", {}),
         ]
-        for name, layer, options in runs:
+        skip = [w for w in args.skip.split(",") if w]
+        for name, layer, options in [r for r in runs if not any(w in f"{r[0]} {r[1]}" for w in skip)]:
             [res] = fit(
                 FitConfig(model="mobilenet_v2", data=data, layer=layer, image_size=size, limit=args.limit, cache_dir=cache_dir, results_dir=results, **options)  # type: ignore[arg-type]
             )  # fmt: skip
