@@ -94,6 +94,12 @@ def align(reps: Sequence[Rep], n_images: int, seed: int) -> tuple[list[np.ndarra
         labels = r.fs.y[[where[i] for i in ids]]
         if not np.array_equal(labels, y[keep]):
             raise TlfeatError(f"{r.label}: the same images carry other labels than in {reps[0].label}")
+    flat = [r.label for r, x in zip(reps, out, strict=True) if similarity.constant(x)]
+    if flat:  # CKA and RSA would be 0/0, t-SNE may crash the process: refused before anything is written
+        raise TlfeatError(
+            f"{', '.join(flat)}: all {len(ids)} sampled images have the same features (zero variance), so "
+            "similarities and embeddings are undefined; check the images (all blank?) or choose other layers"
+        )
     return out, y[keep], ids
 
 
