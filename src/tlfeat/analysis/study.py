@@ -350,18 +350,18 @@ def for_compare(cfg: CompareConfig, out: Path) -> dict[str, str]:
     """The analyses `compare --analyses` asked for, on each dataset's test images, into OUT/analyses/.
     The features are those the comparison extracted (extracted now where no frozen cell asked for them).
     Returns the failed ones with their error."""
-    from tlfeat.compare import Cell, extract_config
+    from tlfeat.compare import Cell, extract_config, model_layers
     from tlfeat.errors import first_line
     from tlfeat.extraction import extract
 
     folder = Path(out) / "analyses"
     failures: dict[str, str] = {}
-    layers = [layer for layer in cfg.layers if "+" not in layer]  # in the order given: shallow to deep, usually
-    layers += [] if PENULTIMATE in layers else [PENULTIMATE]
     for data in cfg.datas:
         reps: dict[str, list[Rep]] = {"test": [], "train": []}
         try:
             for model in cfg.models:
+                layers = [layer for layer in model_layers(cfg, model) if "+" not in layer]  # as given: shallow to deep
+                layers += [] if PENULTIMATE in layers else [PENULTIMATE]
                 found = extract(extract_config(cfg, Cell(model, data, "logreg", cfg.seed)))
                 for split in reps:
                     by_layer = {str(fs.meta.get("layer")): fs for fs in found if fs.split == split}
