@@ -377,3 +377,25 @@ def test_export_npy_parquet_csv_hold_the_cache(two_models: Path, tmp_path: Path)
         run_cli("export", "--model", "vgg16", "--data", "digits", "--out", tmp_path / "x", "--cache-dir", two_models),
         "no cached features of vgg16",
     )
+
+
+def test_missing_features_advise_an_extract_that_makes_them(two_models: Path, tmp_path: Path) -> None:
+    from tlfeat import load_features
+    from tlfeat.errors import CacheMismatch
+
+    # MODEL:untrained is loaded as extract and compare write it
+    fs = load_features("resnet18:untrained", "digits", split="test", cache_dir=two_models, image_size=16)
+    assert fs.meta["weights_id"] == "untrained:seed0" and fs.meta["layer"] == "penultimate"
+    for data, size, command in (
+        ("fashion-mnist", 16, "`tlfeat extract --model resnet18:untrained --data fashion-mnist --image-size 16`"),
+        ("digits", 24, "`tlfeat extract --model resnet18:untrained --data digits --image-size 24`"),
+    ):
+        with pytest.raises(CacheMismatch, match=command):
+            load_features("resnet18:untrained", data, split="test", cache_dir=two_models, image_size=size)
+    out = CliRunner().invoke(
+        cli,
+        ["analyze", "cka", "--model", "resnet18:untrained,mobilenet_v2", "--data", "digits", "--image-size", "24",
+         "--cache-dir", str(two_models), "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert out.exit_code == 2, out.output
+    assert "`tlfeat extract --model resnet18:untrained --data digits --image-size 24`" in out.output
