@@ -10,8 +10,8 @@ import numpy as np
 
 from tlfeat.records import RunRecord
 from tlfeat.report import findings
-from tlfeat.report.sections import dataset_tables, method_tables, per_class, recommendation
 from tlfeat.report.rows import _row
+from tlfeat.report.sections import dataset_tables, method_tables, per_class, recommendation
 
 N = 100
 Y = np.arange(N) % 2

@@ -14,7 +14,7 @@ from tlfeat import fsio, stats
 from tlfeat.analysis.curves import overfitting
 from tlfeat.report.curves import shot_points, t_interval, whole_set
 from tlfeat.report.plots import Names, png_inside
-from tlfeat.report.rows import Config, best_of, configs, group, mean_sd, penultimate
+from tlfeat.report.rows import Config, best_of, configs, group, mean_sd
 
 log = logging.getLogger(__name__)
 

@@ -368,7 +368,7 @@ class Config:
 
     @property
     def at_layer(self) -> str:
-        """" at LAYER" for frozen features from a layer other than the default one, else ""."""
+        """The suffix " at LAYER" for frozen features of a layer other than the default one, else nothing."""
         return "" if self.layer in (PENULTIMATE, "-") else f" at {self.layer}"
 
     def label(self) -> str:
