@@ -11,7 +11,7 @@ import numpy as np
 from tlfeat.records import RunRecord
 from tlfeat.report import findings
 from tlfeat.report.rows import _row
-from tlfeat.report.sections import dataset_tables, method_tables, per_class, recommendation
+from tlfeat.report.sections import amortised, dataset_tables, method_tables, per_class, recommendation
 
 N = 100
 Y = np.arange(N) % 2
@@ -53,6 +53,8 @@ def test_the_recommendation_and_the_significance_tables_weigh_every_layer() -> N
     # the models x datasets tables stay penultimate-only, and say so
     assert "penultimate layer only" in _text(method_tables(items))
     assert "penultimate layer only" not in _text(method_tables(items[1:3]))
+    assert amortised(items)[0] == ("h2", "Amortised cost of the frozen routes (penultimate layer)")
+    assert amortised(items[1:3])[0] == ("h2", "Amortised cost of the frozen routes")
 
 
 def test_the_per_class_table_shows_the_most_accurate_configurations_and_says_which() -> None:

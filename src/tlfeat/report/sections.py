@@ -315,7 +315,10 @@ def amortised(items: list[dict[str, Any]]) -> list[Block]:
             f"with their training ({train:.1f} s in all) that is {(extract + train) / len(methods):.1f} s per classifier, "
             f"against {extract + train / len(methods):.1f} s for one alone."
         )
-    return [("h2", "Amortised cost of the frozen routes"), *[("li", line) for line in lines]] if lines else []
+    title = "Amortised cost of the frozen routes" + (
+        " (penultimate layer)" if len(frozen) < sum(r["_method"].is_frozen for r in items) else ""
+    )
+    return [("h2", title), *[("li", line) for line in lines]] if lines else []
 
 
 def per_class(items: list[dict[str, Any]]) -> list[Block]:
