@@ -148,6 +148,8 @@ def test_constant_features_are_undefined_for_every_estimator_and_refused_before_
         M = similarity.matrix([X, flat], **options)  # type: ignore[arg-type]
         assert np.isnan(M[0, 1]) and np.isnan(M[1, 1]) and M[0, 0] == pytest.approx(1.0), options
     assert np.isnan(similarity.cka(X, flat)) and np.isnan(similarity.rsa(flat, X))
+    # features on a tiny scale that do vary (a random-weight MobileNetV2's are near 1e-10) are not constant
+    assert not similarity.constant(1e-10 * X) and similarity.cka(1e-10 * X, X) == pytest.approx(1.0)
     y = np.repeat(np.arange(2), 10)
     ids = [f"img{i}" for i in range(20)]
     reps = [Rep("m", "a", cache.FeatureSet(X.astype(np.float32), y, ids, ["x", "y"])),

@@ -28,7 +28,8 @@ def constant(X: np.ndarray) -> bool:
     """Do all images have the same features (zero variance, up to float noise)? Then CKA and RSA are
     0/0: undefined, whatever an estimator's rounding happens to return."""
     X = np.asarray(X, dtype=np.float64)
-    return len(X) < 2 or float(np.ptp(X, axis=0).max(initial=0.0)) <= 1e-6 * max(1.0, float(np.abs(X).max(initial=0.0)))
+    # relative to the features' own scale: random-weight networks can give features of 1e-10 that vary
+    return len(X) < 2 or float(np.ptp(X, axis=0).max(initial=0.0)) <= 1e-6 * float(np.abs(X).max(initial=0.0))
 
 
 def gram_linear(X: np.ndarray) -> np.ndarray:
