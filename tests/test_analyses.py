@@ -16,6 +16,7 @@ from tlfeat import cache
 from tlfeat.analysis import similarity
 from tlfeat.analysis.curves import overfitting
 from tlfeat.analysis.study import Rep, align
+from tlfeat.errors import TlfeatError
 from tlfeat_cli.main import cli
 
 from .robustness.helpers import assert_one_clear_line
@@ -129,6 +130,37 @@ def test_align_pairs_rows_by_image_id() -> None:
     assert len(kept) == 25 and np.allclose(Xb, 2 * Xa) and set(kept) == {ids[i] for i in order}
     (Xa, _), labels, kept = align([a, b], n_images=12, seed=0)
     assert len(kept) == 12 and np.bincount(labels).min() >= 3  # stratified
+
+
+def test_constant_features_are_undefined_for_every_estimator_and_refused_before_writing(tmp_path: Path) -> None:
+    from tlfeat.analysis.study import write_embedding, write_similarity
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 8))
+    flat = np.full((20, 8), 0.25) + 1e-9 * rng.normal(size=(20, 8))  # blank images: the same features, bar float noise
+    estimators = [
+        {"measure": "cka", "kernel": "linear", "debiased": True},
+        {"measure": "cka", "kernel": "linear", "debiased": False},
+        {"measure": "cka", "kernel": "rbf", "debiased": True},
+        {"measure": "rsa", "distance": "correlation"},
+    ]
+    for options in estimators:
+        M = similarity.matrix([X, flat], **options)  # type: ignore[arg-type]
+        assert np.isnan(M[0, 1]) and np.isnan(M[1, 1]) and M[0, 0] == pytest.approx(1.0), options
+    assert np.isnan(similarity.cka(X, flat)) and np.isnan(similarity.rsa(flat, X))
+    # features on a tiny scale that do vary (a random-weight MobileNetV2's are near 1e-10) are not constant
+    assert not similarity.constant(1e-10 * X) and similarity.cka(1e-10 * X, X) == pytest.approx(1.0)
+    y = np.repeat(np.arange(2), 10)
+    ids = [f"img{i}" for i in range(20)]
+    reps = [Rep("m", "a", cache.FeatureSet(X.astype(np.float32), y, ids, ["x", "y"])),
+            Rep("m", "b", cache.FeatureSet(flat.astype(np.float32), y, ids, ["x", "y"]))]  # fmt: skip
+    for write in (
+        lambda out: write_similarity(reps, "cka", {}, 10, 0, out, "t"),
+        lambda out: write_embedding(reps, ("pca", "tsne"), 10, 0, out, "t"),  # t-SNE on these crashed the process
+    ):
+        with pytest.raises(TlfeatError, match="m b: all 10 sampled images have the same features"):
+            write(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- overfitting
@@ -347,3 +379,25 @@ def test_export_npy_parquet_csv_hold_the_cache(two_models: Path, tmp_path: Path)
         run_cli("export", "--model", "vgg16", "--data", "digits", "--out", tmp_path / "x", "--cache-dir", two_models),
         "no cached features of vgg16",
     )
+
+
+def test_missing_features_advise_an_extract_that_makes_them(two_models: Path, tmp_path: Path) -> None:
+    from tlfeat import load_features
+    from tlfeat.errors import CacheMismatch
+
+    # MODEL:untrained is loaded as extract and compare write it
+    fs = load_features("resnet18:untrained", "digits", split="test", cache_dir=two_models, image_size=16)
+    assert fs.meta["weights_id"] == "untrained:seed0" and fs.meta["layer"] == "penultimate"
+    for data, size, command in (
+        ("fashion-mnist", 16, "`tlfeat extract --model resnet18:untrained --data fashion-mnist --image-size 16`"),
+        ("digits", 24, "`tlfeat extract --model resnet18:untrained --data digits --image-size 24`"),
+    ):
+        with pytest.raises(CacheMismatch, match=command):
+            load_features("resnet18:untrained", data, split="test", cache_dir=two_models, image_size=size)
+    out = CliRunner().invoke(
+        cli,
+        ["analyze", "cka", "--model", "resnet18:untrained,mobilenet_v2", "--data", "digits", "--image-size", "24",
+         "--cache-dir", str(two_models), "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert out.exit_code == 2, out.output
+    assert "`tlfeat extract --model resnet18:untrained --data digits --image-size 24`" in out.output

@@ -45,7 +45,8 @@ def test_a_comparison_with_every_probe_and_analysis(tmp_path: Path) -> None:
     main_rows = [
         r for r in md.split("## ants: method × accuracy × time")[1].split("##")[0].splitlines() if r.startswith("| ")
     ]
-    assert len(main_rows) == 1 + 4  # the header, then logreg, knn, finetune:head and the chain
+    # the header, then logreg at each of the 4 layers (the sweep's method), knn, finetune:head and the chain
+    assert len(main_rows) == 1 + 4 + 1 + 2
     # Stage 1 (the intermediate dataset) is trained once and reused by the second target.
     stage_runs = sorted(p.parent.name for p in (cfg.runs_dir / "chain-stages" / "finetunes").glob("*/record.json"))
     assert sum("middle" in name for name in stage_runs) == 1 and len(stage_runs) == 3
@@ -55,6 +56,13 @@ def test_a_comparison_with_every_probe_and_analysis(tmp_path: Path) -> None:
         s1, s2 = c.details["stages"]
         assert c.timings.train_seconds == pytest.approx(s1["train_seconds"] + s2["train_seconds"])
         assert c.method == f"chain:{mid}:head" and s1["dataset"] == str(mid)
+        # the chain starts where stage 1 did (random weights), not from the file stage 2 loaded
+        assert (c.weights_id, c.pretrained) == ("untrained:seed0", False), (c.weights_id, c.pretrained)
+    chain_section = md.split("## Multi-stage transfer")[1].split("\n## ")[0]
+    assert chain_section.startswith("\n\nRandom weights (UNTRAINED models) fine-tuned on an intermediate dataset")
+    chain_rows = [line for line in chain_section.splitlines() if f"chain:{mid}:head" in line]
+    assert len(chain_rows) == 2 and all("| resnet18 (UNTRAINED) |" in line for line in chain_rows)
+    assert all(not line.endswith("| — | — |") for line in chain_rows)  # the direct fine-tune is found beside it
     concat = [
         r for r in map(RunRecord.load, (cfg.runs_dir / "fits").glob("*/record.json")) if r.layer == "layer3+penultimate"
     ]

@@ -187,7 +187,7 @@ def find(
     if not candidates:
         raise CacheMismatch(
             f"no cached features for model {model!r}, dataset {dataset_id!r}, split {split!r} in {cache_dir}; "
-            f"run `tlfeat extract --model {model} --data {dataset_id}` first"
+            f"run `{extract_command(model, dataset_id, split, selectors)}` first"
         )
     wanted = {k: v for k, v in selectors.items() if v is not None}
     matching = [e for e in candidates if matches(e.attrs, **wanted)]
@@ -202,7 +202,8 @@ def find(
         describe = "; ".join(describe_variant(e.attrs) for e in candidates)
         raise CacheMismatch(
             f"cached features for {model}/{dataset_id}/{split} exist but none has "
-            f"{', '.join(f'{k}={_shown({k: v}, k)}' for k, v in wanted.items())}; stored: {describe}"
+            f"{', '.join(f'{k}={_shown({k: v}, k)}' for k, v in wanted.items())}; stored: {describe}; "
+            f"`{extract_command(model, dataset_id, split, selectors)}` makes them"
         )
     differ = {k: sorted({_shown(e.attrs, k) for e in matching}) for k in SELECTORS}
     choices = ", and ".join(" or ".join(f"{k}={v}" for v in values) for k, values in differ.items() if len(values) > 1)
@@ -210,6 +211,33 @@ def find(
         f"{len(matching)} cached feature sets match {model}/{dataset_id}/{split}; add "
         f"{choices or 'a selector'} to pick one (stored: {'; '.join(describe_variant(e.attrs) for e in matching)})"
     )
+
+
+def extract_command(model: str, dataset_id: str, split: str, selectors: dict[str, Any]) -> str:
+    """The `tlfeat extract` command that makes the features asked for: random weights as MODEL:untrained,
+    and the selectors given as its options (weights from a file, and pooling, are left to the user)."""
+    import shlex
+
+    from tlfeat.backbones.base import PENULTIMATE, UNTRAINED
+
+    wid = str(selectors.get("weights_id") or "")
+    spec = model
+    options = []
+    if wid.startswith(UNTRAINED + ":"):
+        spec = model if model.endswith(":" + UNTRAINED) else f"{model}:{UNTRAINED}"
+    elif wid and not wid.startswith("file:"):
+        options += ["--weights-id", wid]
+    if selectors.get("layer") not in (None, PENULTIMATE):
+        options += ["--layer", str(selectors["layer"])]
+    if selectors.get("image_size") is not None:
+        options += ["--image-size", str(selectors["image_size"])]
+    if selectors.get("limit") is not None:
+        options += ["--limit" if split == "train" else "--test-limit", str(selectors["limit"])]
+    if selectors.get("subset_seed") is not None:
+        options += ["--subset-seed", str(selectors["subset_seed"])]
+    if selectors.get("backend") is not None:
+        options += ["--backend", str(selectors["backend"])]
+    return shlex.join(["tlfeat", "extract", "--model", spec, "--data", dataset_id, *options])
 
 
 def _shown(attrs: dict[str, Any], key: str) -> str:

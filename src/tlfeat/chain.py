@@ -1,12 +1,14 @@
-"""Multi-stage transfer, `compare --methods chain:DATASET:STRATEGY`: ImageNet weights fine-tuned on an
-intermediate dataset first, then on the target, with the same strategy and options at both stages.
+"""Multi-stage transfer, `compare --methods chain:DATASET:STRATEGY`: the model's starting weights
+(pretrained, or random for MODEL:untrained) fine-tuned on an intermediate dataset first, then on the
+target, with the same strategy and options at both stages.
 
 Stage 1 does not depend on the target, so its run (keyed like any fine-tune) is made once and reused
 by every target and repeat with the same seed. Stage 2 starts from stage 1's `best.pt` (a new head
 for the target's classes). Both stages are ordinary fine-tuning runs, saved under
 `<results>/chain-stages/` (outside the folders a report lists, so they do not appear as runs of
 their own); the chain's record is stage 2's, named `chain:...`, with both stages' times in
-`details.stages` and their sum as its training time.
+`details.stages` and their sum as its training time, and stage 1's starting weights as its own
+(`weights_id`, `pretrained`): stage 2 starts from a file, but the chain starts where stage 1 did.
 """
 
 from __future__ import annotations
@@ -69,10 +71,13 @@ def run(cfg: CompareConfig, cell: Cell) -> RunRecord:
     stage1 = finetune.finetune_one(first_stage(cfg, cell))
     stage2 = finetune.finetune_one(second_stage(cfg, cell, stage1.path.parent / "best.pt"))
     path = record_path(cfg, cell, stage1.path.parent, stage2.path.parent)
-    if (saved := load_record(path)) is not None:
-        return saved
+    saved = load_record(path)
+    if saved is not None and _start(saved) == _start(stage1.record):
+        return saved  # (a record written before the chain carried its start is made again, below)
     record = RunRecord.from_dict(json.loads(stage2.record.to_json()))
     record.method = str(cell.parsed)
+    record.weights_id, record.pretrained = _start(stage1.record)
+    record.details["stage2_weights_id"] = stage2.record.weights_id
     record.timings.train_seconds = stage1.record.timings.train_seconds + stage2.record.timings.train_seconds
     record.timings.finish()
     record.details["stages"] = [
@@ -85,6 +90,11 @@ def run(cfg: CompareConfig, cell: Cell) -> RunRecord:
             shutil.copyfile(plot, tmp)
     record.save(path)
     return record
+
+
+def _start(r: RunRecord) -> tuple[str, bool]:
+    """The weights a run started from."""
+    return r.weights_id, r.pretrained
 
 
 def _stage(r: RunRecord, path: Path, role: str, reused: bool) -> dict[str, object]:

@@ -93,20 +93,46 @@ def check(cfg: CompareConfig) -> None:
                 datasets.canonical(parsed.chain)
         except TlfeatError as exc:
             problems.append(str(exc))
-    for layer in cfg.layers:
-        for model in cfg.models:
-            try:
-                parts = [p for p in layer.split("+") if p != backbones.PENULTIMATE]
-                if parts:
-                    backbones.check_layers(backbones.split_variant(model)[0], parts)
-            except TlfeatError as exc:
-                problems.append(str(exc).split(" Run ")[0])
+    names = list(dict.fromkeys(backbones.split_variant(m)[0] for m in cfg.models))
+    for layer in cfg.layers:  # a layer only some models have is swept for those (`skipped_layers`)
+        missing = [_layer_problem(name, layer) for name in names]
+        if missing and all(missing):
+            problems += [str(m) for m in missing]
     if not problems:
         problems += _too_many_frozen_blocks(cfg)
     if not cfg.models or not cfg.datas or not cfg.methods:
         problems.append("--models, --data and --methods each need at least one name")
+    problems = list(dict.fromkeys(problems))  # resnet18 and resnet18:untrained share their problems
     if problems:
         raise TlfeatError(f"{len(problems)} problem(s), nothing was run: " + " | ".join(problems))
+
+
+@functools.cache
+def _layer_problem(name: str, layer: str) -> str | None:
+    """Why model `name` cannot give `layer` (one layer or parts joined by +), or None."""
+    parts = [p for p in layer.split("+") if p != backbones.PENULTIMATE]
+    try:
+        if parts:
+            backbones.check_layers(name, parts)
+    except TlfeatError as exc:
+        return str(exc).split(" Run ")[0]
+    return None
+
+
+def model_layers(cfg: CompareConfig, model: str) -> list[str]:
+    """The layers of `--layers` that `model` has (the others are swept for the models that have them)."""
+    name = backbones.split_variant(model)[0]
+    return [layer for layer in cfg.layers if _layer_problem(name, layer) is None]
+
+
+def skipped_layers(cfg: CompareConfig) -> list[str]:
+    """One line per model that lacks layers of `--layers` that other models have."""
+    lines = []
+    for name in dict.fromkeys(backbones.split_variant(m)[0] for m in cfg.models):
+        lacks = [layer for layer in cfg.layers if _layer_problem(name, layer) is not None]
+        if lacks:
+            lines.append(f"note: {name} has no layer {', '.join(lacks)}: swept for the other models only")
+    return lines
 
 
 def _suffix_problem(name: str) -> str | None:
@@ -157,7 +183,7 @@ def cells(cfg: CompareConfig) -> list[Cell]:
                     for r in range(cfg.repeats)
                 ]
             frozen = [m for m in cfg.methods if Method.parse(m).is_frozen]
-            for layer in cfg.layers:
+            for layer in model_layers(cfg, model):
                 if layer == backbones.PENULTIMATE or not frozen:
                     continue
                 for r in range(cfg.repeats):
@@ -185,7 +211,7 @@ def _subset(cfg: CompareConfig, repeat: int) -> int:
 
 def extract_config(cfg: CompareConfig, cell: Cell) -> ExtractConfig:
     """One pass over the images gives every layer of the sweep: the cell asks for all of them."""
-    sweep = [layer for layer in cfg.layers if layer != backbones.PENULTIMATE]
+    sweep = [layer for layer in model_layers(cfg, cell.model) if layer != backbones.PENULTIMATE]
     layers = ",".join([backbones.PENULTIMATE, *sweep]) if sweep else None
     return ExtractConfig(
         model=cell.backbone,
@@ -327,6 +353,8 @@ def compare(cfg: CompareConfig, echo: Any = print) -> Path:
     from tlfeat.report import build, claim
 
     check(cfg)
+    for line in skipped_layers(cfg):
+        echo(line)
     out = Path(cfg.out)
     claim(out)
     same_comparison(cfg, out)

@@ -569,7 +569,7 @@ class CompareConfig:
     resample: bool = key(False, help="Each repeat also draws its own --limit subset of training images.")
     layers: tuple[str, ...] = key(
         (),
-        help="Feature layers to sweep with the first frozen method (one pass over the images); a+b is their concatenation.",
+        help="Feature layers to sweep with the first frozen method (one pass over the images); a+b is their concatenation. A layer some models lack is swept for the others (one note line says so).",
     )
     shots: tuple[int, ...] = key(
         (),

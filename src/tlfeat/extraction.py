@@ -471,7 +471,8 @@ def load_features(
     lazy: bool = False,
     allow_stale: bool = False,
 ) -> cache.FeatureSet:
-    """Load cached features of `model` on `data` (the same string given to `--data`).
+    """Load cached features of `model` (`MODEL:untrained` for random weights) on `data` (the same string
+    given to `--data`).
 
     With no selectors, the penultimate-layer set is loaded if exactly one matches; `layer`,
     `weights_id`, `image_size`, `limit` (of the training split) / `test_limit` (of the others),
@@ -486,6 +487,9 @@ def load_features(
     from tlfeat import freshness, onnx_backend
 
     folder = Path(cache_dir) if cache_dir else config.default_cache_dir()
+    model, untrained = backbones.split_variant(model)  # MODEL:untrained, as extract and compare write it
+    if untrained:
+        weights_id = weights_id or f"{backbones.base.UNTRAINED}:seed0"
     # Among several variants, the one `tlfeat extract --model MODEL --data DATA` makes.
     prefer: dict[str, Any] = {"backend": "onnxruntime" if onnx_backend.available() else "torch"}
     try:

@@ -24,6 +24,14 @@ KERNELS = ("linear", "rbf")
 DISTANCES = ("correlation", "cosine")
 
 
+def constant(X: np.ndarray) -> bool:
+    """Do all images have the same features (zero variance, up to float noise)? Then CKA and RSA are
+    0/0: undefined, whatever an estimator's rounding happens to return."""
+    X = np.asarray(X, dtype=np.float64)
+    # relative to the features' own scale: random-weight networks can give features of 1e-10 that vary
+    return len(X) < 2 or float(np.ptp(X, axis=0).max(initial=0.0)) <= 1e-6 * float(np.abs(X).max(initial=0.0))
+
+
 def gram_linear(X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     return X @ X.T
@@ -73,6 +81,8 @@ def cka(X: np.ndarray, Y: np.ndarray, kernel: str = "linear", debiased: bool = T
     """CKA between two representations (rows: the same images, in the same order)."""
     if len(X) != len(Y):
         raise ValueError("CKA compares representations of the same images: row counts differ")
+    if constant(X) or constant(Y):
+        return float("nan")
     return cka_centered(center(gram(X, kernel, threshold), debiased), center(gram(Y, kernel, threshold), debiased))
 
 
@@ -101,6 +111,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def rsa(X: np.ndarray, Y: np.ndarray, distance: str = "correlation") -> float:
     if len(X) != len(Y):
         raise ValueError("RSA compares representations of the same images: row counts differ")
+    if constant(X) or constant(Y):
+        return float("nan")
     return spearman(rdm(X, distance), rdm(Y, distance))
 
 
@@ -118,7 +130,8 @@ def matrix(reps: list[np.ndarray], measure: str, **options: object) -> np.ndarra
     else:
         prepared = [rdm(X, str(options.get("distance", "correlation"))) for X in reps]
         pair = spearman
+    flat = [constant(X) for X in reps]  # undefined against anything, itself included: nan for every estimator
     for i in range(n):
         for j in range(i, n):
-            out[i, j] = out[j, i] = pair(prepared[i], prepared[j])
+            out[i, j] = out[j, i] = float("nan") if flat[i] or flat[j] else pair(prepared[i], prepared[j])
     return out

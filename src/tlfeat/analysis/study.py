@@ -94,6 +94,12 @@ def align(reps: Sequence[Rep], n_images: int, seed: int) -> tuple[list[np.ndarra
         labels = r.fs.y[[where[i] for i in ids]]
         if not np.array_equal(labels, y[keep]):
             raise TlfeatError(f"{r.label}: the same images carry other labels than in {reps[0].label}")
+    flat = [r.label for r, x in zip(reps, out, strict=True) if similarity.constant(x)]
+    if flat:  # CKA and RSA would be 0/0, t-SNE may crash the process: refused before anything is written
+        raise TlfeatError(
+            f"{', '.join(flat)}: all {len(ids)} sampled images have the same features (zero variance), so "
+            "similarities and embeddings are undefined; check the images (all blank?) or choose other layers"
+        )
     return out, y[keep], ids
 
 
@@ -344,18 +350,18 @@ def for_compare(cfg: CompareConfig, out: Path) -> dict[str, str]:
     """The analyses `compare --analyses` asked for, on each dataset's test images, into OUT/analyses/.
     The features are those the comparison extracted (extracted now where no frozen cell asked for them).
     Returns the failed ones with their error."""
-    from tlfeat.compare import Cell, extract_config
+    from tlfeat.compare import Cell, extract_config, model_layers
     from tlfeat.errors import first_line
     from tlfeat.extraction import extract
 
     folder = Path(out) / "analyses"
     failures: dict[str, str] = {}
-    layers = [layer for layer in cfg.layers if "+" not in layer]  # in the order given: shallow to deep, usually
-    layers += [] if PENULTIMATE in layers else [PENULTIMATE]
     for data in cfg.datas:
         reps: dict[str, list[Rep]] = {"test": [], "train": []}
         try:
             for model in cfg.models:
+                layers = [layer for layer in model_layers(cfg, model) if "+" not in layer]  # as given: shallow to deep
+                layers += [] if PENULTIMATE in layers else [PENULTIMATE]
                 found = extract(extract_config(cfg, Cell(model, data, "logreg", cfg.seed)))
                 for split in reps:
                     by_layer = {str(fs.meta.get("layer")): fs for fs in found if fs.split == split}

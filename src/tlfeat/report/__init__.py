@@ -57,11 +57,12 @@ def make_plots(out: Path, items: list[dict[str, Any]], names: plots.Names) -> di
     palette = plots.Palette(sorted({r["method"] for r in items}), sorted({r["model"] for r in items}))
     made: dict[str, Path] = {}
     if (p := plots.accuracy_vs_time(items, palette, folder / names("accuracy_vs_time"))) is not None:
-        made["Accuracy against time"] = p
+        only = len(penultimate(items)) < len(items)  # colour and marker name method and model, not the layer
+        made["Accuracy against time" + (" (penultimate layer only)" if only else "")] = p
     if (p := plots.learning_curves(items, palette, folder / names("learning_curves"))) is not None:
         made["Learning curves of the fine-tuning runs"] = p
-    for dataset in sorted({r["dataset"] for r in penultimate(items)}):
-        cfgs = configs([r for r in penultimate(items) if r["dataset"] == dataset])
+    for dataset in sorted({r["dataset"] for r in items}):  # the recommendation's best: every layer's included
+        cfgs = configs([r for r in items if r["dataset"] == dataset])
         best = best_of(cfgs)
         path = plots.confusion(best, folder / names("confusion", dataset))
         made[f"Confusion matrix, {dataset}: {best.label()}"] = path

@@ -14,7 +14,7 @@ from tlfeat import fsio, stats
 from tlfeat.analysis.curves import overfitting
 from tlfeat.report.curves import shot_points, t_interval, whole_set
 from tlfeat.report.plots import Names, png_inside
-from tlfeat.report.rows import Config, best_of, configs, group, mean_sd, penultimate
+from tlfeat.report.rows import Config, best_of, configs, group, mean_sd
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def differences(cfgs: list[Config]) -> list[dict[str, Any]]:
 
 def significance(main: list[dict[str, Any]]) -> list[Block]:
     out: list[Block] = []
-    for (dataset,), runs in sorted(group(penultimate(main), "dataset").items()):
+    for (dataset,), runs in sorted(group(main, "dataset").items()):  # every layer's configurations
         rows = differences(configs(runs))
         if rows:
             out += [("h2", f"{dataset}: which differences from the best survive"), *significance_blocks(rows)]
@@ -281,11 +281,19 @@ def chains(main: list[dict[str, Any]]) -> list[Block]:
     runs = [r for r in main if r["_method"].is_chain and r["_record"].details.get("stages")]
     if not runs:
         return []
+    starts = {bool(r["pretrained"]) for r in runs}  # the weights stage 1 started from, carried by the chain
+    start = (
+        "Pretrained weights"
+        if starts == {True}
+        else "Random weights (UNTRAINED models)"
+        if starts == {False}
+        else "Each model's starting weights (pretrained, or random where marked UNTRAINED)"
+    )
     out: list[Block] = [
         ("h2", "Multi-stage transfer"),
         (
             "p",
-            "ImageNet weights fine-tuned on an intermediate dataset, then on the target with the same strategy. Stage 1 "
+            f"{start} fine-tuned on an intermediate dataset, then on the target with the same strategy. Stage 1 "
             "is made once and reused by every target (its time counts in each chain's total, as the cost of one chain "
             "from scratch). Beside each: the same model fine-tuned on the target directly and trained from scratch.",
         ),
@@ -320,9 +328,13 @@ def chains(main: list[dict[str, Any]]) -> list[Block]:
 
 
 def _same_target(main: list[dict[str, Any]], chain: dict[str, Any], which: Any) -> str:
+    """The run on the chain's target that `which` picks: from the same start (pretrained or UNTRAINED),
+    or for scratch, of the same architecture."""
+    base = chain["_record"].model
     found = [
         r for r in main
-        if r["dataset"] == chain["dataset"] and r["model"].split(" (")[0] == chain["model"] and which(r["_method"]) and r["seed"] == chain["seed"]
+        if r["dataset"] == chain["dataset"] and which(r["_method"]) and r["seed"] == chain["seed"]
+        and (r["model"] == chain["model"] or (r["_method"].is_scratch and r["_record"].model == base))
     ]  # fmt: skip
     if not found:
         return "—"

@@ -315,7 +315,7 @@ def penultimate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in items if r["layer"] in (PENULTIMATE, "-")]
 
 
-CONFIG = ("dataset", "model", "method", "variant")
+CONFIG = ("dataset", "model", "method", "variant", "layer")  # one layer's runs are a configuration of their own
 
 
 @dataclass
@@ -327,6 +327,7 @@ class Config:
     method: str
     variant: str
     runs: list[dict[str, Any]]
+    layer: str = PENULTIMATE  # the feature layer of a frozen route ("-" for fine-tuning)
 
     @property
     def parsed(self) -> Method:
@@ -365,8 +366,13 @@ class Config:
     def busy(self) -> bool:
         return any(r["busy"] for r in self.runs)
 
+    @property
+    def at_layer(self) -> str:
+        """The suffix " at LAYER" for frozen features of a layer other than the default one, else nothing."""
+        return "" if self.layer in (PENULTIMATE, "-") else f" at {self.layer}"
+
     def label(self) -> str:
-        text = self.parsed.describe(self.model)
+        text = self.parsed.describe(self.model) + self.at_layer
         return text + (f" [{self.variant}]" if self.variant else "")
 
     def correct(self) -> tuple[str | None, np.ndarray] | None:
@@ -379,7 +385,7 @@ class Config:
 
 
 def configs(items: list[dict[str, Any]]) -> list[Config]:
-    return [Config(d, m, me, v, runs) for (d, m, me, v), runs in group(items, *CONFIG).items()]
+    return [Config(d, m, me, v, runs, layer) for (d, m, me, v, layer), runs in group(items, *CONFIG).items()]
 
 
 def paired(a: Config, b: Config) -> stats.McNemar | None:

@@ -23,6 +23,7 @@ from tlfeat.report.rows import (
 
 Block = tuple[str, Any]
 ALPHA = 0.05  # the paired tests' level
+PER_CLASS = 8  # configurations besides the best in a per-class table (the most accurate ones)
 
 
 def sections(
@@ -86,7 +87,7 @@ def recommendation(items: list[dict[str, Any]]) -> list[str]:
     """Per dataset: the most accurate configuration, the cheapest one statistically indistinguishable
     from it, and where the no-transfer baseline stands."""
     lines = []
-    for (dataset,), group_ in sorted(group(penultimate(items), "dataset").items()):
+    for (dataset,), group_ in sorted(group(items, "dataset").items()):  # every layer's configurations
         cfgs = configs(group_)
         best = best_of(cfgs)
         text = (
@@ -216,11 +217,12 @@ def method_tables(items: list[dict[str, Any]]) -> list[Block]:
     """Per method, models x datasets (the layout of frozen-feature studies' tables)."""
     out: list[Block] = []
     main = penultimate(items)
+    only = "; penultimate layer only, the others under Accuracy per feature layer" if len(main) < len(items) else ""
     for (method,), runs in sorted(group(main, "method").items(), key=lambda kv: (kv[1][0]["method_rank"], kv[0])):
         models, cols, cells = model_by_dataset(runs)
         metric = "/".join(sorted({r["metric_name"] for r in runs})).replace("roc_auc", "ROC AUC")
         bold = "; best per dataset in bold" if any(best_in_column(cells, models, d) is not None for d in cols) else ""
-        out.append(("h2", f"{method}: models × datasets ({metric}, mean ± sd over repeats{bold})"))
+        out.append(("h2", f"{method}: models × datasets ({metric}, mean ± sd over repeats{bold}{only})"))
         out.append(("table", (["model", *cols], _bold_best(cells, models, cols))))
     return out
 
@@ -228,8 +230,8 @@ def method_tables(items: list[dict[str, Any]]) -> list[Block]:
 def dataset_tables(items: list[dict[str, Any]]) -> list[Block]:
     """Per dataset: every configuration with its sizes, accuracy, interval, paired test and times."""
     out: list[Block] = []
-    for (dataset,), runs in sorted(group(penultimate(items), "dataset").items()):
-        cfgs = sorted(configs(runs), key=lambda c: (c.parsed.rank, c.model, c.method, c.variant))
+    for (dataset,), runs in sorted(group(items, "dataset").items()):
+        cfgs = sorted(configs(runs), key=lambda c: (c.parsed.rank, c.model, c.method, c.layer, c.variant))
         best = best_of(cfgs)
         out.append(("h2", f"{dataset}: method × accuracy × time"))
         out.append(
@@ -275,7 +277,7 @@ def _dataset_row(c: Config, best: Config) -> list[str]:
             else f"p = {test.p_value:.2g} ({'indistinguishable' if test.p_value >= ALPHA else 'lower'})"
         )
     flags = (" ⚠ chance" if c.near_chance else "") + (" ⚠ busy" if c.busy else "")
-    name = c.method + (f" [{c.variant}]" if c.variant else "")
+    name = c.method + c.at_layer + (f" [{c.variant}]" if c.variant else "")
     return [
         name + flags,
         c.model,
@@ -313,26 +315,32 @@ def amortised(items: list[dict[str, Any]]) -> list[Block]:
             f"with their training ({train:.1f} s in all) that is {(extract + train) / len(methods):.1f} s per classifier, "
             f"against {extract + train / len(methods):.1f} s for one alone."
         )
-    return [("h2", "Amortised cost of the frozen routes"), *[("li", line) for line in lines]] if lines else []
+    title = "Amortised cost of the frozen routes" + (
+        " (penultimate layer)" if len(frozen) < sum(r["_method"].is_frozen for r in items) else ""
+    )
+    return [("h2", title), *[("li", line) for line in lines]] if lines else []
 
 
 def per_class(items: list[dict[str, Any]]) -> list[Block]:
-    """Per dataset: precision, recall and F1 per class of the most accurate configuration, and F1 per class of each."""
+    """Per dataset: precision, recall and F1 per class of the most accurate configuration, and F1 per class
+    of the others (every layer's), the PER_CLASS most accurate where there are more."""
     out: list[Block] = []
-    for (dataset,), runs in sorted(group(penultimate(items), "dataset").items()):
-        cfgs = sorted(configs(runs), key=lambda c: (c.parsed.rank, c.model, c.method, c.variant))
+    for (dataset,), runs in sorted(group(items, "dataset").items()):
+        cfgs = configs(runs)
         best = best_of(cfgs)
+        ranked = sorted((c for c in cfgs if c is not best), key=lambda c: (-c.metric, c.parsed.rank, c.label()))
+        others = sorted(ranked[:PER_CLASS], key=lambda c: (c.parsed.rank, c.model, c.method, c.layer, c.variant))
         names = best.runs[0]["_record"].class_names
-        out.append(("h2", f"{dataset}: per class"))
-        out.append(
-            (
-                "p",
-                f"Precision, recall and F1 of {best.label()} (mean over its runs), and the F1 of every configuration.",
-            )
+        which = (
+            "the F1 of every other configuration"
+            if len(ranked) <= PER_CLASS
+            else f"the F1 of the {PER_CLASS} most accurate of the {len(ranked)} other configurations"
         )
+        out.append(("h2", f"{dataset}: per class"))
+        out.append(("p", f"Precision, recall and F1 of {best.label()} (mean over its runs), and {which}."))
         header = ["class", "support", "precision", "recall", "F1"] + [
-            f"F1 {c.method} {c.model}" for c in cfgs if c is not best
-        ][:8]
+            f"F1 {c.method}{c.at_layer} {c.model}" + (f" [{c.variant}]" if c.variant else "") for c in others
+        ]
         body = []
         for name in names:
             per = [r["_record"].metrics["per_class"].get(name, {}) for r in best.runs]
@@ -341,9 +349,8 @@ def per_class(items: list[dict[str, Any]]) -> list[Block]:
             ]
             line += [
                 fmt_ms([r["_record"].metrics["per_class"].get(name, {}).get("f1", 0.0) for r in c.runs], 3)
-                for c in cfgs
-                if c is not best
-            ][:8]
+                for c in others
+            ]
             body.append(line)
         out.append(("table", (header, body)))
     return out
