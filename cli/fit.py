@@ -26,7 +26,8 @@ def _hyper(r: Any) -> str:
     knn = r.details.get("knn")
     if knn:
         by_k = ", ".join(f"k={k}: {a:.4f}" for k, a in knn["accuracy_by_k"].items())
-        return f"k={knn['k']}, T={knn['temperature']:g} ({by_k})"
+        capped = f" (--k {knn['k_asked']} capped at the {r.n_train} training images)" if "k_asked" in knn else ""
+        return f"k={knn['k']}{capped}, T={knn['temperature']:g} ({by_k})"
     return f"C={r.params['C']:g}"
 
 
