@@ -31,6 +31,11 @@ def _hyper(r: Any) -> str:
     return f"C={r.params['C']:g}"
 
 
+def _searched(r: Any) -> str:
+    """What a run's search chose: DINOv2's protocol a learning rate, the others C."""
+    return "lr" if (r.details.get("protocol") or {}).get("name") == "dinov2" else "C"
+
+
 @click.command("fit")
 @from_config(FitConfig, *FIELDS, short={"model": "-m", "data": "-d"})
 @click.option(
@@ -66,7 +71,7 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
         how = (
             "reused"
             if res.reused
-            else f"fit {t.train_seconds:.2f}s (+C search {t.search_seconds:.1f}s), predict {t.predict_seconds:.2f}s"
+            else f"fit {t.train_seconds:.2f}s (+{_searched(r)} search {t.search_seconds:.1f}s), predict {t.predict_seconds:.2f}s"
         )
         untrained = "" if r.pretrained else " [UNTRAINED backbone]"
         variant = f" [{labels[id(r)]}]" if labels[id(r)] else ""
