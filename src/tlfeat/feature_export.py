@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlfeat import cache, catalog, datasets, fsio
-from tlfeat.offline import sha256_file
 from tlfeat.errors import TlfeatError, formula_safe
+from tlfeat.offline import sha256_file
 
 if TYPE_CHECKING:
     from tlfeat.config import ExportConfig
@@ -73,7 +73,9 @@ def export(cfg: ExportConfig) -> list[Path]:
             "rows": len(fs),
             "features": int(fs.X.shape[1]),
             "source": str(fs.path),
-            "source_file_sha256": sha256_file(fs.path) if fs.path and Path(fs.path).is_file() else None,  # `sha256sum` of the HDF5 file above
+            "source_file_sha256": sha256_file(fs.path)
+            if fs.path and Path(fs.path).is_file()
+            else None,  # `sha256sum` of the HDF5 file above
             "content_sha256": fs.sha256,  # the cache's own digest of its rows and index (its `sha256` attribute)
             **{k: fs.meta.get(k) for k in ("model", "layer", "weights_id", "dataset", "image_size")},
             "limit": fs.meta.get("limit") or None,  # stored as 0 in the cache: the whole split

@@ -52,7 +52,12 @@ STATUS = {  # what `fit` says while a protocol chooses its hyperparameter (12-35
 def params(details: dict[str, Any]) -> dict[str, Any]:
     """The record's `params` of a protocol run: the values it used (not the linear head's defaults)."""
     if details["name"] == "dinov2":
-        return {"lr": details["lr"], "epochs": None, "iterations": details["iterations"], "batch_size": details["batch_size"]}
+        return {
+            "lr": details["lr"],
+            "epochs": None,
+            "iterations": details["iterations"],
+            "batch_size": details["batch_size"],
+        }
     return {"C": details["C"]}
 
 

@@ -51,7 +51,12 @@ def shot_summary_rows(shot_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_k = [{**r, "variant": f"{r['shots']}-shot"} for r in shot_items]
     out = []
     for row in summary_rows(by_k):
-        draws = [r for r in by_k if (r["dataset"], r["model"], r["method"], r["variant"]) == (row["dataset"], row["model"], row["method"], row["variant"])]
+        draws = [
+            r
+            for r in by_k
+            if (r["dataset"], r["model"], r["method"], r["variant"])
+            == (row["dataset"], row["model"], row["method"], row["variant"])
+        ]
         _, low, high = t_interval([r["accuracy"] for r in draws])
         out.append({**row, "shots": draws[0]["shots"], "accuracy_ci95_low": low, "accuracy_ci95_high": high})
     return out
