@@ -40,6 +40,8 @@ def command(quiet: bool, as_json: bool, **options: Any) -> None:
             raise TlfeatError(
                 f"--{'data' if required == 'datas' else required} is required (see `tlfeat compare --help`)"
             )
+    if options.get("shot_draws") is not None and not options.get("shots"):
+        raise TlfeatError("--shot-draws needs --shots N,N,... (the k-shot curves whose draws it counts)")
     cfg = CompareConfig(**given(options), progress=not quiet, command=command_line())
     folder = compare(cfg, echo=lambda line: click.echo(line, err=as_json))
     summary(folder, as_json)

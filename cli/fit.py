@@ -26,8 +26,14 @@ def _hyper(r: Any) -> str:
     knn = r.details.get("knn")
     if knn:
         by_k = ", ".join(f"k={k}: {a:.4f}" for k, a in knn["accuracy_by_k"].items())
-        return f"k={knn['k']}, T={knn['temperature']:g} ({by_k})"
+        capped = f" (--k {knn['k_asked']} capped at the {r.n_train} training images)" if "k_asked" in knn else ""
+        return f"k={knn['k']}{capped}, T={knn['temperature']:g} ({by_k})"
     return f"C={r.params['C']:g}"
+
+
+def _searched(r: Any) -> str:
+    """What a run's search chose: DINOv2's protocol a learning rate, the others C."""
+    return "lr" if (r.details.get("protocol") or {}).get("name") == "dinov2" else "C"
 
 
 @click.command("fit")
@@ -65,7 +71,7 @@ def command(metric: str, allow_stale: bool, data_dir: Path | None, as_json: bool
         how = (
             "reused"
             if res.reused
-            else f"fit {t.train_seconds:.2f}s (+C search {t.search_seconds:.1f}s), predict {t.predict_seconds:.2f}s"
+            else f"fit {t.train_seconds:.2f}s (+{_searched(r)} search {t.search_seconds:.1f}s), predict {t.predict_seconds:.2f}s"
         )
         untrained = "" if r.pretrained else " [UNTRAINED backbone]"
         variant = f" [{labels[id(r)]}]" if labels[id(r)] else ""

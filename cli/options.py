@@ -60,7 +60,7 @@ def _option(config: type, field: dataclasses.Field[Any], short: str | None = Non
         return click.option(*names, field.name, is_flag=True, help=help_text)
     if field.name in MULTIPLE:
         return click.option(*names, field.name, multiple=True, help=help_text)
-    if field.name in LISTS:
+    if field.name in LISTS and str(field.type).startswith("tuple"):  # fit's --shots is one number
         return click.option(*names, field.name, type=str, required=required, help=help_text + " (comma-separated)")
     return click.option(*names, field.name, type=kind, required=required, help=help_text)
 

@@ -34,7 +34,7 @@ def summary(folder: Path, as_json: bool) -> None:
     import logging
 
     from tlfeat.errors import printable
-    from tlfeat.report import recommendation, rows
+    from tlfeat.report import recommendation, rows, split_shots
     from tlfeat.report.render import plain
 
     logging.disable(logging.WARNING)  # the report was just built from these records: its warnings are said
@@ -46,7 +46,7 @@ def summary(folder: Path, as_json: bool) -> None:
         click.echo(
             json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in items], indent=2, default=str)
         )
-    for line in recommendation(items):
+    for line in recommendation(split_shots(items)[0]):  # what report.md recommends: k-shot runs aside
         click.echo(plain(line), err=as_json)
     click.echo(
         f"report: {printable(str(folder / 'report.html'))} (also report.md, rows.csv, summary.csv, tables.tex, plots/)",

@@ -374,7 +374,8 @@ def test_export_npy_parquet_csv_hold_the_cache(two_models: Path, tmp_path: Path)
     assert rows[0][:4] == ["id", "label", "class", "f0000"]
     assert np.array_equal(np.array([[np.float32(v) for v in r[3:]] for r in rows[1:]]), train.X)  # 9 digits round-trip
     meta = json.loads((tmp_path / "csv" / "meta.json").read_text())
-    assert meta["splits"]["train"]["sha256"] == train.sha256 and sorted(meta["splits"]) == ["test", "train"]
+    splits = meta["formats"]["csv"]["splits"]
+    assert splits["train"]["content_sha256"] == train.sha256 and sorted(splits) == ["test", "train"]
     assert_one_clear_line(
         run_cli("export", "--model", "vgg16", "--data", "digits", "--out", tmp_path / "x", "--cache-dir", two_models),
         "no cached features of vgg16",

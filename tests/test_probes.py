@@ -324,7 +324,12 @@ def test_k_shot_subsets_are_n_per_class_fixed_per_draw(small_cache: Path, tmp_pa
             cache_dir=small_cache, results_dir=tmp_path, shots=2, shot_draw=1, model="resnet18", layer="penultimate"
         )
     )
-    assert run.record.n_train == 20 and run.record.details["shots"] == {"per_class": 2, "draw": 1, "n_train": 20}
+    assert run.record.n_train == 20 and run.record.details["shots"] == {
+        "per_class": 2,
+        "draw": 1,
+        "n_train": 20,
+        "short_classes": {},
+    }
     assert run.record.details["cv"]["chosen_by"].startswith("2-fold cross-validation on 20")  # folds <= per class
     [one] = fit(FitConfig(cache_dir=small_cache, results_dir=tmp_path, shots=1, model="resnet18", layer="penultimate"))
     assert one.record.n_train == 10 and one.record.details["cv"]["chosen_by"].startswith("default")

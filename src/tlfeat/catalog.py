@@ -202,11 +202,13 @@ def find(
         describe = "; ".join(describe_variant(e.attrs) for e in candidates)
         raise CacheMismatch(
             f"cached features for {model}/{dataset_id}/{split} exist but none has "
-            f"{', '.join(f'{k}={_shown({k: v}, k)}' for k, v in wanted.items())}; stored: {describe}; "
+            f"{', '.join(f'{_option(k, split)}={_shown({k: v}, k)}' for k, v in wanted.items())}; stored: {describe}; "
             f"`{extract_command(model, dataset_id, split, selectors)}` makes them"
         )
     differ = {k: sorted({_shown(e.attrs, k) for e in matching}) for k in SELECTORS}
-    choices = ", and ".join(" or ".join(f"{k}={v}" for v in values) for k, values in differ.items() if len(values) > 1)
+    choices = ", and ".join(
+        " or ".join(f"{_option(k, split)}={v}" for v in values) for k, values in differ.items() if len(values) > 1
+    )
     raise CacheMismatch(
         f"{len(matching)} cached feature sets match {model}/{dataset_id}/{split}; add "
         f"{choices or 'a selector'} to pick one (stored: {'; '.join(describe_variant(e.attrs) for e in matching)})"
@@ -248,8 +250,13 @@ def _shown(attrs: dict[str, Any], key: str) -> str:
     return str(value)
 
 
+def _option(key: str, split: Any) -> str:
+    """A selector's name as the user gives it: an evaluation split's `limit` is its --test-limit."""
+    return "test_limit" if key == "limit" and split not in (None, "train") else key
+
+
 def describe_variant(attrs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_shown(attrs, k)}" for k in SELECTORS)
+    return ", ".join(f"{_option(k, attrs.get('split'))}={_shown(attrs, k)}" for k in SELECTORS)
 
 
 def _same(stored: Any, wanted: Any) -> bool:

@@ -383,6 +383,10 @@ class FitConfig:
             if self.C is not None:
                 raise TlfeatError(f"--protocol {self.protocol} chooses its own hyperparameters; drop --C")
             object.__setattr__(self, "clf", wanted)
+        if self.shots is None and self.shot_draw != _default(FitConfig, "shot_draw"):
+            raise TlfeatError(
+                f"--shot-draw {self.shot_draw} needs --shots N (which draw of N training images per class)"
+            )
         spec = classifier_specs.spec_of(self.clf, self.kernel)
         unused = [
             name

@@ -5,8 +5,9 @@ label, class). `parquet`: `{split}.parquet` with columns id, label, class, f0000
 block). `csv`: `{split}.csv` with the same columns. Rows are read from the HDF5 file a block at a time
 (`FeatureSet.iter_batches` on a lazy set) and written as they come, so a set larger than memory
 exports in flat memory. Each file is written under a temporary name and renamed when whole; `meta.json`
-records where the features came from (model, layer, weights, dataset, checksums, class names; `limit`
-null for a whole split).
+lists, per format exported into the folder, the files written and where their features came from
+(model, layer, weights, dataset, the source HDF5 file and its sha256, class names; `limit` null for
+a whole split).
 
 `--out` is a new or empty folder, or one an earlier export or analysis made (it carries tlfeat's
 marker, which lists the files tlfeat wrote there); a file of the same name that tlfeat did not write
@@ -28,6 +29,7 @@ import numpy as np
 
 from tlfeat import cache, catalog, datasets, fsio
 from tlfeat.errors import TlfeatError, formula_safe
+from tlfeat.offline import sha256_file
 
 if TYPE_CHECKING:
     from tlfeat.config import ExportConfig
@@ -56,7 +58,8 @@ def export(cfg: ExportConfig) -> list[Path]:
     names = [name.format(split=split) for split in splits for name in FILES[cfg.format]]
     fsio.take(out, [*names, "meta.json"], "tlfeat export")
     written: list[Path] = []
-    meta: dict[str, Any] = {"format": cfg.format, "splits": {}}
+    entry: dict[str, Any] = {"files": names, "splits": {}}
+    meta: dict[str, Any] = {"formats": {**_earlier_formats(out / "meta.json"), cfg.format: entry}}
     for split in splits:
         fs = load_features(
             cfg.model, cfg.data, split, cfg.cache_dir, layer=cfg.layer, weights_id=cfg.weights_id,
@@ -66,17 +69,35 @@ def export(cfg: ExportConfig) -> list[Path]:
         paths = [out / name.format(split=split) for name in FILES[cfg.format]]
         WRITERS[cfg.format](fs, paths, cfg.block_rows)
         written += paths
-        meta["splits"][split] = {
+        entry["splits"][split] = {
             "rows": len(fs),
             "features": int(fs.X.shape[1]),
             "source": str(fs.path),
-            "sha256": fs.sha256,
+            "source_file_sha256": sha256_file(fs.path)
+            if fs.path and Path(fs.path).is_file()
+            else None,  # `sha256sum` of the HDF5 file above
+            "content_sha256": fs.sha256,  # the cache's own digest of its rows and index (its `sha256` attribute)
             **{k: fs.meta.get(k) for k in ("model", "layer", "weights_id", "dataset", "image_size")},
             "limit": fs.meta.get("limit") or None,  # stored as 0 in the cache: the whole split
         }
         meta["class_names"] = list(fs.class_names)
     fsio.atomic_write(out / "meta.json", json.dumps(meta, indent=2, default=str))
     return [*written, out / "meta.json"]
+
+
+def _earlier_formats(path: Path) -> dict[str, Any]:
+    """What earlier exports into this folder (in other formats) wrote, so meta.json describes every file in it."""
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    formats = earlier.get("formats") if isinstance(earlier, dict) else None
+    if isinstance(formats, dict):
+        return {k: v for k, v in formats.items() if k in FILES and isinstance(v, dict)}
+    if isinstance(earlier, dict) and earlier.get("format") in FILES and isinstance(earlier.get("splits"), dict):
+        fmt, splits = earlier["format"], earlier["splits"]  # tlfeat 0.x: one format per meta.json
+        return {fmt: {"files": [n.format(split=s) for s in splits for n in FILES[fmt]], "splits": splits}}
+    return {}
 
 
 def _names(d: int) -> list[str]:

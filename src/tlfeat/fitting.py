@@ -356,11 +356,32 @@ def fit_pair(cfg: FitConfig, pair: Pair) -> FitResult:
         return FitResult(_fit_and_save(cfg, train, test, path, route, shared), path)
 
 
+_WARNED_SHORT: set[tuple[str, int]] = set()
+
+
+def short_classes(y: np.ndarray, class_names: list[str], shots: int) -> dict[str, int]:
+    """The classes with fewer than `shots` training images, and how many they have."""
+    values, counts = np.unique(y, return_counts=True)
+    return {str(class_names[int(v)]): int(n) for v, n in zip(values, counts, strict=True) if n < shots}
+
+
 def _shots(train: cache.FeatureSet, shots: int, draw: int) -> cache.FeatureSet:
     from dataclasses import replace
 
     idx = shot_subset(train.y, shots, draw, train.ids)
-    meta = {**train.meta, "shots": shots, "shot_draw": draw}
+    short = short_classes(train.y, list(train.class_names), shots)
+    if short and (str(train.path), shots) not in _WARNED_SHORT:  # once per feature set and N, not per draw
+        _WARNED_SHORT.add((str(train.path), shots))
+        log.warning(
+            "--shots %d: %d of %d classes have fewer training images (%s): they use all of theirs, so the draws "
+            "differ only in the other classes%s",
+            shots,
+            len(short),
+            len(np.unique(train.y)),
+            ", ".join(f"{name}: {n}" for name, n in list(short.items())[:5]) + (", ..." if len(short) > 5 else ""),
+            " (here: every draw is the same, the whole training set)" if len(short) == len(np.unique(train.y)) else "",
+        )
+    meta = {**train.meta, "shots": shots, "shot_draw": draw, "short_classes": short}
     return replace(train, X=np.asarray(train.X[idx]), y=train.y[idx], ids=[train.ids[i] for i in idx], meta=meta)
 
 
@@ -370,8 +391,10 @@ def _train(cfg: FitConfig, train: cache.FeatureSet, route: str) -> tuple[Any, di
 
     if cfg.protocol:
         pipeline, details = protocols.run(cfg.protocol, train.X, train.y, train.ids, cfg.seed)
+        search = float(details["search_seconds"])
         cv = {"C": details.get("C"), "chosen_by": f"--protocol {cfg.protocol}", "protocol": details}
-        return pipeline, cv, float(details["seconds"])
+        cv["cv_seconds"] = search  # the search is the search, not the fit
+        return pipeline, cv, max(0.0, float(details["seconds"]) - search)
     cv = choose_C(cfg, train.X, train.y, train.ids)
     t0 = time.perf_counter()
     if not cfg.spec.has_C:  # kNN: the training rows are the model, where they are (streamed: on disk)
@@ -452,11 +475,22 @@ def _fit_and_save(
     )
     if cfg.protocol:
         record.details["protocol"] = cv.pop("protocol")
+        from tlfeat import protocols
+
+        record.params.update(protocols.params(record.details["protocol"]))
     if cfg.shots is not None:
-        record.details["shots"] = {"per_class": cfg.shots, "draw": cfg.shot_draw, "n_train": len(train)}
+        record.details["shots"] = {
+            "per_class": cfg.shots,
+            "draw": cfg.shot_draw,
+            "n_train": len(train),
+            "short_classes": train.meta.get("short_classes") or {},  # fewer images than --shots: all used
+        }
     if "knn_accuracy_by_k" in result_metrics:
+        pipeline_k = int(pipeline[-1].k_)
+        record.params["k"] = pipeline_k
         record.details["knn"] = {
-            "k": cfg.k,
+            "k": pipeline_k,
+            **({"k_asked": cfg.k} if pipeline_k != cfg.k else {}),  # capped at the training set's size
             "temperature": cfg.temperature,
             "accuracy_by_k": result_metrics.pop("knn_accuracy_by_k"),
         }

@@ -59,8 +59,10 @@ def top_neighbours(
 
 
 def votes(sims: np.ndarray, neighbour_labels: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
-    """(n, n_classes): per class, the summed weights exp(s / T) of the neighbours of that class."""
-    weights = np.exp(sims.astype(np.float64) / temperature)
+    """(n, n_classes): per class, the summed weights exp(s / T) of the neighbours of that class, each row
+    scaled by exp(-max s / T) so that a small T cannot overflow (the normalised votes are unchanged)."""
+    scaled = sims.astype(np.float64) / temperature
+    weights = np.exp(scaled - scaled.max(axis=1, keepdims=True)) if scaled.size else scaled
     out = np.zeros((len(sims), n_classes))
     rows = np.repeat(np.arange(len(sims)), sims.shape[1])
     np.add.at(out, (rows, neighbour_labels.ravel()), weights.ravel())

@@ -115,7 +115,9 @@ def test_export_keeps_every_name_and_guards_formulas(made: tuple[Path, Path], tm
     assert set(table.column("class").to_pylist()) == {b"=1+2", rb"$\nope^$", b"caf\xe9"}
     assert str(table.schema.field("id").type) == "binary" and len(table) == 12
     meta = json.loads((tmp_path / "pq" / "meta.json").read_text())
-    assert meta["splits"]["test"]["limit"] is None and sorted(meta["class_names"]) == sorted(CLASSES)
+    assert meta["formats"]["parquet"]["splits"]["test"]["limit"] is None and sorted(meta["class_names"]) == sorted(
+        CLASSES
+    )
 
     for fmt, name in (("csv", "test.csv"), ("npy", "test_ids.csv")):
         proc = export(tree, cache, tmp_path / fmt, fmt)

@@ -19,10 +19,10 @@ from typing import Any
 from tlfeat import fsio
 from tlfeat.errors import TlfeatError, printable
 from tlfeat.report import curves, export, findings, plots, render
-from tlfeat.report.rows import best_of, configs, penultimate, rows
+from tlfeat.report.rows import best_of, configs, penultimate, rows, split_shots
 from tlfeat.report.sections import recommendation, sections
 
-__all__ = ["MARKER", "build", "claim", "recommendation", "rows"]
+__all__ = ["MARKER", "build", "claim", "recommendation", "rows", "split_shots"]
 
 MARKER = fsio.MARKER
 claim = fsio.claim  # compare's report folder: made by tlfeat, or new or empty
@@ -133,7 +133,7 @@ def build(out: Path) -> Path:
             "nothing in it was changed. If its results moved, run `tlfeat report` from the project folder or set "
             "TLFEAT_RESULTS_DIR to the folder holding fits/ and finetunes/"
         )
-    items, shot_items = [r for r in items if r["shots"] is None], [r for r in items if r["shots"] is not None]
+    items, shot_items = split_shots(items)
     names = plots.Names()
     made = make_plots(out, items, names)
     probes = probe_plots(out, items, shot_items, meta, names)
@@ -144,8 +144,8 @@ def build(out: Path) -> Path:
     _remove_unmade(out, written)
     fsio.atomic_write(out / "report.md", render.markdown(blocks))
     fsio.atomic_write(out / "report.html", render.page(blocks, out.resolve().name))
-    fsio.atomic_write(out / "rows.csv", render.csv_text(items))
-    fsio.atomic_write(out / "summary.csv", export.summary_csv(items))
+    fsio.atomic_write(out / "rows.csv", render.csv_text(items + shot_items))
+    fsio.atomic_write(out / "summary.csv", export.summary_csv(items, shot_items))
     fsio.atomic_write(out / "tables.tex", export.latex(items))
     marker = {**_json(out / MARKER, {}), "plots": sorted(written)}
     fsio.atomic_write(out / MARKER, json.dumps(marker, indent=2))

@@ -18,7 +18,8 @@ LINESTYLES = ["-", "--", ":", "-."]
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t interval of the mean over draws (the point itself when one draw)."""
+    """(mean, low, high): the 95% t interval of the mean over draws (the point itself when one draw),
+    clipped to [0, 1], where accuracies live (two draws give t = 12.7: wider than the range)."""
     arr = np.asarray(values, dtype=float)
     mean = float(arr.mean())
     if len(arr) < 2:
@@ -26,7 +27,7 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     from scipy.stats import t
 
     half = float(t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr)))
-    return mean, mean - half, mean + half
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
 def shot_points(shot_items: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, list[float]]]:

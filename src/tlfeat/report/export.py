@@ -43,8 +43,29 @@ def summary_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def summary_csv(items: list[dict[str, Any]]) -> str:
-    rows_ = summary_rows(penultimate(items) or items)
+def shot_summary_rows(shot_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per k-shot configuration (dataset, model, method, k): its draws are the runs, the interval
+    is the 95% t interval over the draws (clipped to [0, 1]), as in the report's k-shot table."""
+    from tlfeat.report.curves import t_interval
+
+    by_k = [{**r, "variant": f"{r['shots']}-shot"} for r in shot_items]
+    out = []
+    for row in summary_rows(by_k):
+        draws = [
+            r
+            for r in by_k
+            if (r["dataset"], r["model"], r["method"], r["variant"])
+            == (row["dataset"], row["model"], row["method"], row["variant"])
+        ]
+        _, low, high = t_interval([r["accuracy"] for r in draws])
+        out.append({**row, "shots": draws[0]["shots"], "accuracy_ci95_low": low, "accuracy_ci95_high": high})
+    return out
+
+
+def summary_csv(items: list[dict[str, Any]], shot_items: list[dict[str, Any]] | None = None) -> str:
+    """Every configuration on the whole training set (`shots` empty), then every k-shot one (n_runs: its draws)."""
+    rows_ = [{**r, "shots": ""} for r in summary_rows(penultimate(items) or items)]
+    rows_ += shot_summary_rows(shot_items or [])
     return csv_table(list(rows_[0]), rows_) if rows_ else ""
 
 

@@ -213,6 +213,9 @@ def protocols(main: list[dict[str, Any]]) -> list[Block]:
     ]
 
 
+SMALL_N = 5  # k-shot cells of fewer draws name their n beside the interval
+
+
 def shots(shot_items: list[dict[str, Any]], main: list[dict[str, Any]], images: dict[str, Path]) -> list[Block]:
     if not shot_items:
         return []
@@ -226,7 +229,8 @@ def shots(shot_items: list[dict[str, Any]], main: list[dict[str, Any]], images: 
                 cells.append("—")
                 continue
             mean, low, high = t_interval(by_n[n])
-            cells.append(f"{mean:.4f} ({low:.3f}–{high:.3f})")
+            few = f", n = {len(by_n[n])}" if len(by_n[n]) < SMALL_N else ""  # a t interval of few draws is wide
+            cells.append(f"{mean:.4f} ({low:.3f}–{high:.3f}{few})")
         whole = whole_set(main, dataset, model, method)
         cells.append("—" if whole is None else f"{whole['accuracy']:.4f}")
         body.append([dataset, model, method, *cells])
@@ -241,6 +245,26 @@ def shots(shot_items: list[dict[str, Any]], main: list[dict[str, Any]], images: 
         ),
         ("table", (["dataset", "model", "method", *[f"k = {n}" for n in ns], "all"], body)),
     ]
+    short = sorted(
+        {
+            (r["dataset"], int(r["shots"]), len(r["_record"].details["shots"]["short_classes"]), r["_record"].n_classes)
+            for r in shot_items
+            if (r["_record"].details.get("shots") or {}).get("short_classes")
+        }
+    )
+    if short:
+        out.append(
+            (
+                "p",
+                "k above a class's training images: "
+                + "; ".join(
+                    f"{d}, k = {k}: {n} of {c} classes have fewer, and use all of theirs"
+                    + (" (every draw is the same: the whole training set)" if n == c else "")
+                    for d, k, n, c in short
+                )
+                + ".",
+            )
+        )
     out += [("img", (f"k-shot accuracy, {d.split(':', 1)[1]}", p)) for d, p in images.items() if d.startswith("shots:")]
     return out
 

@@ -311,6 +311,12 @@ def fmt_ms(values: list[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def split_shots(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs on the whole training set, k-shot runs): the recommendation and the tables read the first,
+    the k-shot curves the second; report.md and compare's console both split here."""
+    return [r for r in items if r["shots"] is None], [r for r in items if r["shots"] is not None]
+
+
 def penultimate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in items if r["layer"] in (PENULTIMATE, "-")]
 
