@@ -240,10 +240,13 @@ def test_reports_of_a_perfect_run_and_of_damaged_or_incomplete_folders(
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0 and "not a number" in caplog.text, result.output
 
-    # compare.json damaged: said so, and the report covers the records under results/.
+    # compare.json damaged: its runs (in the result store, not under the report's results/) cannot be
+    # found, so the report is left as it was and the command says why.
+    before = (out / "report.md").read_text()
     (out / "compare.json").write_text('{"records": 5}')
     result = CliRunner().invoke(cli, ["report", str(out)])
-    assert result.exit_code == 0 and "compare.json is unreadable or malformed" in caplog.text, result.output
+    assert result.exit_code == 2 and "compare.json is unreadable or malformed" in result.output, result.output
+    assert "nothing in it was changed" in result.output and (out / "report.md").read_text() == before
 
 
 def test_runs_on_earlier_versions_of_the_data_are_not_pooled(tmp_path: Path) -> None:
@@ -309,7 +312,7 @@ def test_the_report_leads_with_a_run_better_than_chance() -> None:
 
 def test_a_binary_test_split_with_one_class_still_gets_a_report(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", per_class=6, classes=("ants", "bees"), splits=("train",))
-    make_tree(tmp_path / "tree", per_class=3, classes=("ants",), splits=("test",))
+    make_tree(tmp_path / "tree", per_class=3, classes=("ants",), splits=("test",), size=36)  # not train's images
     args = ["compare", "--models", "resnet18:untrained", "--data", str(tree), "--methods", "logreg,logreg"]
     args += ["--image-size", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r"), "-q"]
     result = CliRunner().invoke(cli, args)

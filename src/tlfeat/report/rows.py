@@ -118,7 +118,12 @@ def run_records(out: Path, problems: list[str] | None = None) -> list[RunRecord]
                 out / "results",
             )
             listed = None
-    if isinstance(listed, list) and isinstance(meta, dict) and "finished" not in meta:
+    if (
+        isinstance(listed, list)
+        and isinstance(meta, dict)
+        and "finished" not in meta
+        and "results_dir_relative" in meta
+    ):
         log.warning(
             "%s: that comparison has not finished (or was stopped): the report covers its %d run(s) done",
             index,
