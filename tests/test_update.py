@@ -273,7 +273,9 @@ def test_load_features_refuses_features_of_changed_images(tmp_path: Path) -> Non
     extract(_cfg(tree, cache_dir))
     assert tlfeat.load_features("resnet18", str(tree), cache_dir=cache_dir).X.shape[0] == 12
     _change(tree)
-    with pytest.raises(StaleFeatures, match=r"1 added, 1 removed, 1 modified\); run `tlfeat extract --model resnet18 --data "):
+    with pytest.raises(
+        StaleFeatures, match=r"1 added, 1 removed, 1 modified\); run `tlfeat extract --model resnet18 --data "
+    ):
         tlfeat.load_features("resnet18", str(tree), cache_dir=cache_dir)
     assert tlfeat.load_features("resnet18", str(tree), cache_dir=cache_dir, allow_stale=True).X.shape[0] == 12
     extract(_cfg(tree, cache_dir))
